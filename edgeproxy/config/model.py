@@ -1,0 +1,89 @@
+"""The validated configuration: plain frozen dataclasses, nothing else.
+
+Everything the proxy reads from a TOML file (or from the quick-mode flags)
+ends up as one of these objects.  `edgeproxy.config.load` builds them and is
+the only place that knows about TOML; the rest of the code reads these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    workers: int = 1                 # 0 = one per CPU
+    server_header: str = ""          # "" sends no Server header
+    hide_headers: tuple[str, ...] = ()  # extra response headers to remove (lower-case)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    bind: str                        # as written: "127.0.0.1:8080", "[::1]:8080"
+    host: str                        # parsed host (no brackets)
+    port: int
+    backlog: int = 2048
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    url: str                         # as written, e.g. "http://127.0.0.1:5000"
+    scheme: str                      # "http" (later "https")
+    host: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    keepalive: int = 1024            # idle upstream connections kept per backend per worker
+    keepalive_timeout: float = 60.0  # an idle upstream connection is closed after this
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    pool: str
+    path: str = "/"                  # prefix; the longest match wins
+    host: str | None = None          # exact "a.example.com" or wildcard "*.example.com"
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    connect: float = 5.0
+    read: float = 60.0               # between two reads from a backend
+    send: float = 60.0               # between two writes to a backend that make progress
+    header: float = 10.0             # a client must send a complete request head within this
+    keepalive: float = 75.0          # an idle client connection is closed after this
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    request_line: int = 8 * KiB      # 414 beyond
+    header_size: int = 32 * KiB      # 431 beyond (the whole request head)
+    header_count: int = 100          # 431 beyond
+    body_size: int = 100 * MiB       # 413 beyond; 0 = unlimited
+    response_header_size: int = 64 * KiB  # a larger backend head is a 502
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"              # debug | info | warning | error
+    access_log: str | None = None    # a file path, "-" for stderr, None for off
+    access_format: str = "combined"  # combined | json
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[ListenConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    pools: dict[str, PoolConfig]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = None        # the file it came from, if any
