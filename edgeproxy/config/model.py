@@ -20,11 +20,29 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class CertConfig:
+    cert: str                        # PEM file: the certificate, then its chain
+    key: str                         # PEM file: the private key
+    password: str | None = None      # for an encrypted key
+
+
+@dataclass(frozen=True)
+class ListenTLSConfig:
+    certs: tuple[CertConfig, ...]    # the first one is the default (no or unknown SNI)
+    min_version: str = "1.2"         # "1.2" or "1.3"
+    hsts: str | None = None          # e.g. "max-age=31536000": sent as Strict-Transport-Security
+    client_ca: str | None = None     # require and verify client certificates against this CA
+    client_subject_header: str = "X-Client-Subject"  # the verified subject, sent to the backend
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     bind: str                        # as written: "127.0.0.1:8080", "[::1]:8080"
     host: str                        # parsed host (no brackets)
     port: int
     backlog: int = 2048
+    tls: ListenTLSConfig | None = None  # HTTPS when set
+    redirect_http: bool = False      # plain listener: answer 308 to the https:// URL
 
 
 @dataclass(frozen=True)
@@ -38,11 +56,21 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class PoolTLSConfig:
+    verify: bool = True              # verify the backend's chain and name
+    ca: str | None = None            # CA file; None = the system trust store
+    server_name: str | None = None   # SNI and the name verified; None = the backend's host
+    client_cert: str | None = None   # mTLS toward the backend
+    client_key: str | None = None
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
     keepalive: int = 1024            # idle upstream connections kept per backend per worker
     keepalive_timeout: float = 60.0  # an idle upstream connection is closed after this
+    tls: PoolTLSConfig = field(default_factory=PoolTLSConfig)  # used by https:// backends
 
 
 @dataclass(frozen=True)
@@ -50,6 +78,7 @@ class RouteConfig:
     pool: str
     path: str = "/"                  # prefix; the longest match wins
     host: str | None = None          # exact "a.example.com" or wildcard "*.example.com"
+    cache: bool = False              # responses on this route may be cached
 
 
 @dataclass(frozen=True)
@@ -78,6 +107,15 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    path: str                        # the LMDB environment (a directory); created if missing
+    max_size: int = 1024 * MiB       # the map size; eviction keeps use under it
+    max_object: int = 64 * MiB       # larger responses stream through uncached
+    heuristic: bool = True           # heuristic freshness for Last-Modified responses
+    stale_grace: float = 0.0         # seconds stale may be served when the backend fails
+
+
+@dataclass(frozen=True)
 class Config:
     listen: tuple[ListenConfig, ...]
     routes: tuple[RouteConfig, ...]
@@ -86,4 +124,5 @@ class Config:
     timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cache: CacheConfig | None = None  # no [cache] section: no cache
     source: str | None = None        # the file it came from, if any
