@@ -1,0 +1,58 @@
+"""Turns a validated Config into the compiled core's objects (done once per
+worker start or reload, never per request)."""
+
+from __future__ import annotations
+
+from edgeproxy._ext import Backend, Listener, Pool, ProxySettings, Route, Router
+from edgeproxy.config.model import Config, ListenConfig
+
+
+def build_settings(config: Config, access_log=None) -> ProxySettings:
+    lim, t = config.limits, config.timeout
+    return ProxySettings(
+        max_line=lim.request_line,
+        max_head=lim.header_size,
+        max_fields=lim.header_count,
+        max_body=lim.body_size,
+        resp_max_head=lim.response_header_size,
+        t_connect=t.connect,
+        t_read=t.read,
+        t_send=t.send,
+        t_header=t.header,
+        t_keepalive=t.keepalive,
+        server_header=config.server.server_header,
+        hide=config.server.hide_headers,
+        access_log=access_log,
+    )
+
+
+def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
+    """One Pool per configured pool.  client_tls(pool_config) -> SSLContext
+    gives the context for https backends."""
+    pools = {}
+    for name, pc in config.pools.items():
+        backends = []
+        for bc in pc.backends:
+            ctx = None
+            sni = None
+            if bc.scheme == "https":
+                if client_tls is None:
+                    raise ValueError(f"pool.{name}: https backends need TLS support")
+                ctx = client_tls(pc)
+                sni = pc.tls.server_name or bc.host
+            backends.append(Backend(bc.host, bc.port, scheme=bc.scheme, weight=bc.weight,
+                                    idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
+                                    t_connect=config.timeout.connect, ssl=ctx,
+                                    server_hostname=sni))
+        pools[name] = Pool(name, backends)
+    return pools
+
+
+def build_router(config: Config, pools: dict[str, Pool]) -> Router:
+    return Router([Route(r.host, r.path, pools[r.pool]) for r in config.routes])
+
+
+def build_listener_factory(settings: ProxySettings, router: Router, listen: ListenConfig,
+                           resp_extra: bytes = b"") -> Listener:
+    proto = "https" if listen.tls is not None else "http"
+    return Listener(settings, router, proto, resp_extra)

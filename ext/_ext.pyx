@@ -1,0 +1,13 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# The compiled half of edgeproxy: one extension module built from the
+# files it includes (parser, chunked framing, proxy core).
+
+from libc.stdint cimport uintptr_t
+from libc.string cimport memcmp
+
+include "consts.pxi"
+from includes.pico cimport phr_header, phr_parse_request_t, phr_parse_response_t
+
+include "parser.pyx"
+include "chunked.pyx"
+include "proxy.pyx"

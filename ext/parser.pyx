@@ -1,0 +1,616 @@
+# HTTP/1.1 head parsing on picohttpparser, with the strict checks that make a
+# proxy safe to put in front of other parsers (docs/parser-contract.md).
+#
+# picohttpparser splits the head; everything it tolerates that a proxy must
+# not (obs-fold, bare LF, odd spacing, lax field names) is re-checked here by
+# walking the lines it found.  All of it works on pointers into the caller's
+# buffer: no Python object is made per field.
+
+from libc.string cimport memchr, memcmp
+
+from pycohttpparser._pycohttpparser import ffi as _pico_ffi, lib as _pico_lib
+
+cdef phr_parse_request_t _phr_parse_request = <phr_parse_request_t><uintptr_t>int(
+    _pico_ffi.cast("uintptr_t", _pico_ffi.addressof(_pico_lib, "phr_parse_request")))
+cdef phr_parse_response_t _phr_parse_response = <phr_parse_response_t><uintptr_t>int(
+    _pico_ffi.cast("uintptr_t", _pico_ffi.addressof(_pico_lib, "phr_parse_response")))
+
+
+class HTTPError(Exception):
+    """An HTTP-level failure with the status it maps to."""
+
+    def __init__(self, status, message):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class ParseError(HTTPError):
+    """Malformed input, or input over a limit."""
+
+
+BODY_NONE = B_NONE
+BODY_LENGTH = B_LENGTH
+BODY_CHUNKED = B_CHUNKED
+BODY_CLOSE = B_CLOSE
+
+
+# ---- byte classes -------------------------------------------------------
+
+cdef unsigned char _tchar[256]      # RFC 9110 5.6.2 token characters
+cdef unsigned char _fvalue[256]     # field-value bytes: HTAB SP VCHAR obs-text
+cdef unsigned char _target[256]     # request-target bytes: VCHAR only
+cdef unsigned char _hostch[256]     # Host / authority bytes
+cdef unsigned char _lower[256]
+cdef signed char _hexval[256]
+
+cdef void _init_tables():
+    cdef int c
+    for c in range(256):
+        _tchar[c] = 0
+        _fvalue[c] = 1 if (c == 9 or c == 32 or (0x21 <= c <= 0x7e) or c >= 0x80) else 0
+        _target[c] = 1 if 0x21 <= c <= 0x7e else 0
+        _hostch[c] = 0
+        _lower[c] = c + 32 if 65 <= c <= 90 else c
+        _hexval[c] = -1
+    for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        _tchar[c] = 1
+    for c in b"-._~%!$&'()*+,;=:[]0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        _hostch[c] = 1
+    for c in range(10):
+        _hexval[48 + c] = c
+    for c in range(6):
+        _hexval[97 + c] = 10 + c
+        _hexval[65 + c] = 10 + c
+
+_init_tables()
+
+
+cdef inline bint _ieq(const char *a, size_t alen, const char *lower_b, size_t blen) noexcept nogil:
+    """a (any case) equals lower_b (lower case)."""
+    cdef size_t i
+    if alen != blen:
+        return 0
+    for i in range(alen):
+        if _lower[<unsigned char>a[i]] != <unsigned char>lower_b[i]:
+            return 0
+    return 1
+
+
+cdef inline bint _is_ows(char c) noexcept nogil:
+    return c == 32 or c == 9
+
+
+cdef int _classify(const char *n, size_t l) noexcept nogil:
+    """The HeaderId of a field name."""
+    cdef unsigned char c0
+    if l < 2:
+        return H_OTHER
+    c0 = _lower[<unsigned char>n[0]]
+    if l == 2:
+        if _ieq(n, l, b"te", 2): return H_TE
+    elif l == 4:
+        if c0 == b'h' and _ieq(n, l, b"host", 4): return H_HOST
+        if c0 == b'd' and _ieq(n, l, b"date", 4): return H_DATE
+    elif l == 6:
+        if c0 == b's' and _ieq(n, l, b"server", 6): return H_SERVER
+        if c0 == b'e' and _ieq(n, l, b"expect", 6): return H_EXPECT
+    elif l == 7:
+        if c0 == b't' and _ieq(n, l, b"trailer", 7): return H_TRAILER
+        if c0 == b'u' and _ieq(n, l, b"upgrade", 7): return H_UPGRADE
+    elif l == 9:
+        if c0 == b'f' and _ieq(n, l, b"forwarded", 9): return H_FORWARDED
+        if c0 == b'x' and _ieq(n, l, b"x-runtime", 9): return H_X_RUNTIME
+    elif l == 10:
+        if c0 == b'c' and _ieq(n, l, b"connection", 10): return H_CONNECTION
+        if c0 == b'k' and _ieq(n, l, b"keep-alive", 10): return H_KEEP_ALIVE
+    elif l == 12:
+        if c0 == b'x' and _ieq(n, l, b"x-powered-by", 12): return H_X_POWERED_BY
+    elif l == 14:
+        if c0 == b'c' and _ieq(n, l, b"content-length", 14): return H_CONTENT_LENGTH
+    elif l == 15:
+        if c0 == b'x' and _ieq(n, l, b"x-forwarded-for", 15): return H_X_FORWARDED_FOR
+    elif l == 16:
+        if c0 == b'p' and _ieq(n, l, b"proxy-connection", 16): return H_PROXY_CONNECTION
+        if c0 == b'x' and _ieq(n, l, b"x-forwarded-host", 16): return H_X_FORWARDED_HOST
+        if c0 == b'x' and _ieq(n, l, b"x-aspnet-version", 16): return H_X_ASPNET_VERSION
+    elif l == 17:
+        if c0 == b't' and _ieq(n, l, b"transfer-encoding", 17): return H_TRANSFER_ENCODING
+        if c0 == b'x' and _ieq(n, l, b"x-forwarded-proto", 17): return H_X_FORWARDED_PROTO
+    elif l == 19:
+        if c0 == b'x' and _ieq(n, l, b"x-aspnetmvc-version", 19): return H_X_ASPNETMVC_VERSION
+    return H_OTHER
+
+
+cdef class HeadParser:
+    """Parses one request or response head at a time into C fields.
+
+    One instance per worker serves every connection: parsing is synchronous
+    and the results point into the caller's buffer, valid until it changes.
+    """
+    cdef:
+        phr_header fields[MAX_FIELDS_CAP]
+        unsigned char hid[MAX_FIELDS_CAP]
+        size_t nfields
+        const char *method
+        size_t method_len
+        const char *target
+        size_t target_len
+        bint target_add_slash      # absolute-form "http://h?q" forwards as "/?q"
+        const char *host
+        size_t host_len
+        bint has_host
+        bint host_from_uri
+        int minor
+        int status
+        const char *reason
+        size_t reason_len
+        size_t head_len
+        int body
+        long long content_length
+        bint keep_alive
+        bint expect_continue
+        bint upgrade
+        bint conn_close
+        int ntokens
+        const char *tok[MAX_CONN_TOKENS]
+        size_t tok_len[MAX_CONN_TOKENS]
+        int err_status
+        const char *err_msg
+
+    cdef inline int _fail(self, int status, const char *msg) noexcept:
+        self.err_status = status
+        self.err_msg = msg
+        return -1
+
+    cdef inline bint is_conn_token(self, const char *name, size_t l) noexcept:
+        cdef int i
+        for i in range(self.ntokens):
+            if self.tok_len[i] == l and _ieq(name, l, self.tok[i], l):
+                return 1
+        return 0
+
+    cdef int _check_fields(self, const char *buf, size_t pos, size_t end) noexcept:
+        """Walk the field lines picohttpparser found; pos is where the first
+        one must start, end the head length.  Trims values, sets hid[]."""
+        cdef size_t i, k
+        cdef const char *n
+        cdef const char *v
+        cdef size_t vl
+        cdef const char *p
+        for i in range(self.nfields):
+            n = self.fields[i].name
+            if n == NULL or n != buf + pos:
+                return self._fail(400, b"folded or misplaced header line")
+            if self.fields[i].name_len == 0:
+                return self._fail(400, b"empty field name")
+            for k in range(self.fields[i].name_len):
+                if not _tchar[<unsigned char>n[k]]:
+                    return self._fail(400, b"invalid character in field name")
+            p = n + self.fields[i].name_len
+            if p[0] != b':':
+                return self._fail(400, b"invalid field line")
+            p += 1
+            v = self.fields[i].value
+            while p < v:
+                if not _is_ows(p[0]):
+                    return self._fail(400, b"invalid field line")
+                p += 1
+            vl = self.fields[i].value_len
+            for k in range(vl):
+                if not _fvalue[<unsigned char>v[k]]:
+                    return self._fail(400, b"invalid character in field value")
+            p = v + vl
+            while vl > 0 and _is_ows(v[vl - 1]):
+                vl -= 1
+            self.fields[i].value_len = vl
+            while _is_ows(p[0]):
+                p += 1
+            if p[0] != b'\r' or p[1] != b'\n':
+                return self._fail(400, b"field line does not end in CRLF")
+            pos = (p + 2) - buf
+            self.hid[i] = <unsigned char>_classify(n, self.fields[i].name_len)
+        if pos + 2 != end or buf[pos] != b'\r' or buf[pos + 1] != b'\n':
+            return self._fail(400, b"header block does not end in CRLF")
+        return 0
+
+    cdef int _scan_semantics(self, bint is_request) noexcept:
+        """Framing and connection fields shared by requests and responses."""
+        cdef size_t i, j, start, k
+        cdef const char *v
+        cdef size_t vl
+        cdef long long cl
+        cdef int ndig
+        cdef int te_count = 0
+        cdef bint te_chunked = 0
+        cdef bint has_cl = 0
+        cdef bint has_te = 0
+        cdef bint has_upgrade_field = 0
+        cdef bint tok_upgrade = 0
+        cdef bint tok_keepalive = 0
+        cdef int nhost = 0
+        cdef unsigned char h
+        self.ntokens = 0
+        self.conn_close = 0
+        self.expect_continue = 0
+        self.content_length = -1
+        self.has_host = 0
+        for i in range(self.nfields):
+            h = self.hid[i]
+            if h == H_OTHER:
+                continue
+            v = self.fields[i].value
+            vl = self.fields[i].value_len
+            if h == H_CONTENT_LENGTH:
+                # a comma list of equal digit strings (RFC 9110 8.6)
+                j = 0
+                while True:
+                    while j < vl and _is_ows(v[j]):
+                        j += 1
+                    cl = 0
+                    ndig = 0
+                    while j < vl and 48 <= <unsigned char>v[j] <= 57:
+                        cl = cl * 10 + (v[j] - 48)
+                        ndig += 1
+                        j += 1
+                        if ndig > 18:
+                            return self._fail(400 if is_request else 502, b"Content-Length too long")
+                    if ndig == 0:
+                        return self._fail(400 if is_request else 502, b"invalid Content-Length")
+                    while j < vl and _is_ows(v[j]):
+                        j += 1
+                    if has_cl and cl != self.content_length:
+                        return self._fail(400 if is_request else 502, b"conflicting Content-Length")
+                    has_cl = 1
+                    self.content_length = cl
+                    if j == vl:
+                        break
+                    if v[j] != b',':
+                        return self._fail(400 if is_request else 502, b"invalid Content-Length")
+                    j += 1
+            elif h == H_TRANSFER_ENCODING:
+                has_te = 1
+                j = 0
+                while j <= vl:
+                    start = j
+                    while j < vl and v[j] != b',':
+                        j += 1
+                    k = j
+                    while start < k and _is_ows(v[start]):
+                        start += 1
+                    while k > start and _is_ows(v[k - 1]):
+                        k -= 1
+                    if k > start:
+                        te_count += 1
+                        te_chunked = _ieq(v + start, k - start, b"chunked", 7)
+                    j += 1
+            elif h == H_CONNECTION:
+                j = 0
+                while j <= vl:
+                    start = j
+                    while j < vl and v[j] != b',':
+                        j += 1
+                    k = j
+                    while start < k and _is_ows(v[start]):
+                        start += 1
+                    while k > start and _is_ows(v[k - 1]):
+                        k -= 1
+                    if k > start:
+                        for ndig in range(<int>(k - start)):
+                            if not _tchar[<unsigned char>v[start + ndig]]:
+                                return self._fail(400 if is_request else 502, b"invalid Connection token")
+                        if self.ntokens == MAX_CONN_TOKENS:
+                            return self._fail(400 if is_request else 502, b"too many Connection tokens")
+                        self.tok[self.ntokens] = v + start
+                        self.tok_len[self.ntokens] = k - start
+                        self.ntokens += 1
+                        if _ieq(v + start, k - start, b"close", 5):
+                            self.conn_close = 1
+                        elif _ieq(v + start, k - start, b"keep-alive", 10):
+                            tok_keepalive = 1
+                        elif _ieq(v + start, k - start, b"upgrade", 7):
+                            tok_upgrade = 1
+                    j += 1
+            elif h == H_UPGRADE:
+                has_upgrade_field = 1
+            elif is_request and h == H_HOST:
+                nhost += 1
+                if nhost > 1:
+                    return self._fail(400, b"more than one Host")
+                for j in range(vl):
+                    if not _hostch[<unsigned char>v[j]]:
+                        return self._fail(400, b"invalid Host")
+                if not self.host_from_uri:
+                    self.host = v
+                    self.host_len = vl
+                self.has_host = 1
+            elif is_request and h == H_EXPECT:
+                if _ieq(v, vl, b"100-continue", 12):
+                    self.expect_continue = 1
+                else:
+                    return self._fail(417, b"unsupported expectation")
+        if self.host_from_uri:
+            self.has_host = 1
+        if self.minor == 1:
+            self.keep_alive = not self.conn_close
+        else:
+            self.keep_alive = tok_keepalive and not self.conn_close
+        if has_te:
+            if has_cl:
+                return self._fail(400 if is_request else 502, b"both Transfer-Encoding and Content-Length")
+            if te_count != 1 or not te_chunked or self.minor == 0:
+                return self._fail(400 if is_request else 502, b"unsupported Transfer-Encoding")
+            self.body = B_CHUNKED
+        elif has_cl:
+            self.body = B_LENGTH
+        else:
+            self.body = B_NONE
+        if is_request:
+            if self.minor == 1 and nhost == 0:
+                return self._fail(400, b"missing Host")
+            self.upgrade = tok_upgrade and has_upgrade_field
+        return 0
+
+    cdef int parse_request(self, const char *buf, size_t n, size_t last_len,
+                           size_t max_line, size_t max_head, size_t max_fields) noexcept:
+        """1: a complete head (head_len set); 0: incomplete; -1: error
+        (err_status, err_msg set).  last_len: how much of buf was already
+        seen incomplete, so slow senders cost linear time."""
+        cdef size_t skip = 0, lim, cap, i
+        cdef const char *lf
+        cdef const char *p
+        cdef const char *t
+        cdef size_t tl, alen
+        cdef int ret
+        while skip + 1 < n and buf[skip] == b'\r' and buf[skip + 1] == b'\n':
+            skip += 2
+        if skip >= n or (skip + 1 == n and buf[skip] == b'\r'):
+            return 0
+        lim = n - skip
+        if lim > max_line + 2:
+            lim = max_line + 2
+        lf = <const char *>memchr(buf + skip, b'\n', lim)
+        if lf == NULL:
+            if n - skip >= max_line + 2:
+                return self._fail(414, b"request line too long")
+            return 0
+        if <size_t>(lf - (buf + skip)) > max_line + 1:
+            return self._fail(414, b"request line too long")
+        if max_fields > MAX_FIELDS_CAP - 1:
+            max_fields = MAX_FIELDS_CAP - 1
+        cap = max_fields + 1
+        self.nfields = cap
+        ret = _phr_parse_request(buf + skip, n - skip, &self.method, &self.method_len,
+                                 &self.target, &self.target_len, &self.minor,
+                                 self.fields, &self.nfields,
+                                 last_len - skip if last_len > skip else 0)
+        if ret == -2:
+            if n - skip > max_head:
+                return self._fail(431, b"request head too large")
+            return 0
+        if ret == -1:
+            # too many fields, or malformed: count the lines to tell which
+            i = 0
+            p = buf + skip
+            while p < buf + n:
+                lf = <const char *>memchr(p, b'\n', (buf + n) - p)
+                if lf == NULL or lf == p or (lf == p + 1 and p[0] == b'\r'):
+                    break
+                i += 1
+                p = lf + 1
+            if i > max_fields + 1:
+                return self._fail(431, b"too many header fields")
+            return self._fail(400, b"malformed request head")
+        self.head_len = skip + <size_t>ret
+        if self.head_len - skip > max_head:
+            return self._fail(431, b"request head too large")
+        if self.nfields > max_fields:
+            return self._fail(431, b"too many header fields")
+        if memchr(buf + skip, 0, <size_t>ret) != NULL:
+            return self._fail(400, b"NUL in request head")
+        # exactly METHOD SP target SP HTTP/1.x CRLF
+        p = buf + skip
+        if self.method != p or self.method_len == 0:
+            return self._fail(400, b"malformed request line")
+        for i in range(self.method_len):
+            if not _tchar[<unsigned char>p[i]]:
+                return self._fail(400, b"invalid method")
+        p += self.method_len
+        if p[0] != b' ' or self.target != p + 1 or self.target_len == 0:
+            return self._fail(400, b"malformed request line")
+        p = self.target + self.target_len
+        if (p[0] != b' ' or memcmp(p + 1, b"HTTP/1.", 7) != 0
+                or (p[8] != b'0' and p[8] != b'1') or p[9] != b'\r' or p[10] != b'\n'):
+            return self._fail(400, b"malformed request line")
+        self.minor = p[8] - 48
+        t = self.target
+        tl = self.target_len
+        for i in range(tl):
+            if not _target[<unsigned char>t[i]]:
+                return self._fail(400, b"invalid character in request target")
+        self.host_from_uri = 0
+        self.target_add_slash = 0
+        self.host = NULL
+        self.host_len = 0
+        if t[0] == b'/':
+            pass
+        elif tl == 1 and t[0] == b'*':
+            if not (self.method_len == 7 and memcmp(self.method, b"OPTIONS", 7) == 0):
+                return self._fail(400, b"asterisk-form is only for OPTIONS")
+        elif self.method_len == 7 and memcmp(self.method, b"CONNECT", 7) == 0:
+            return self._fail(405, b"CONNECT is not supported")
+        else:
+            # absolute-form (RFC 9112 3.2.2): the authority replaces Host
+            if tl > 7 and _ieq(t, 7, b"http://", 7):
+                alen = 7
+            elif tl > 8 and _ieq(t, 8, b"https://", 8):
+                alen = 8
+            else:
+                return self._fail(400, b"invalid request target")
+            i = alen
+            while i < tl and t[i] != b'/' and t[i] != b'?' and t[i] != b'#':
+                if not _hostch[<unsigned char>t[i]]:
+                    return self._fail(400, b"invalid authority in request target")
+                i += 1
+            if i == alen:
+                return self._fail(400, b"empty authority in request target")
+            self.host = t + alen
+            self.host_len = i - alen
+            self.host_from_uri = 1
+            self.target = t + i
+            self.target_len = tl - i
+            if self.target_len == 0 or t[i] != b'/':
+                self.target_add_slash = 1
+        if self._check_fields(buf, (p + 11) - buf, self.head_len) < 0:
+            return -1
+        if self._scan_semantics(1) < 0:
+            return -1
+        return 1
+
+    cdef int parse_response(self, const char *buf, size_t n, size_t last_len,
+                            bint is_head, size_t max_head, size_t max_fields) noexcept:
+        """Like parse_request, for a backend's response; errors are 502."""
+        cdef int ret
+        cdef size_t i, cap
+        cdef const char *p
+        if max_fields > MAX_FIELDS_CAP - 1:
+            max_fields = MAX_FIELDS_CAP - 1
+        cap = max_fields + 1
+        self.nfields = cap
+        ret = _phr_parse_response(buf, n, &self.minor, &self.status, &self.reason,
+                                  &self.reason_len, self.fields, &self.nfields, last_len)
+        if ret == -2:
+            if n > max_head:
+                return self._fail(502, b"response head too large")
+            return 0
+        if ret == -1:
+            return self._fail(502, b"malformed response head")
+        self.head_len = <size_t>ret
+        if self.head_len > max_head:
+            return self._fail(502, b"response head too large")
+        if self.nfields > max_fields:
+            return self._fail(502, b"too many response header fields")
+        if memchr(buf, 0, self.head_len) != NULL:
+            return self._fail(502, b"NUL in response head")
+        if (memcmp(buf, b"HTTP/1.", 7) != 0 or (buf[7] != b'0' and buf[7] != b'1')
+                or buf[8] != b' '):
+            return self._fail(502, b"malformed status line")
+        for i in range(9, 12):
+            if not (48 <= <unsigned char>buf[i] <= 57):
+                return self._fail(502, b"malformed status line")
+        if self.status < 100:
+            return self._fail(502, b"malformed status line")
+        self.minor = buf[7] - 48
+        p = buf + 12
+        if p[0] == b' ':
+            p += 1
+            if self.reason_len and self.reason != p:
+                return self._fail(502, b"malformed status line")
+            for i in range(self.reason_len):
+                if not _fvalue[<unsigned char>p[i]]:
+                    return self._fail(502, b"invalid reason phrase")
+            p += self.reason_len
+        else:
+            self.reason_len = 0
+        if p[0] != b'\r' or p[1] != b'\n':
+            return self._fail(502, b"status line does not end in CRLF")
+        self.host_from_uri = 0
+        if self._check_fields(buf, (p + 2) - buf, self.head_len) < 0:
+            self.err_status = 502
+            return -1
+        if self._scan_semantics(0) < 0:
+            self.err_status = 502
+            return -1
+        self.upgrade = self.status == 101
+        if is_head or self.status < 200 or self.status == 204 or self.status == 304:
+            self.body = B_NONE
+        elif self.body == B_NONE:
+            self.body = B_CLOSE
+            self.keep_alive = 0
+        return 1
+
+    # Python-level views, for the wrappers and tests only.
+    cdef list py_headers(self):
+        cdef size_t i
+        return [(self.fields[i].name[:self.fields[i].name_len],
+                 self.fields[i].value[:self.fields[i].value_len])
+                for i in range(self.nfields)]
+
+    cdef list py_tokens(self):
+        cdef int i
+        cdef bytes b
+        out = []
+        for i in range(self.ntokens):
+            b = self.tok[i][:self.tok_len[i]]
+            out.append(b.lower())
+        return out
+
+
+class Request:
+    """A parsed request head (Python view, for tests and tools)."""
+    __slots__ = ("method", "target", "version", "headers", "head_length", "host",
+                 "body", "content_length", "keep_alive", "expect_continue",
+                 "upgrade", "connection_tokens")
+
+    def __repr__(self):
+        return f"<Request {self.method!r} {self.target!r} HTTP/1.{self.version}>"
+
+
+class Response:
+    """A parsed response head (Python view, for tests and tools)."""
+    __slots__ = ("status", "reason", "version", "headers", "head_length",
+                 "body", "content_length", "keep_alive", "upgrade")
+
+    def __repr__(self):
+        return f"<Response {self.status} HTTP/1.{self.version}>"
+
+
+def parse_request(data, *, max_line=8192, max_head=32768, max_fields=100):
+    """Parse a request head from bytes: a Request, None if incomplete, or
+    ParseError/HTTPError."""
+    cdef HeadParser hp = HeadParser()
+    cdef bytes b = bytes(data)
+    cdef int r = hp.parse_request(b, len(b), 0, max_line, max_head, max_fields)
+    if r == 0:
+        return None
+    if r < 0:
+        raise (ParseError if hp.err_status in (400, 414, 431) else HTTPError)(
+            hp.err_status, hp.err_msg.decode())
+    req = Request()
+    req.method = hp.method[:hp.method_len]
+    target = hp.target[:hp.target_len]
+    req.target = (b"/" + target) if hp.target_add_slash else target
+    req.version = hp.minor
+    req.headers = hp.py_headers()
+    req.head_length = hp.head_len
+    req.host = hp.host[:hp.host_len] if hp.has_host else None
+    req.body = hp.body
+    req.content_length = hp.content_length
+    req.keep_alive = bool(hp.keep_alive)
+    req.expect_continue = bool(hp.expect_continue)
+    req.upgrade = bool(hp.upgrade)
+    req.connection_tokens = hp.py_tokens()
+    return req
+
+
+def parse_response(data, *, method=b"GET", max_head=65536, max_fields=256):
+    """Parse a response head from bytes: a Response, None if incomplete, or
+    ParseError (status 502)."""
+    cdef HeadParser hp = HeadParser()
+    cdef bytes b = bytes(data)
+    cdef int r = hp.parse_response(b, len(b), 0, method == b"HEAD", max_head, max_fields)
+    if r == 0:
+        return None
+    if r < 0:
+        raise ParseError(502, hp.err_msg.decode())
+    resp = Response()
+    resp.status = hp.status
+    resp.reason = hp.reason[:hp.reason_len] if hp.reason_len else b""
+    resp.version = hp.minor
+    resp.headers = hp.py_headers()
+    resp.head_length = hp.head_len
+    resp.body = hp.body
+    resp.content_length = hp.content_length
+    resp.keep_alive = bool(hp.keep_alive)
+    resp.upgrade = bool(hp.upgrade)
+    return resp

@@ -1,0 +1,1331 @@
+# The data plane: client and backend protocols and the splice between them.
+#
+# One worker process runs one event loop; everything here is driven by its
+# callbacks and never blocks.  Reads land in one receive buffer owned by the
+# worker (_rbuf); a read is parsed, routed and forwarded before the callback
+# returns, so only leftovers (a partial head, a pipelined request) are copied
+# into per-connection storage.  Bytes are forwarded as memoryview slices of
+# that buffer; when the kernel does not take all of a write at once, the
+# transport keeps the slice, so the worker switches to a fresh buffer.
+#
+# Request flow (the phases of docs/architecture.md):
+#   ClientConn.buffer_updated -> parse head -> route -> pick backend ->
+#   build upstream head -> pooled or new UpstreamConn -> stream body ->
+#   UpstreamConn.buffer_updated -> parse response head -> filter headers ->
+#   stream body to the client -> release the backend connection -> log.
+
+import asyncio
+import logging
+
+cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport malloc, realloc, free
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy, memchr
+
+cdef object _log = logging.getLogger("edgeproxy.proxy")
+
+cdef enum:
+    RBUF_SIZE = 256 * 1024
+    INLINE_BODY = 32 * 1024      # body bytes copied into the head's write below this
+    HIGH_WATER = 512 * 1024
+    LOW_WATER = 128 * 1024
+    CHUNK_LINE_MAX = 4096
+
+# reasons a client transport's reading is paused (a bit each)
+cdef enum:
+    P_PIPELINE = 1
+    P_CONNECT = 2
+    P_BACKPRESSURE = 4
+
+cdef enum CState:
+    C_HEAD = 0        # waiting for / reading a request head
+    C_BODY            # streaming the request body to the backend
+    C_WAIT            # request sent whole; its response is in progress
+    C_TUNNEL          # after 101: bytes both ways
+    C_CLOSED
+
+cdef enum UState:
+    U_CONNECTING = 0
+    U_IDLE            # in its backend's keep-alive pool
+    U_HEAD            # request sent (or being sent); waiting for the response head
+    U_BODY            # streaming the response body
+    U_TUNNEL
+    U_CLOSED
+
+
+# ---- worker-wide state ----------------------------------------------------
+
+cdef bytearray _rbuf = None
+cdef char *_rbuf_ptr = NULL
+cdef object _rbuf_view = None
+
+cdef void _new_rbuf():
+    global _rbuf, _rbuf_ptr, _rbuf_view
+    _rbuf = bytearray(RBUF_SIZE)
+    _rbuf_ptr = PyByteArray_AS_STRING(_rbuf)
+    _rbuf_view = memoryview(_rbuf)
+
+_new_rbuf()
+
+cdef HeadParser _parser = HeadParser()
+cdef double _now = 0.0
+cdef bytes _date_line = b""
+cdef set _conns = set()        # live ClientConn
+cdef set _upconns = set()      # live UpstreamConn
+cdef bint _draining = 0
+cdef long long _total_requests = 0
+
+
+cdef class Scratch:
+    """A growable byte area where heads are built before one bytes object is
+    made of them."""
+    cdef char *p
+    cdef size_t n
+    cdef size_t cap
+
+    def __cinit__(self):
+        self.cap = 16384
+        self.p = <char *>malloc(self.cap)
+        if self.p == NULL:
+            raise MemoryError()
+        self.n = 0
+
+    def __dealloc__(self):
+        free(self.p)
+
+    cdef int grow(self, size_t extra) except -1:
+        cdef size_t cap = self.cap
+        cdef char *q
+        while self.n + extra > cap:
+            cap *= 2
+        q = <char *>realloc(self.p, cap)
+        if q == NULL:
+            raise MemoryError()
+        self.p = q
+        self.cap = cap
+        return 0
+
+    cdef inline int add(self, const char *s, size_t l) except -1:
+        if self.n + l > self.cap:
+            self.grow(l)
+        memcpy(self.p + self.n, s, l)
+        self.n += l
+        return 0
+
+    cdef inline int addb(self, bytes b) except -1:
+        return self.add(b, len(b))
+
+    cdef inline int add_int(self, long long v) except -1:
+        cdef char tmp[24]
+        cdef int l = snprintf(tmp, 24, "%lld", v)
+        return self.add(tmp, l)
+
+    cdef inline int field(self, const char *name, size_t nl, const char *val, size_t vl) except -1:
+        if self.n + nl + vl + 4 > self.cap:
+            self.grow(nl + vl + 4)
+        memcpy(self.p + self.n, name, nl)
+        self.n += nl
+        self.p[self.n] = b':'
+        self.p[self.n + 1] = b' '
+        self.n += 2
+        memcpy(self.p + self.n, val, vl)
+        self.n += vl
+        self.p[self.n] = b'\r'
+        self.p[self.n + 1] = b'\n'
+        self.n += 2
+        return 0
+
+    cdef inline bytes take(self):
+        cdef bytes b = PyBytes_FromStringAndSize(self.p, self.n)
+        self.n = 0
+        return b
+
+
+cdef Scratch _out = Scratch()
+
+
+def set_clock(double now, bytes date_line=None):
+    """Called by the worker's ticker: the loop time, and the Date line when
+    the second changed."""
+    global _now, _date_line
+    _now = now
+    if date_line is not None:
+        _date_line = date_line
+
+
+def set_draining(bint on):
+    """While draining, responses close their client connection."""
+    global _draining
+    _draining = on
+
+
+def stats():
+    """Live object counts, checked by the tests to return to zero."""
+    cdef Py_ssize_t idle = 0
+    for u in _upconns:
+        if (<UpstreamConn>u).state == U_IDLE:
+            idle += 1
+    return {"client_connections": len(_conns), "upstream_connections": len(_upconns),
+            "upstream_idle": idle, "requests": _total_requests}
+
+
+def expire_timeouts():
+    """Close what has passed its deadline (called by the worker's ticker)."""
+    cdef ClientConn c
+    cdef UpstreamConn u
+    for c in list(_conns):
+        if c.deadline != 0 and _now >= c.deadline:
+            c._on_timeout()
+    for u in list(_upconns):
+        if u.deadline != 0 and _now >= u.deadline:
+            u._on_timeout()
+
+
+def close_idle_clients():
+    """Close client connections that have no request in flight (shutdown)."""
+    cdef ClientConn c
+    for c in list(_conns):
+        if c.state == C_HEAD and c.pending is None:
+            c.close()
+
+
+cdef inline bint _wrote_all(object transport):
+    return transport.get_write_buffer_size() == 0
+
+
+cdef inline void _written_from_rbuf(object transport, object owner):
+    # A slice of the shared buffer is still queued in the transport: leave
+    # that buffer to it and read into a fresh one from now on.
+    if owner is _rbuf and not _wrote_all(transport):
+        _new_rbuf()
+
+
+cdef inline object _view(object owner, size_t a, size_t b):
+    if owner is _rbuf:
+        return _rbuf_view[a:b]
+    return memoryview(owner)[a:b]
+
+
+# ---- settings, routes, pools ----------------------------------------------
+
+cdef class ProxySettings:
+    """The C-level limits and switches the hot path reads (built once from
+    the config by edgeproxy.server)."""
+    cdef public size_t max_line, max_head, max_fields, resp_max_head, resp_max_fields
+    cdef public long long max_body
+    cdef public double t_connect, t_read, t_send, t_header, t_keepalive
+    cdef public bytes server_line          # b"Server: x\r\n" or b""
+    cdef public tuple hide                 # extra lower-case field names to drop
+    cdef public object access_log          # object with .log(...) or None
+
+    def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
+                 max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,
+                 t_connect=5.0, t_read=60.0, t_send=60.0, t_header=10.0, t_keepalive=75.0,
+                 server_header="", hide=(), access_log=None):
+        self.max_line = max_line
+        self.max_head = max_head
+        self.max_fields = max_fields
+        self.max_body = max_body
+        self.resp_max_head = resp_max_head
+        self.resp_max_fields = resp_max_fields
+        self.t_connect = t_connect
+        self.t_read = t_read
+        self.t_send = t_send
+        self.t_header = t_header
+        self.t_keepalive = t_keepalive
+        if "\r" in server_header or "\n" in server_header:
+            raise ValueError("server_header must not contain CR or LF")
+        self.server_line = (b"Server: " + server_header.encode("latin-1") + b"\r\n") if server_header else b""
+        self.hide = tuple(h.lower().encode("latin-1") for h in hide)
+        self.access_log = access_log
+
+
+cdef class Backend:
+    """One backend server of a pool, with its idle keep-alive connections."""
+    cdef public str host
+    cdef public int port
+    cdef public str scheme
+    cdef public str name             # "127.0.0.1:5000", for logs
+    cdef public bytes hostport       # Host value when the client sent none
+    cdef public object ssl           # ssl.SSLContext for https backends, or None
+    cdef public str server_hostname
+    cdef public int weight
+    cdef public bint up
+    cdef public int idle_max
+    cdef public double idle_timeout
+    cdef public double t_connect
+    cdef public long long requests
+    cdef public int active
+    cdef public int connects
+    cdef list idle
+
+    def __init__(self, host, port, *, scheme="http", weight=1, idle_max=1024,
+                 idle_timeout=60.0, t_connect=5.0, ssl=None, server_hostname=None):
+        self.host = host
+        self.port = port
+        self.scheme = scheme
+        self.name = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self.hostport = self.name.encode("latin-1")
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.weight = weight
+        self.up = 1
+        self.idle_max = idle_max
+        self.idle_timeout = idle_timeout
+        self.t_connect = t_connect
+        self.requests = 0
+        self.active = 0
+        self.connects = 0
+        self.idle = []
+
+    @property
+    def idle_count(self):
+        return len(self.idle)
+
+    cdef UpstreamConn take_idle(self):
+        cdef UpstreamConn u
+        while self.idle:
+            u = <UpstreamConn>self.idle.pop()
+            if u.state == U_IDLE and u.transport is not None and not u.transport.is_closing():
+                return u
+        return None
+
+    cdef void put_idle(self, UpstreamConn u):
+        if len(self.idle) >= self.idle_max or _draining:
+            u.close()
+            return
+        u.state = U_IDLE
+        u.deadline = _now + self.idle_timeout
+        self.idle.append(u)
+
+    cdef void forget_idle(self, UpstreamConn u):
+        try:
+            self.idle.remove(u)
+        except ValueError:
+            pass
+
+    def _new_conn(self):
+        return UpstreamConn(self)
+
+    cdef void connect(self, ClientConn c):
+        self.connects += 1
+        asyncio.get_running_loop().create_task(_connect(self, c))
+
+
+async def _connect(Backend b, ClientConn c):
+    loop = asyncio.get_running_loop()
+    try:
+        if b.ssl is not None:
+            coro = loop.create_connection(b._new_conn, b.host, b.port, ssl=b.ssl,
+                                          server_hostname=b.server_hostname or b.host)
+        else:
+            coro = loop.create_connection(b._new_conn, b.host, b.port)
+        _, up = await asyncio.wait_for(coro, b.t_connect)
+    except asyncio.TimeoutError:
+        _log.warning("backend %s: connect timed out after %.1fs", b.name, b.t_connect)
+        c._upstream_failed(b, 504)
+        return
+    except Exception as exc:
+        _log.warning("backend %s: connect failed: %s", b.name, exc)
+        c._upstream_failed(b, 502)
+        return
+    c._upstream_ready(<UpstreamConn>up, b)
+
+
+cdef class Pool:
+    """A named group of backends; pick() chooses one per request."""
+    cdef public str name
+    cdef public list backends
+    cdef size_t rr
+
+    def __init__(self, name, backends):
+        self.name = name
+        self.backends = list(backends)
+        self.rr = 0
+
+    cdef Backend pick(self):
+        cdef size_t n = len(self.backends), i
+        cdef Backend b
+        for i in range(n):
+            b = <Backend>self.backends[(self.rr + i) % n]
+            if b.up:
+                self.rr = (self.rr + i + 1) % n
+                return b
+        return None
+
+    def pick_backend(self):
+        return self.pick()
+
+
+cdef class Route:
+    cdef public object host          # None, b"a.example.com" or b".example.com" (wildcard suffix)
+    cdef public bint wildcard
+    cdef public bytes path
+    cdef public Pool pool
+
+    def __init__(self, host, path, pool):
+        self.wildcard = bool(host) and host.startswith("*.")
+        if host is None:
+            self.host = None
+        elif self.wildcard:
+            self.host = host[1:].lower().encode("ascii")
+        else:
+            self.host = host.lower().encode("ascii")
+        self.path = path.encode("latin-1")
+        self.pool = pool
+
+
+cdef class Router:
+    """Requests to pools: exact host, then the longest wildcard, then routes
+    without a host (as nginx picks a server block); within those, the
+    longest path prefix."""
+    cdef list exact, wild, default
+
+    def __init__(self, routes):
+        self.exact = [r for r in routes if r.host is not None and not r.wildcard]
+        self.wild = [r for r in routes if r.wildcard]
+        self.default = [r for r in routes if r.host is None]
+        key = lambda r: (-len(r.host or b""), -len(r.path))
+        self.exact.sort(key=key)
+        self.wild.sort(key=key)
+        self.default.sort(key=key)
+
+    cdef Pool _in(self, list routes, int kind, const char *h, size_t hl,
+                  const char *p, size_t pl):
+        cdef Route r
+        cdef size_t rl, i
+        cdef const char *rh
+        cdef bint host_seen = 0
+        for r in routes:
+            if kind == 1:
+                rl = len(<bytes>r.host)
+                if rl != hl or not _ieq(h, hl, <bytes>r.host, rl):
+                    continue
+            elif kind == 2:
+                rl = len(<bytes>r.host)
+                if rl >= hl or not _ieq(h + hl - rl, rl, <bytes>r.host, rl):
+                    continue
+            rl = len(r.path)
+            if rl <= pl and memcmp(p, <const char *>r.path, rl) == 0:
+                return r.pool
+        return None
+
+    cdef Pool route(self, const char *host, size_t hl, const char *path, size_t pl):
+        cdef Pool pool
+        cdef size_t i
+        # strip the port and a trailing dot
+        if hl and host[0] == b'[':
+            i = 0
+            while i < hl and host[i] != b']':
+                i += 1
+            hl = i + 1 if i < hl else hl
+        else:
+            for i in range(hl):
+                if host[i] == b':':
+                    hl = i
+                    break
+        if hl and host[hl - 1] == b'.':
+            hl -= 1
+        if hl:
+            if self.exact:
+                pool = self._in(self.exact, 1, host, hl, path, pl)
+                if pool is not None:
+                    return pool
+            if self.wild:
+                pool = self._in(self.wild, 2, host, hl, path, pl)
+                if pool is not None:
+                    return pool
+        return self._in(self.default, 0, host, hl, path, pl)
+
+    def route_for(self, host, path):
+        """The pool name for a host and path, or None (for tests and tools)."""
+        cdef bytes h = host.encode("latin-1") if isinstance(host, str) else host
+        cdef bytes p = path.encode("latin-1") if isinstance(path, str) else path
+        pool = self.route(h, len(h), p, len(p))
+        return None if pool is None else pool.name
+
+
+cdef class Listener:
+    """What the connections accepted on one listening socket share; calling
+    it makes the protocol for a new connection."""
+    cdef public ProxySettings cfg
+    cdef public Router router
+    cdef public bytes proto          # b"http" or b"https"
+    cdef public bytes resp_extra     # fields added to every response (HSTS, ...)
+
+    def __init__(self, cfg, router, proto="http", resp_extra=b""):
+        self.cfg = cfg
+        self.router = router
+        self.proto = proto.encode()
+        self.resp_extra = resp_extra
+
+    def __call__(self):
+        return ClientConn(self)
+
+
+# ---- canned responses -----------------------------------------------------
+
+cdef dict _REASONS = {
+    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
+    417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+cdef bytes _error_response(ProxySettings cfg, int status, bint keep):
+    cdef bytes reason = _REASONS.get(status, b"Error")
+    cdef bytes body = b"%d %s\n" % (status, reason)
+    return (b"HTTP/1.1 %d %s\r\n%s%sContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (
+                status, reason, cfg.server_line, _date_line, len(body),
+                b"" if keep else b"Connection: close\r\n", body))
+
+
+# ---- the client side ------------------------------------------------------
+
+@cython.no_gc_clear
+cdef class ClientConn:
+    """A connection from a client: reads requests, forwards them, and owns
+    the request's state until its response is complete."""
+    cdef:
+        Listener lst
+        ProxySettings cfg
+        object transport
+        public int state
+        bytearray pending
+        size_t pending_seen
+        UpstreamConn up
+        Backend backend
+        list upq
+        bytes up_head
+        bint retried
+        int body_kind
+        long long body_left
+        ChunkState chunk
+        bint req_keep_alive
+        bint req_is_head
+        int req_minor
+        bint req_upgrade
+        bint req_done
+        bint resp_started
+        bint resp_keep
+        int paused
+        bint writing_paused
+        bint eof
+        public double deadline
+        int nreq
+        bytes peer
+        bytes fwd_for
+        # access log, filled only when it is on
+        double t_start
+        bytes log_req
+        bytes log_ref
+        bytes log_ua
+        int resp_status
+        long long resp_bytes
+
+    def __init__(self, Listener lst):
+        self.lst = lst
+        self.cfg = lst.cfg
+        self.state = C_HEAD
+        self.peer = b"-"
+        self.fwd_for = b"for=unknown"
+
+    # -- asyncio protocol interface --
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            ip = peer[0]
+            self.peer = ip.encode("latin-1")
+            self.fwd_for = (b'for="[%s]"' % self.peer) if ":" in ip else (b"for=" + self.peer)
+        self.deadline = _now + self.cfg.t_header
+        _conns.add(self)
+
+    def connection_lost(self, exc):
+        self._teardown()
+
+    def get_buffer(self, Py_ssize_t hint):
+        return _rbuf
+
+    def buffer_updated(self, Py_ssize_t n):
+        cdef object owner
+        if self.state == C_CLOSED:
+            return
+        if self.pending is not None:
+            self.pending.extend(_rbuf_view[:n])
+            owner = self.pending
+            self.pending = None
+            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        else:
+            owner = _rbuf
+            self._feed(owner, _rbuf_ptr, <size_t>n)
+
+    def eof_received(self):
+        self.eof = 1
+        if self.state == C_WAIT:
+            return True          # half-closed: still send the response
+        if self.state == C_TUNNEL and self.up is not None and self.up.transport is not None:
+            if self.up.transport.can_write_eof():
+                self.up.transport.write_eof()
+                return True
+        return False
+
+    def pause_writing(self):
+        self.writing_paused = 1
+        self.deadline = _now + self.cfg.t_send
+        if self.up is not None:
+            self.up._pause()
+
+    def resume_writing(self):
+        self.writing_paused = 0
+        if self.state != C_HEAD:
+            self.deadline = 0
+        if self.up is not None:
+            self.up._resume()
+
+    # -- reading --
+
+    cdef void _pause(self, int why):
+        if self.paused == 0 and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= why
+
+    cdef void _resume(self, int why):
+        if self.paused == 0:
+            return
+        self.paused &= ~why
+        if self.paused == 0 and self.transport is not None and self.state != C_CLOSED:
+            self.transport.resume_reading()
+
+    cdef void _stash(self, object owner, const char *base, size_t off, size_t n):
+        """Keep base[off:n] for later, without sharing the owner's memory."""
+        if owner is not _rbuf and off == 0 and isinstance(owner, bytearray):
+            self.pending = <bytearray>owner
+        else:
+            self.pending = bytearray(base[off:n])
+
+    cdef void _feed(self, object owner, const char *base, size_t n):
+        cdef size_t off = 0
+        cdef int r
+        cdef long long k
+        cdef Py_ssize_t m
+        while off < n and self.state != C_CLOSED:
+            if self.state == C_HEAD:
+                if self.nreq and self.pending_seen == 0 and self.deadline != 0:
+                    self.deadline = _now + self.cfg.t_header   # a new request began
+                r = _parser.parse_request(base + off, n - off, self.pending_seen,
+                                          self.cfg.max_line, self.cfg.max_head,
+                                          self.cfg.max_fields)
+                if r == 0:
+                    self.pending_seen = n - off
+                    self._stash(owner, base, off, n)
+                    return
+                self.pending_seen = 0
+                if r < 0:
+                    self._reply_error(_parser.err_status, 0)
+                    return
+                if self._start_request(owner, base, off) < 0:
+                    if self.state != C_HEAD:
+                        return
+                    # answered here and kept alive: go on after this head
+                    # (the request had no body)
+                off += _parser.head_len
+            elif self.state == C_BODY:
+                self.deadline = _now + self.cfg.t_read
+                if self.body_kind == B_LENGTH:
+                    k = n - off
+                    if k > self.body_left:
+                        k = self.body_left
+                    self._send_up(owner, base, off, <size_t>k)
+                    off += <size_t>k
+                    self.body_left -= k
+                    if self.body_left == 0:
+                        self._body_done()
+                else:
+                    m = chunk_skip(&self.chunk, base + off, n - off)
+                    if m < 0:
+                        self._abort_request(400)
+                        return
+                    if self.cfg.max_body and self.chunk.data_total > self.cfg.max_body:
+                        self._abort_request(413)
+                        return
+                    self._send_up(owner, base, off, <size_t>m)
+                    off += <size_t>m
+                    if self.chunk.phase == CS_DONE:
+                        self._body_done()
+            elif self.state == C_TUNNEL:
+                self._send_up(owner, base, off, n - off)
+                return
+            else:   # C_WAIT: a pipelined request waits for the current response
+                self._stash(owner, base, off, n)
+                self._pause(P_PIPELINE)
+                return
+
+    cdef void _send_up(self, object owner, const char *base, size_t off, size_t k):
+        if k == 0:
+            return
+        if self.up is None:
+            if self.upq is not None:
+                self.upq.append(base[off:off + k])
+                self._pause(P_CONNECT)
+            return
+        t = self.up.transport
+        if t is None:
+            return
+        t.write(_view(owner, off, off + k))
+        _written_from_rbuf(t, owner)
+
+    cdef void _body_done(self):
+        self.req_done = 1
+        self.state = C_WAIT
+        self.deadline = 0
+
+    # -- one request --
+
+    cdef int _start_request(self, object owner, const char *base, size_t off) except -2:
+        global _total_requests
+        cdef HeadParser hp = _parser
+        cdef Pool pool
+        cdef Backend b
+        cdef UpstreamConn u
+        cdef bytes head
+        cdef ProxySettings cfg = self.cfg
+        _total_requests += 1
+        self.nreq += 1
+        self.deadline = 0
+        self.req_keep_alive = hp.keep_alive and not _draining
+        self.req_minor = hp.minor
+        self.req_is_head = hp.method_len == 4 and memcmp(hp.method, b"HEAD", 4) == 0
+        self.req_upgrade = hp.upgrade
+        self.body_kind = hp.body
+        self.resp_started = 0
+        self.retried = 0
+        self.resp_bytes = 0
+        self.resp_status = 0
+        if cfg.access_log is not None:
+            self._log_capture(base + off)
+        if hp.body == B_LENGTH:
+            if cfg.max_body and hp.content_length > cfg.max_body:
+                self._reply_error(413, 0)
+                return -1
+            self.body_left = hp.content_length
+        elif hp.body == B_CHUNKED:
+            chunk_init(&self.chunk, CHUNK_LINE_MAX, cfg.max_head)
+        if hp.has_host:
+            pool = self.lst.router.route(hp.host, hp.host_len, hp.target, hp.target_len)
+        else:
+            pool = self.lst.router.route(b"", 0, hp.target, hp.target_len)
+        if pool is None:
+            self._reply_error(404, hp.body == B_NONE)
+            return -1
+        b = pool.pick()
+        if b is None:
+            self._reply_error(503, hp.body == B_NONE)
+            return -1
+        self.backend = b
+        b.requests += 1
+        b.active += 1
+        head = self._build_request_head(hp, b)
+        self.up_head = head
+        if hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0):
+            self.req_done = 1
+            self.state = C_WAIT
+        else:
+            self.req_done = 0
+            self.state = C_BODY
+        u = b.take_idle()
+        if u is not None:
+            self._attach(u, 1)
+            u.transport.write(head)
+        else:
+            self.up = None
+            self.upq = [head]
+            b.connect(self)
+        return 0
+
+    cdef void _attach(self, UpstreamConn u, bint reused):
+        self.up = u
+        u.client = self
+        u.state = U_HEAD
+        u.reused = reused
+        u.got_bytes = 0
+        u.pending = None
+        u.pending_seen = 0
+        u.deadline = _now + self.cfg.t_read
+        if self.writing_paused:
+            u._pause()
+
+    cdef _upstream_ready(self, UpstreamConn u, Backend b):
+        if self.state == C_CLOSED or self.backend is not b or self.up is not None or self.upq is None:
+            b.put_idle(u)        # the client went away meanwhile: keep the connection
+            return
+        self._attach(u, 0)
+        q = self.upq
+        self.upq = None
+        if len(q) == 1:
+            u.transport.write(q[0])
+        else:
+            u.transport.writelines(q)
+        self._resume(P_CONNECT)
+
+    cdef _upstream_failed(self, Backend b, int status):
+        if self.state == C_CLOSED or self.backend is not b or self.upq is None:
+            return
+        self.upq = None
+        self._resume(P_CONNECT)
+        self._reply_error(status, self.req_done)
+
+    cdef void _retry(self):
+        """The pooled connection died before answering: send the request on
+        a fresh connection (only for requests without a body)."""
+        self.retried = 1
+        self.up = None
+        self.upq = [self.up_head]
+        self.backend.connect(self)
+
+    cdef bytes _build_request_head(self, HeadParser hp, Backend b):
+        cdef Scratch o = _out
+        cdef size_t i
+        cdef unsigned char h
+        cdef bint first
+        cdef const char *nm
+        cdef size_t nl
+        o.n = 0
+        o.add(hp.method, hp.method_len)
+        o.add(b" ", 1)
+        if hp.target_add_slash:
+            o.add(b"/", 1)
+        o.add(hp.target, hp.target_len)
+        o.add(b" HTTP/1.1\r\n", 11)
+        for i in range(hp.nfields):
+            h = hp.hid[i]
+            nm = hp.fields[i].name
+            nl = hp.fields[i].name_len
+            if h == H_OTHER or h == H_EXPECT or h == H_DATE or h == H_SERVER:
+                if hp.ntokens and hp.is_conn_token(nm, nl):
+                    continue
+            elif h == H_HOST:
+                if hp.host_from_uri:
+                    continue
+            elif h == H_UPGRADE:
+                if not hp.upgrade:
+                    continue
+            elif h >= H_X_POWERED_BY:
+                pass
+            else:
+                # hop-by-hop, framing and the forwarding fields we rewrite
+                continue
+            o.field(nm, nl, hp.fields[i].value, hp.fields[i].value_len)
+        if hp.host_from_uri:
+            o.field(b"Host", 4, hp.host, hp.host_len)
+        elif not hp.has_host:
+            o.field(b"Host", 4, b.hostport, len(b.hostport))
+        if hp.body == B_LENGTH:
+            o.add(b"Content-Length: ", 16)
+            o.add_int(hp.content_length)
+            o.add(b"\r\n", 2)
+        elif hp.body == B_CHUNKED:
+            o.add(b"Transfer-Encoding: chunked\r\n", 28)
+        if hp.upgrade:
+            o.add(b"Connection: upgrade\r\n", 21)
+        # X-Forwarded-For: what came in, then this client
+        o.add(b"X-Forwarded-For: ", 17)
+        for i in range(hp.nfields):
+            if hp.hid[i] == H_X_FORWARDED_FOR and hp.fields[i].value_len:
+                o.add(hp.fields[i].value, hp.fields[i].value_len)
+                o.add(b", ", 2)
+        o.addb(self.peer)
+        o.add(b"\r\nX-Forwarded-Proto: ", 21)
+        o.addb(self.lst.proto)
+        o.add(b"\r\n", 2)
+        if hp.has_host and hp.host_len:
+            o.field(b"X-Forwarded-Host", 16, hp.host, hp.host_len)
+        # RFC 7239 Forwarded: previous elements, then ours
+        o.add(b"Forwarded: ", 11)
+        for i in range(hp.nfields):
+            if hp.hid[i] == H_FORWARDED and hp.fields[i].value_len:
+                o.add(hp.fields[i].value, hp.fields[i].value_len)
+                o.add(b", ", 2)
+        o.addb(self.fwd_for)
+        if hp.has_host and hp.host_len:
+            o.add(b";host=\"", 7)
+            o.add(hp.host, hp.host_len)
+            o.add(b"\"", 1)
+        o.add(b";proto=", 7)
+        o.addb(self.lst.proto)
+        o.add(b"\r\n\r\n", 4)
+        return o.take()
+
+    cdef void _log_capture(self, const char *line):
+        cdef HeadParser hp = _parser
+        cdef size_t i
+        cdef const char *lf = <const char *>memchr(line, b'\r', hp.head_len)
+        self.t_start = _now
+        self.log_req = line[:lf - line] if lf != NULL else b""
+        self.log_ref = b"-"
+        self.log_ua = b"-"
+        for i in range(hp.nfields):
+            if _ieq(hp.fields[i].name, hp.fields[i].name_len, b"referer", 7):
+                self.log_ref = hp.fields[i].value[:hp.fields[i].value_len]
+            elif _ieq(hp.fields[i].name, hp.fields[i].name_len, b"user-agent", 10):
+                self.log_ua = hp.fields[i].value[:hp.fields[i].value_len]
+
+    # -- the end of a request --
+
+    cdef void _response_done(self):
+        """The backend's response has been passed on whole."""
+        cdef object owner
+        if self.backend is not None:
+            self.backend.active -= 1
+        if self.cfg.access_log is not None:
+            self._log_request()
+        self.up = None
+        self.up_head = None
+        self.backend = None
+        if self.state == C_CLOSED:
+            return
+        if not self.resp_keep or self.eof or _draining:
+            self.close()
+            return
+        self.state = C_HEAD
+        self.deadline = _now + self.cfg.t_keepalive
+        if self.pending is not None:
+            owner = self.pending
+            self.pending = None
+            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        self._resume(P_PIPELINE)
+
+    cdef void _log_request(self):
+        try:
+            self.cfg.access_log.log(self.peer, self.log_req, self.resp_status,
+                                    self.resp_bytes, _now - self.t_start, self.log_ref,
+                                    self.log_ua, self.backend.name if self.backend is not None else "-")
+        except Exception:
+            _log.exception("access log failed")
+
+    cdef void _reply_error(self, int status, bint keep):
+        """Answer a request ourselves (no response of the backend has started)."""
+        if self.transport is None or self.state == C_CLOSED:
+            return
+        if self.resp_started:
+            self.close()
+            return
+        keep = keep and self.req_keep_alive and not self.eof and not _draining
+        self.resp_status = status
+        self.transport.write(_error_response(self.cfg, status, keep))
+        if self.backend is not None:
+            self.backend.active -= 1
+            if self.cfg.access_log is not None:
+                self._log_request()
+            self.backend = None
+        if self.up is not None:
+            self.up.client = None
+            self.up.close()
+            self.up = None
+        self.upq = None
+        if keep:
+            self.state = C_HEAD
+            self.deadline = _now + self.cfg.t_keepalive
+        else:
+            self.close()
+
+    cdef void _abort_request(self, int status):
+        """The request body was bad or too large mid-stream."""
+        if not self.resp_started:
+            self._reply_error(status, 0)
+        else:
+            self.close()
+
+    def _on_timeout(self):
+        if self.state == C_HEAD:
+            if self.pending is not None or self.nreq == 0:
+                self._reply_error(408, 0)
+            else:
+                self.close()       # idle keep-alive connection
+        else:
+            _log.info("client %s: timed out (state %d)", self.peer.decode("latin-1"), self.state)
+            self.close()
+
+    cpdef close(self):
+        if self.transport is not None and self.state != C_CLOSED:
+            self.state = C_CLOSED
+            self.transport.close()
+        self._teardown()
+
+    cdef void _teardown(self):
+        cdef UpstreamConn u
+        self.state = C_CLOSED
+        self.deadline = 0
+        _conns.discard(self)
+        u = self.up
+        self.up = None
+        self.upq = None
+        self.pending = None
+        if u is not None:
+            u.client = None
+            u.close()
+        if self.backend is not None:
+            self.backend.active -= 1
+            self.backend = None
+
+
+# ---- the backend side -----------------------------------------------------
+
+@cython.no_gc_clear
+cdef class UpstreamConn:
+    """A connection to a backend: carries one request at a time and sits in
+    its backend's keep-alive pool between them."""
+    cdef:
+        Backend backend
+        object transport
+        ClientConn client
+        public int state
+        bytearray pending
+        size_t pending_seen
+        int body_kind
+        long long body_left
+        ChunkState chunk
+        bint decode
+        bint keep_alive
+        bint reused
+        bint got_bytes
+        bint paused
+        public double deadline
+
+    def __init__(self, Backend backend):
+        self.backend = backend
+        self.state = U_CONNECTING
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        _upconns.add(self)
+
+    def connection_lost(self, exc):
+        cdef int was = self.state
+        cdef ClientConn c = self.client
+        self.state = U_CLOSED
+        self.transport = None
+        self.deadline = 0
+        self.pending = None
+        _upconns.discard(self)
+        if was == U_IDLE:
+            self.backend.forget_idle(self)
+        self.client = None
+        if c is None or c.up is not self:
+            return
+        if was == U_HEAD and not self.got_bytes:
+            if self.reused and c.body_kind == B_NONE and not c.retried:
+                c._retry()
+            else:
+                _log.warning("backend %s: closed the connection before answering", self.backend.name)
+                c._reply_error(502, c.req_done)
+        elif was == U_BODY and self.body_kind == B_CLOSE:
+            self._finish(c)
+        elif was == U_HEAD:
+            _log.warning("backend %s: closed the connection inside the response head", self.backend.name)
+            c._reply_error(502, 0)
+        else:
+            c.close()
+
+    def get_buffer(self, Py_ssize_t hint):
+        return _rbuf
+
+    def buffer_updated(self, Py_ssize_t n):
+        cdef object owner
+        if self.client is None or self.state == U_IDLE:
+            self.close()         # a backend must not talk out of turn
+            return
+        self.got_bytes = 1
+        if not self.paused:
+            self.deadline = _now + self.client.cfg.t_read
+        if self.pending is not None:
+            self.pending.extend(_rbuf_view[:n])
+            owner = self.pending
+            self.pending = None
+            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        else:
+            owner = _rbuf
+            self._feed(owner, _rbuf_ptr, <size_t>n)
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        if self.client is not None:
+            self.client._pause(P_BACKPRESSURE)
+
+    def resume_writing(self):
+        if self.client is not None:
+            self.client._resume(P_BACKPRESSURE)
+
+    cdef void _pause(self):
+        if not self.paused and self.transport is not None:
+            self.paused = 1
+            self.deadline = 0
+            self.transport.pause_reading()
+
+    cdef void _resume(self):
+        if self.paused and self.transport is not None:
+            self.paused = 0
+            if self.client is not None:
+                self.deadline = _now + self.client.cfg.t_read
+            self.transport.resume_reading()
+
+    def _on_timeout(self):
+        cdef ClientConn c = self.client
+        if self.state == U_IDLE:
+            self.close()
+        elif c is not None and self.state == U_HEAD:
+            _log.warning("backend %s: no response within %.1fs", self.backend.name, c.cfg.t_read)
+            c._reply_error(504, 0)
+        elif c is not None:
+            _log.warning("backend %s: response stalled", self.backend.name)
+            c.close()
+        else:
+            self.close()
+
+    cpdef close(self):
+        cdef int was = self.state
+        self.state = U_CLOSED
+        self.deadline = 0
+        self.client = None
+        if was == U_IDLE:
+            self.backend.forget_idle(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    cdef void _feed(self, object owner, const char *base, size_t n):
+        cdef size_t off = 0
+        cdef ClientConn c
+        cdef int r
+        cdef long long k
+        cdef Py_ssize_t m
+        cdef size_t so, sl
+        while off < n:
+            c = self.client
+            if c is None or c.state == C_CLOSED:
+                self.close()
+                return
+            if self.state == U_HEAD:
+                r = _parser.parse_response(base + off, n - off, self.pending_seen, c.req_is_head,
+                                           c.cfg.resp_max_head, c.cfg.resp_max_fields)
+                if r == 0:
+                    self.pending_seen = n - off
+                    if owner is not _rbuf and off == 0:
+                        self.pending = <bytearray>owner
+                    else:
+                        self.pending = bytearray(base[off:n])
+                    return
+                self.pending_seen = 0
+                if r < 0:
+                    _log.warning("backend %s: invalid response: %s", self.backend.name,
+                                 (<bytes>_parser.err_msg).decode())
+                    c._reply_error(502, 0)
+                    return
+                off += _parser.head_len
+                if _parser.status < 200 and _parser.status != 101:
+                    # interim response: pass it on to HTTP/1.1 clients
+                    if c.req_minor == 1:
+                        c.transport.write(self._build_head(c, _parser, 0))
+                    continue
+                if _parser.status == 101:
+                    if not c.req_upgrade:
+                        _log.warning("backend %s: 101 to a request without Upgrade", self.backend.name)
+                        c._reply_error(502, 0)
+                        return
+                    c.resp_keep = 0
+                    c.resp_status = 101
+                    c.resp_started = 1
+                    c.transport.write(self._build_head(c, _parser, 0))
+                    self.state = U_TUNNEL
+                    c.state = C_TUNNEL
+                    c.deadline = 0
+                    self.deadline = 0
+                    c._resume(P_PIPELINE)
+                    if c.pending is not None:   # bytes the client sent after its request
+                        q = c.pending
+                        c.pending = None
+                        self.transport.write(bytes(q))
+                    continue
+                self._start_body(c)
+                if self.state == U_BODY and self.body_kind == B_LENGTH and self.body_left <= INLINE_BODY:
+                    # small response: head and body in one write
+                    k = n - off
+                    if k > self.body_left:
+                        k = self.body_left
+                    _out.add(base + off, <size_t>k)
+                    c.transport.write(_out.take())
+                    off += <size_t>k
+                    self.body_left -= k
+                    c.resp_bytes += k
+                    if self.body_left == 0:
+                        self._finish(c)
+                else:
+                    c.transport.write(_out.take())
+                    if self.state != U_BODY:
+                        self._finish(c)
+            elif self.state == U_BODY:
+                if self.body_kind == B_LENGTH:
+                    k = n - off
+                    if k > self.body_left:
+                        k = self.body_left
+                    c.transport.write(_view(owner, off, off + <size_t>k))
+                    _written_from_rbuf(c.transport, owner)
+                    off += <size_t>k
+                    self.body_left -= k
+                    c.resp_bytes += k
+                    if self.body_left == 0:
+                        self._finish(c)
+                elif self.body_kind == B_CHUNKED and not self.decode:
+                    m = chunk_skip(&self.chunk, base + off, n - off)
+                    if m < 0:
+                        _log.warning("backend %s: bad chunked body: %s", self.backend.name,
+                                     (<bytes>self.chunk.err).decode())
+                        c.close()
+                        self.close()
+                        return
+                    c.transport.write(_view(owner, off, off + <size_t>m))
+                    _written_from_rbuf(c.transport, owner)
+                    off += <size_t>m
+                    c.resp_bytes += m
+                    if self.chunk.phase == CS_DONE:
+                        self._finish(c)
+                elif self.body_kind == B_CHUNKED:
+                    # an HTTP/1.0 client: send the data alone, end by closing
+                    m = chunk_step(&self.chunk, base + off, n - off, &so, &sl)
+                    if m < 0:
+                        c.close()
+                        self.close()
+                        return
+                    if sl:
+                        c.transport.write(_view(owner, off + so, off + so + sl))
+                        _written_from_rbuf(c.transport, owner)
+                        c.resp_bytes += sl
+                    off += <size_t>m
+                    if self.chunk.phase == CS_DONE:
+                        self._finish(c)
+                else:   # B_CLOSE: everything until the backend closes
+                    c.transport.write(_view(owner, off, n))
+                    _written_from_rbuf(c.transport, owner)
+                    c.resp_bytes += n - off
+                    return
+            elif self.state == U_TUNNEL:
+                c.transport.write(_view(owner, off, n))
+                _written_from_rbuf(c.transport, owner)
+                return
+            else:
+                # bytes after the end of a response: this connection cannot be trusted
+                _log.warning("backend %s: sent data after its response", self.backend.name)
+                self.close()
+                return
+
+    cdef void _start_body(self, ClientConn c):
+        """Decide the framing toward the client and build its head into _out."""
+        cdef HeadParser hp = _parser
+        self.keep_alive = hp.keep_alive
+        self.body_kind = hp.body
+        self.decode = hp.body == B_CHUNKED and c.req_minor == 0
+        c.resp_status = hp.status
+        c.resp_started = 1
+        c.resp_keep = (c.req_keep_alive and c.req_done and not c.eof
+                       and hp.body != B_CLOSE and not self.decode)
+        if hp.body == B_LENGTH:
+            self.body_left = hp.content_length
+            self.state = U_BODY if hp.content_length > 0 else U_HEAD
+        elif hp.body == B_CHUNKED:
+            chunk_init(&self.chunk, CHUNK_LINE_MAX, c.cfg.resp_max_head)
+            self.state = U_BODY
+        elif hp.body == B_CLOSE:
+            self.state = U_BODY
+        self._build_head_into(c, hp, 1)
+
+    cdef bytes _build_head(self, ClientConn c, HeadParser hp, bint final):
+        self._build_head_into(c, hp, final)
+        return _out.take()
+
+    cdef void _build_head_into(self, ClientConn c, HeadParser hp, bint final):
+        cdef Scratch o = _out
+        cdef size_t i, j
+        cdef unsigned char h
+        cdef bint has_date = 0
+        cdef const char *nm
+        cdef size_t nl
+        cdef ProxySettings cfg = c.cfg
+        cdef bytes hidden
+        o.n = 0
+        o.add(b"HTTP/1.1 ", 9)
+        o.add_int(hp.status)
+        o.add(b" ", 1)
+        if hp.reason_len:
+            o.add(hp.reason, hp.reason_len)
+        else:
+            o.addb(_REASONS.get(hp.status, b"Unknown"))
+        o.add(b"\r\n", 2)
+        for i in range(hp.nfields):
+            h = hp.hid[i]
+            nm = hp.fields[i].name
+            nl = hp.fields[i].name_len
+            if h == H_OTHER:
+                if hp.ntokens and hp.is_conn_token(nm, nl):
+                    continue
+                if cfg.hide:
+                    for hidden in cfg.hide:
+                        if _ieq(nm, nl, hidden, len(hidden)):
+                            break
+                    else:
+                        hidden = None
+                    if hidden is not None:
+                        continue
+            elif h == H_DATE:
+                has_date = 1
+            elif h == H_CONTENT_LENGTH:
+                if not final or hp.body != B_NONE:
+                    continue      # re-sent below when the body has a length
+            elif h == H_UPGRADE:
+                if hp.status != 101:
+                    continue
+            elif h == H_HOST or h == H_EXPECT or h == H_X_FORWARDED_FOR or h == H_FORWARDED \
+                    or h == H_X_FORWARDED_HOST or h == H_X_FORWARDED_PROTO:
+                pass
+            else:
+                continue          # hop-by-hop, Server and the backend-identity fields
+            o.field(nm, nl, hp.fields[i].value, hp.fields[i].value_len)
+        if not final:
+            if hp.status == 101:
+                o.add(b"Connection: upgrade\r\n", 21)
+            o.add(b"\r\n", 2)
+            return
+        o.addb(cfg.server_line)
+        if not has_date:
+            o.addb(_date_line)
+        o.addb(c.lst.resp_extra)
+        if hp.body == B_LENGTH:
+            o.add(b"Content-Length: ", 16)
+            o.add_int(hp.content_length)
+            o.add(b"\r\n", 2)
+        elif hp.body == B_CHUNKED and not self.decode:
+            o.add(b"Transfer-Encoding: chunked\r\n", 28)
+        if not c.resp_keep:
+            o.add(b"Connection: close\r\n", 19)
+        elif c.req_minor == 0:
+            o.add(b"Connection: keep-alive\r\n", 24)
+        o.add(b"\r\n", 2)
+
+    cdef void _finish(self, ClientConn c):
+        """The response is complete: pool or close this connection, then let
+        the client go on."""
+        if self.keep_alive and c.req_done and self.transport is not None \
+                and self.state != U_CLOSED and self.body_kind != B_CLOSE:
+            self.client = None
+            self.backend.put_idle(self)
+        else:
+            self.close()
+        c._response_done()
