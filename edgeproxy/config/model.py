@@ -11,12 +11,22 @@ from dataclasses import dataclass, field
 KiB = 1024
 MiB = 1024 * KiB
 
+# Response headers that give away backend software; always removed, whatever
+# `server.hide_headers` says (lower-case).
+BUILTIN_HIDDEN_HEADERS = ("server", "x-powered-by", "x-aspnet-version",
+                          "x-aspnetmvc-version", "x-runtime")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
     workers: int = 1                 # 0 = one per CPU
     server_header: str = ""          # "" sends no Server header
     hide_headers: tuple[str, ...] = ()  # extra response headers to remove (lower-case)
+
+    @property
+    def hidden_headers(self) -> frozenset[str]:
+        """Every response header to remove: the built-in ones and `hide_headers`."""
+        return frozenset(BUILTIN_HIDDEN_HEADERS) | frozenset(self.hide_headers)
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,8 @@ class ListenTLSConfig:
 @dataclass(frozen=True)
 class ListenConfig:
     bind: str                        # as written: "127.0.0.1:8080", "[::1]:8080"
-    host: str                        # parsed host (no brackets)
-    port: int
+    host: str                        # parsed host (no brackets, lower-case); "" = all IPv4 interfaces
+    port: int                        # 0 = any free port (tests)
     backlog: int = 2048
     tls: ListenTLSConfig | None = None  # HTTPS when set
     redirect_http: bool = False      # plain listener: answer 308 to the https:// URL
@@ -49,8 +59,8 @@ class ListenConfig:
 class BackendConfig:
     url: str                         # as written, e.g. "http://127.0.0.1:5000"
     scheme: str                      # "http" (later "https")
-    host: str
-    port: int
+    host: str                        # lower-case, no brackets for IPv6
+    port: int                        # 80 / 443 when the URL has none
     weight: int = 1
     backup: bool = False
 
@@ -119,7 +129,7 @@ class CacheConfig:
 class Config:
     listen: tuple[ListenConfig, ...]
     routes: tuple[RouteConfig, ...]
-    pools: dict[str, PoolConfig]
+    pools: dict[str, PoolConfig]     # by name, in file order
     server: ServerConfig = field(default_factory=ServerConfig)
     timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

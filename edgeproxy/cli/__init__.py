@@ -1,0 +1,231 @@
+"""The `edgeproxy` command line: run the proxy, check a configuration, run the demo."""
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+import click
+
+from edgeproxy.config import Config, ConfigError, load_config, quick_config
+
+__all__ = ["main", "setup_logging"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s [%(process)d] %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+def setup_logging(level: str = "info") -> None:
+    """Send log records of `level` and above to stderr, with time, level and process id.
+
+    Calling it again (for instance in a worker, or once the configuration
+    is read) replaces the handler it installed before.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_edgeproxy", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._edgeproxy = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def count_summary(config: Config) -> str:
+    """"1 listener, 2 routes, 1 pool, 3 backends"."""
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+    backends = sum(len(pool.backends) for pool in config.pools.values())
+    return ", ".join([plural(len(config.listen), "listener"), plural(len(config.routes), "route"),
+                      plural(len(config.pools), "pool"), plural(backends, "backend")])
+
+
+def fail(error: ConfigError, code: int) -> None:
+    click.echo(f"edgeproxy: {error}", err=True)
+    sys.exit(code)
+
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              envvar="EDGEPROXY_LOG_LEVEL", show_envvar=True, default=None,
+              help="Lowest level of log messages written to stderr. "
+                   "Overrides log.level of the configuration (default: its value, \"info\").")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None) -> None:
+    """edgeproxy: an HTTP/1.1 edge reverse proxy.
+
+    \b
+    Examples:
+      edgeproxy run -c /etc/edgeproxy/edgeproxy.toml
+      edgeproxy run --listen 127.0.0.1:8080 --upstream http://127.0.0.1:5000
+      edgeproxy check -c edgeproxy.toml
+      edgeproxy demo
+
+    The configuration file format is described in docs/configuration.md.
+    """
+    ctx.obj = {"log_level": log_level.lower() if log_level else None}
+
+
+def log_overrides(ctx: click.Context, **log: Any) -> dict[str, Any]:
+    """The [log] keys set on the command line (--log-level and the command's own)."""
+    if ctx.obj.get("log_level"):
+        log["level"] = ctx.obj["log_level"]
+    return {k: v for k, v in log.items() if v is not None}
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("-c", "--config", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Read the configuration from this TOML file. "
+                   "Cannot be combined with --listen/--upstream.")
+@click.option("--listen", "listen", metavar="ADDRESS", multiple=True,
+              help="Quick mode: accept clients on this address, e.g. 127.0.0.1:8080, "
+                   "[::1]:8080 or :8080 (all IPv4 interfaces). Repeatable.")
+@click.option("--upstream", "upstreams", metavar="URL", multiple=True,
+              help="Quick mode: send every request to this backend, e.g. "
+                   "http://127.0.0.1:5000 (may end with \" weight=N\" or \" backup\"). "
+                   "Repeatable; requests are balanced between them.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Number of worker processes; 0 = one per CPU. "
+                   "Overrides server.workers (default: its value, 1).")
+@click.option("--access-log", metavar="PATH", default=None,
+              help="Write one line per request to this file, or \"-\" for stderr. "
+                   "Overrides log.access_log (default: its value, off).")
+@click.pass_context
+def run(ctx: click.Context, config_path: str | None, listen: tuple[str, ...],
+        upstreams: tuple[str, ...], workers: int | None, access_log: str | None) -> None:
+    """Run the proxy until it is stopped (SIGINT or SIGTERM).
+
+    Give either a configuration file (-c FILE) or, in quick mode, at least
+    one --listen and one --upstream: that proxies every request to the
+    upstreams with the default settings. A configuration error is printed
+    and the exit status is 2.
+    """
+    if config_path and (listen or upstreams):
+        raise click.UsageError("-c/--config cannot be combined with --listen/--upstream")
+    if not config_path and not (listen and upstreams):
+        raise click.UsageError("give -c FILE, or at least one --listen and one --upstream")
+    if access_log is not None and access_log != "-":
+        access_log = os.path.abspath(access_log)  # relative to where the command runs
+    overrides: dict[str, Any] = {}
+    if workers is not None:
+        overrides["server"] = {"workers": workers}
+    log = log_overrides(ctx, access_log=access_log)
+    if log:
+        overrides["log"] = log
+    try:
+        if config_path:
+            config = load_config(config_path, **overrides)
+        else:
+            config = quick_config(listen, upstreams, **overrides)
+    except ConfigError as error:
+        fail(error, 2)
+    setup_logging(config.log.level)
+    from edgeproxy.server import serve  # the server pulls in the event loop and workers
+    sys.exit(serve(config))
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("-c", "--config", "config_path", metavar="FILE", required=True,
+              type=click.Path(dir_okay=False),
+              help="The TOML configuration file to check.")
+def check(config_path: str) -> None:
+    """Check a configuration file without starting anything.
+
+    Prints "OK: ..." with what it defines and exits 0, or prints every
+    problem found (one per line, "<key path>: <what is wrong>") and exits 1.
+    Certificate and key files are checked for being readable, not parsed.
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        fail(error, 1)
+    click.echo(f"OK: {count_summary(config)}")
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              metavar="PORT",
+              help="Port edgeproxy listens on, on 127.0.0.1 (0 = any free port).")
+@click.pass_context
+def demo(ctx: click.Context, port: int) -> None:
+    """Run edgeproxy in front of the built-in demo origin, to try with curl.
+
+    The demo origin (edgeproxy/demo/origin.py) runs in a background thread
+    of this process, on 127.0.0.1 and a free port; edgeproxy listens on
+    127.0.0.1:PORT, proxies everything to it and writes an access log to
+    stderr. Stop with Ctrl-C; the origin stops with it.
+    """
+    host = "127.0.0.1"
+    if port == 0:
+        port = free_port(host)
+    elif not port_is_free(host, port):
+        raise click.UsageError(f"port {port} on {host} is in use; pick another with --port")
+    from edgeproxy.demo.origin import start_origin
+    origin = start_origin(host)
+    try:
+        overrides = {"log": log_overrides(ctx, access_log="-")}
+        try:
+            config = quick_config([f"{host}:{port}"], [origin.url], **overrides)
+        except ConfigError as error:  # pragma: no cover - the values are ours
+            fail(error, 2)
+        setup_logging(config.log.level)
+        proxy = f"http://{host}:{port}"
+        click.echo("\n".join([
+            f"edgeproxy demo: {proxy} -> demo origin {origin.url}",
+            "Try:",
+            f"  curl -i {proxy}/",
+            f"  curl -i {proxy}/api/hello",
+            f"  curl -s {proxy}/big?size=10485760 | wc -c",
+            f"  curl -i --data-binary 'hello' -H 'Transfer-Encoding: chunked' {proxy}/echo",
+            f"  curl -i '{proxy}/slow?delay=2'",
+            "The origin sends Server and X-Powered-By headers; edgeproxy removes them.",
+            "Press Ctrl-C to stop.",
+        ]))
+        from edgeproxy.server import serve
+        code = serve(config)
+    finally:
+        origin.stop()
+    sys.exit(code)
+
+
+def add_optional_groups() -> None:
+    """Register `edgeproxy cert` and `edgeproxy cache` when their modules exist."""
+    for module_name, group_name in (("edgeproxy.cli.cert", "cert"),
+                                    ("edgeproxy.cli.cache", "cache")):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # not written yet
+            raise
+        main.add_command(getattr(module, group_name), group_name)
+
+
+add_optional_groups()

@@ -1,0 +1,776 @@
+"""Reads a TOML configuration (or the quick-mode flags) into the `Config` dataclasses, reporting every problem at once.
+
+The schema is a set of tables: each `Table` lists its `Key`s, and each key
+names its kind (how a TOML value is checked and converted) and an optional
+extra check.  Defaults live in `edgeproxy.config.model`: a key left out is
+simply not passed to the dataclass.  Adding a key is one `Key(...)` line here
+and one field there.
+
+Every error is one line, "<key path>: <what is wrong>", e.g.
+`route[1].pool: no pool named "apii"`.  Array indices count from 0.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import MISSING, dataclass, fields
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Iterable
+
+from edgeproxy.config.model import (
+    BackendConfig,
+    CacheConfig,
+    CertConfig,
+    Config,
+    LimitsConfig,
+    ListenConfig,
+    ListenTLSConfig,
+    LogConfig,
+    PoolConfig,
+    PoolTLSConfig,
+    RouteConfig,
+    ServerConfig,
+    TimeoutConfig,
+)
+
+__all__ = ["ConfigError", "load_config", "parse_config", "quick_config"]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `.errors` lists every problem found."""
+
+    def __init__(self, errors: Iterable[str], source: str | None = None):
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(self.errors)
+
+    def __str__(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        n = len(self.errors)
+        head = f"invalid configuration{where} ({n} error{'' if n == 1 else 's'}):"
+        return "\n".join([head, *(f"  {e}" for e in self.errors)])
+
+
+# --- the walk ---------------------------------------------------------------
+
+class Invalid(Exception):
+    """The value at the current key path is wrong; the message says why."""
+
+
+class _Bad:
+    """Stands for a value that failed (its error is already recorded)."""
+
+    def __repr__(self) -> str:
+        return "BAD"
+
+
+BAD = _Bad()
+
+
+class Partial:
+    """A table that had errors: its good values, for the checks between sections.
+
+    Reading a field gives its value, the model's default when it was left
+    out, or BAD.
+    """
+
+    def __init__(self, model: type, values: dict):
+        self._model = model
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._values:
+            return self._values[name]
+        for f in fields(self._model):
+            if f.name == name and f.default is not MISSING:
+                return f.default
+        return BAD
+
+
+def is_bad(value: Any) -> bool:
+    if value is BAD or isinstance(value, Partial):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(is_bad(v) for v in value)
+    if isinstance(value, dict):
+        return any(is_bad(v) for v in value.values())
+    return False
+
+
+class Reader:
+    """Walks one raw TOML document through the schema, collecting every error."""
+
+    def __init__(self, base_dir: str):
+        self.base_dir = base_dir      # relative file paths are relative to this
+        self.errors: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def read(self, kind: Callable, value: Any, path: str,
+             check: Callable | None = None) -> Any:
+        """`kind(value)`, then `check`; BAD (with the error recorded) on failure."""
+        try:
+            result = kind(value, path, self)
+        except Invalid as exc:
+            self.error(path, str(exc))
+            return BAD
+        if check is not None and not is_bad(result):
+            problem = check(result)
+            if problem:
+                self.error(path, f"{show(value)} {problem}")
+                return BAD
+        return result
+
+
+def show(value: Any) -> str:
+    """A value as it would appear in TOML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 80 else text[:76] + '..."'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return "a date/time"
+
+
+def key_path(path: str, name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        name = json.dumps(name, ensure_ascii=False)
+    return f"{path}.{name}" if path else name
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a table: its TOML name, kind, extra check and dataclass field."""
+
+    name: str
+    kind: Callable[[Any, str, Reader], Any]
+    check: Callable[[Any], str | None] | None = None  # returns what is wrong, or None
+    required: bool = False
+    field: str | None = None          # the dataclass field, when not `name`
+
+    @property
+    def attr(self) -> str:
+        return self.field or self.name
+
+
+@dataclass(frozen=True)
+class Table:
+    """A TOML table that becomes one dataclass.
+
+    `finish(values, path, reader)` runs after the keys, for checks that
+    involve several keys; it may add or rewrite `values`.
+    """
+
+    model: type
+    keys: tuple[Key, ...]
+    finish: Callable[[dict, str, Reader], None] | None = None
+
+    def default_of(self, key: Key) -> Any:
+        """The value a key gets when the file leaves it out (MISSING: none)."""
+        for f in fields(self.model):
+            if f.name == key.attr:
+                if f.default is not MISSING:
+                    return f.default
+                if f.default_factory is not MISSING:
+                    return f.default_factory()
+        return MISSING
+
+    def __call__(self, value: Any, path: str, reader: Reader, **extra: Any) -> Any:
+        if not isinstance(value, dict):
+            raise Invalid(f"expected a table, got {show(value)}")
+        known = {key.name: key for key in self.keys}
+        for name in value:
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                reader.error(key_path(path, name), "unknown key"
+                             + (f" (did you mean {json.dumps(hint[0])}?)" if hint else ""))
+        values: dict[str, Any] = {}
+        for key in self.keys:
+            where = key_path(path, key.name)
+            if key.name in value:
+                values[key.attr] = reader.read(key.kind, value[key.name], where, key.check)
+            elif key.required:
+                reader.error(where, "missing (required)")
+                values[key.attr] = BAD
+        if self.finish is not None:
+            self.finish(values, path, reader)
+        if is_bad(values):
+            return Partial(self.model, values)
+        return self.model(**values, **extra)
+
+
+def array_of(table: Table, *, toml_name: str) -> Callable:
+    """An array of tables (`[[name]]`), each read by `table`."""
+    def read(value: Any, path: str, reader: Reader) -> Any:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise Invalid(f"expected an array of tables ([[{toml_name}]]), got {show(value)}")
+        return tuple(reader.read(table, item, f"{path}[{i}]") for i, item in enumerate(value))
+    return read
+
+
+def tables_by_name(table: Table) -> Callable:
+    """A table of named tables (`[name.x]`), each read by `table` with `name=x`."""
+    def read(value: Any, path: str, reader: Reader) -> Any:
+        if not isinstance(value, dict):
+            raise Invalid(f"expected a table, got {show(value)}")
+        out = {}
+        for name, item in value.items():
+            where = key_path(path, name)
+            out[name] = reader.read(lambda v, p, r: table(v, p, r, name=name), item, where)
+        return out
+    return read
+
+
+def list_of(kind: Callable, *, what: str, empty: str | None = None) -> Callable:
+    """An array whose items are each read by `kind`; errors name the item.
+    With `empty` (the message), an empty array is an error."""
+    def read(value: Any, path: str, reader: Reader) -> Any:
+        if not isinstance(value, list):
+            raise Invalid(f"expected an array of {what}, got {show(value)}")
+        if not value and empty:
+            raise Invalid(empty)
+        return tuple(reader.read(kind, item, f"{path}[{i}]") for i, item in enumerate(value))
+    return read
+
+
+# --- kinds: check one TOML value and convert it -----------------------------
+
+def boolean(value: Any, path: str, reader: Reader) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"expected true or false, got {show(value)}")
+    return value
+
+
+def integer(value: Any, path: str, reader: Reader) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"expected an integer, got {show(value)}")
+    return value
+
+
+def number(value: Any, path: str, reader: Reader) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Invalid(f"expected a number, got {show(value)}")
+    if not math.isfinite(value):
+        raise Invalid(f"expected a finite number, got {show(value)}")
+    return float(value)
+
+
+def string(value: Any, path: str, reader: Reader) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {show(value)}")
+    return value
+
+
+def text_line(value: Any, path: str, reader: Reader) -> str:
+    """A string that may be sent in a header: no control characters."""
+    value = string(value, path, reader)
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise Invalid(f"{show(value)} contains a control character")
+    return value
+
+
+SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4,
+    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+}
+
+
+def size(value: Any, path: str, reader: Reader) -> int:
+    """Bytes: an integer, or a string such as "64KiB", "1.5GiB" or "10MB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise Invalid(f"expected a size (bytes, or a string like \"64KiB\"), got {show(value)}")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = m and SIZE_UNITS.get(m.group(2).lower())
+    if not unit:
+        raise Invalid(f"{show(value)} is not a size (use bytes as an integer, or a string "
+                      "like \"512B\", \"64KiB\", \"100MiB\", \"1GiB\"; KB/MB/GB are powers of 1000)")
+    try:
+        amount = Decimal(m.group(1)) * unit
+    except InvalidOperation:  # pragma: no cover - the regex only lets digits through
+        raise Invalid(f"{show(value)} is not a size") from None
+    if amount != amount.to_integral_value():
+        raise Invalid(f"{show(value)} is not a whole number of bytes")
+    return int(amount)
+
+
+def one_of(*choices: str) -> Callable:
+    """A string from a fixed set (compared in lower case)."""
+    listed = ", ".join(json.dumps(c) for c in choices)
+
+    def read(value: Any, path: str, reader: Reader) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"expected one of {listed}, got {show(value)}")
+        if value.lower() not in choices:
+            raise Invalid(f"{show(value)} is not one of {listed}")
+        return value.lower()
+    return read
+
+
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def header_name(value: Any, path: str, reader: Reader) -> str:
+    value = string(value, path, reader)
+    if not TOKEN.fullmatch(value):
+        raise Invalid(f"{show(value)} is not a valid header name")
+    return value
+
+
+def header_name_lower(value: Any, path: str, reader: Reader) -> str:
+    return header_name(value, path, reader).lower()
+
+
+def file_path(value: Any, path: str, reader: Reader) -> str:
+    """A path, made absolute (relative to the config file's directory)."""
+    value = string(value, path, reader)
+    if not value:
+        raise Invalid("expected a path, got \"\"")
+    return os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(value)))
+
+
+def readable_file(value: Any, path: str, reader: Reader) -> str:
+    """An existing, readable file; returns its absolute path."""
+    full = file_path(value, path, reader)
+    if not os.path.exists(full):
+        raise Invalid(f"{show(value)} not found (looked for {full})")
+    if not os.path.isfile(full):
+        raise Invalid(f"{show(value)} is not a file ({full})")
+    try:
+        with open(full, "rb"):
+            pass
+    except OSError as exc:
+        raise Invalid(f"{show(value)} cannot be read: {exc.strerror} ({full})") from None
+    return full
+
+
+def log_target(value: Any, path: str, reader: Reader) -> str:
+    """A log file path, or "-" for stderr."""
+    if value == "-":
+        return value
+    return file_path(value, path, reader)
+
+
+HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def is_host_name(host: str) -> bool:
+    """A DNS name or an IPv4 literal (lower-case)."""
+    if not host or len(host) > 253:
+        return False
+    labels = host.split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return all(HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def host_name(value: Any, path: str, reader: Reader) -> str:
+    text = string(value, path, reader).lower()
+    if not is_host_name(text):
+        raise Invalid(f"{show(value)} is not a host name")
+    return text
+
+
+def is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_port(text: str, whole: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise Invalid(f"{show(whole)} has no valid port")
+    port = int(text)
+    if port > 65535:
+        raise Invalid(f"{show(whole)} port out of range")
+    return port
+
+
+@dataclass(frozen=True)
+class Bind:
+    text: str
+    host: str
+    port: int
+
+
+def bind_address(value: Any, path: str, reader: Reader) -> Bind:
+    """"127.0.0.1:8080", "[::1]:8080", ":8080" (all IPv4 interfaces), "localhost:8080"."""
+    text = string(value, path, reader)
+    example = '(e.g. "127.0.0.1:8080", "[::1]:8080", ":8080")'
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not is_ipv6(host):
+            raise Invalid(f"{show(text)} is not \"[IPv6 address]:port\" {example}")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise Invalid(f"{show(text)} is not host:port {example}")
+        if ":" in host:
+            raise Invalid(f"{show(text)}: an IPv6 address goes in brackets, e.g. \"[::1]:8080\"")
+        host = host.lower()
+        if host and not is_host_name(host):
+            raise Invalid(f"{show(text)} has an invalid host {example}")
+    return Bind(text, host.lower(), parse_port(port, text))
+
+
+def backend(value: Any, path: str, reader: Reader) -> BackendConfig:
+    """"http://host:port" optionally followed by " weight=N" and/or " backup"."""
+    text = string(value, path, reader)
+    if not text.strip():
+        raise Invalid(f"expected a backend URL, got {show(text)}")
+    url, *options = text.split()
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https"):
+        raise Invalid(f"{show(url)} is not an http:// or https:// URL")
+    hostport, slash, tail = rest.partition("/")
+    if "?" in hostport or "#" in hostport or tail or "?" in rest or "#" in rest:
+        raise Invalid(f"{show(url)} must not have a path, query or fragment "
+                      "(the request's own path is forwarded)")
+    if "@" in hostport:
+        raise Invalid(f"{show(url)} must not contain user info")
+    if hostport.startswith("["):
+        host, sep, after = hostport[1:].partition("]")
+        if not sep or not is_ipv6(host) or (after and not after.startswith(":")):
+            raise Invalid(f"{show(url)} has an invalid IPv6 host")
+        port_text = after[1:] if after else ""
+    else:
+        if hostport.count(":") > 1:
+            raise Invalid(f"{show(url)}: an IPv6 address goes in brackets, e.g. \"http://[::1]:5000\"")
+        host, _, port_text = hostport.partition(":")
+        host = host.lower()
+        if not host:
+            raise Invalid(f"{show(url)} has no host")
+        if not is_host_name(host):
+            raise Invalid(f"{show(url)} has an invalid host")
+    if port_text or hostport.endswith(":"):
+        port = parse_port(port_text, url)
+        if port == 0:
+            raise Invalid(f"{show(url)} port out of range")
+    else:
+        port = 443 if scheme == "https" else 80
+    weight, backup = 1, False
+    for option in options:
+        name, eq, number_text = option.partition("=")
+        if option == "backup":
+            backup = True
+        elif name == "weight" and eq and number_text.isdigit() and number_text.isascii():
+            weight = int(number_text)
+            if not 1 <= weight <= 1000:
+                raise Invalid(f"{show(option)}: weight must be from 1 to 1000")
+        else:
+            raise Invalid(f"unknown backend option {show(option)} "
+                          "(use \"weight=N\" and/or \"backup\")")
+    return BackendConfig(url=url, scheme=scheme, host=host.lower(), port=port,
+                         weight=weight, backup=backup)
+
+
+def host_pattern(value: Any, path: str, reader: Reader) -> str:
+    """An exact host name, or "*." followed by one (any subdomain)."""
+    text = string(value, path, reader).lower()
+    name = text[2:] if text.startswith("*.") else text
+    if not is_host_name(name):
+        raise Invalid(f"{show(value)} is not a host name or a \"*.example.com\" pattern")
+    return text
+
+
+def url_path(value: Any, path: str, reader: Reader) -> str:
+    text = string(value, path, reader)
+    if not text.startswith("/"):
+        raise Invalid(f"{show(text)} must start with \"/\"")
+    if re.search(r"[\x00-\x20\x7f?#]", text):
+        raise Invalid(f"{show(text)} must be a path only (no spaces, query or fragment)")
+    return text
+
+
+# --- checks: run on a converted value ----------------------------------------
+
+def above(limit: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value > limit else f"must be greater than {limit}"
+    return check
+
+
+def at_least(limit: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value >= limit else f"must be {limit} or more"
+    return check
+
+
+# --- checks across keys of one table -----------------------------------------
+
+def listen_finish(values: dict, path: str, reader: Reader) -> None:
+    bind = values.get("bind")
+    if isinstance(bind, Bind):
+        values.update(bind=bind.text, host=bind.host, port=bind.port)
+    if values.get("redirect_http") is True and values.get("tls") not in (None, BAD):
+        reader.error(key_path(path, "redirect_http"),
+                     "only a plain (non-TLS) listener can redirect to HTTPS")
+
+
+def pool_tls_finish(values: dict, path: str, reader: Reader) -> None:
+    has_cert, has_key = "client_cert" in values, "client_key" in values
+    if has_cert != has_key:
+        missing = "client_key" if has_cert else "client_cert"
+        reader.error(key_path(path, missing), "missing (client_cert and client_key go together)")
+
+
+def pool_finish(values: dict, path: str, reader: Reader) -> None:
+    backends = values.get("backends")
+    if not isinstance(backends, tuple):
+        return
+    seen: dict[tuple, int] = {}
+    for i, b in enumerate(backends):
+        if b is BAD:
+            continue
+        where = key_path(path, "backends") + f"[{i}]"
+        address = (b.scheme, b.host, b.port)
+        if address in seen:
+            reader.error(where, f"{show(b.url)} is already listed as backends[{seen[address]}]")
+        seen.setdefault(address, i)
+    if backends and not is_bad(backends) and all(b.backup for b in backends):
+        reader.error(key_path(path, "backends"), "every backend is a backup; at least one must not be")
+
+
+def cache_finish(values: dict, path: str, reader: Reader) -> None:
+    max_size = values.get("max_size", CacheConfig.max_size)
+    max_object = values.get("max_object", CacheConfig.max_object)
+    if isinstance(max_size, int) and isinstance(max_object, int) and max_object > max_size:
+        reader.error(key_path(path, "max_object"),
+                     f"{max_object} bytes is larger than cache.max_size ({max_size} bytes)")
+
+
+def config_finish(values: dict, path: str, reader: Reader) -> None:
+    """Checks between sections: listeners, routes and the pools they name.
+
+    Items that had errors of their own arrive as `Partial`; their good
+    fields are still checked.
+    """
+    listen = values.setdefault("listen", ())
+    routes = values.setdefault("routes", ())
+    pools = values.setdefault("pools", {})
+    if listen == ():
+        reader.error("listen", "no listeners: add a [[listen]] table with a bind address")
+    if routes == ():
+        reader.error("route", "no routes: add a [[route]] table naming a pool")
+
+    if isinstance(listen, tuple):
+        seen: dict[tuple[str, int], int] = {}
+        for i, item in enumerate(listen):
+            if item.port is BAD or item.host is BAD:
+                continue
+            address = (normal_host(item.host), item.port)
+            if item.port and address in seen:
+                reader.error(f"listen[{i}].bind",
+                             f"{show(item.bind)} is already used by listen[{seen[address]}]")
+            seen.setdefault(address, i)
+        if not any(item.tls not in (None, BAD) for item in listen):
+            for i, item in enumerate(listen):
+                if item.redirect_http is True:
+                    reader.error(f"listen[{i}].redirect_http",
+                                 "true but no listener has tls to redirect to")
+
+    if isinstance(routes, tuple):
+        names = set(pools) if isinstance(pools, dict) else None
+        seen_routes: dict[tuple, int] = {}
+        for i, route in enumerate(routes):
+            if names is not None and isinstance(route.pool, str) and route.pool not in names:
+                hint = difflib.get_close_matches(route.pool, names, n=1, cutoff=0.6)
+                reader.error(f"route[{i}].pool", f"no pool named {show(route.pool)}"
+                             + (f" (did you mean {json.dumps(hint[0])}?)" if hint else ""))
+            if route.cache is True and values.get("cache") is None:
+                reader.error(f"route[{i}].cache", "true but there is no [cache] section")
+            match = (route.host, route.path)
+            if BAD in match:
+                continue
+            if match in seen_routes:
+                reader.error(f"route[{i}]", "same host and path as "
+                             f"route[{seen_routes[match]}]; it would never be used")
+            seen_routes.setdefault(match, i)
+
+
+def normal_host(host: str) -> str:
+    """The form two binds are compared in: ":80" is "0.0.0.0:80" (what the server binds)."""
+    if not host:
+        return "0.0.0.0"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+# --- the schema --------------------------------------------------------------
+
+CERT = Table(CertConfig, (
+    Key("cert", readable_file, required=True),
+    Key("key", readable_file, required=True),
+    Key("password", string),
+))
+
+LISTEN_TLS = Table(ListenTLSConfig, (
+    Key("certs", list_of(CERT, what="tables with cert and key",
+                                empty="empty: at least one { cert = ..., key = ... } is required"), required=True),
+    Key("min_version", one_of("1.2", "1.3")),
+    Key("hsts", text_line),
+    Key("client_ca", readable_file),
+    Key("client_subject_header", header_name),
+))
+
+LISTEN = Table(ListenConfig, (
+    Key("bind", bind_address, required=True),
+    Key("backlog", integer, at_least(1)),
+    Key("redirect_http", boolean),
+    Key("tls", LISTEN_TLS),
+), finish=listen_finish)
+
+ROUTE = Table(RouteConfig, (
+    Key("host", host_pattern),
+    Key("path", url_path),
+    Key("pool", string, required=True),
+    Key("cache", boolean),
+))
+
+POOL_TLS = Table(PoolTLSConfig, (
+    Key("verify", boolean),
+    Key("ca", readable_file),
+    Key("server_name", host_name),
+    Key("client_cert", readable_file),
+    Key("client_key", readable_file),
+), finish=pool_tls_finish)
+
+POOL = Table(PoolConfig, (
+    Key("backends", list_of(backend, what="backend URLs",
+                                   empty="empty: at least one backend URL is required"), required=True),
+    Key("keepalive", integer, at_least(0)),
+    Key("keepalive_timeout", number, above(0)),
+    Key("tls", POOL_TLS),
+), finish=pool_finish)
+
+SERVER = Table(ServerConfig, (
+    Key("workers", integer, at_least(0)),
+    Key("server_header", text_line),
+    Key("hide_headers", list_of(header_name_lower, what="header names")),
+))
+
+TIMEOUT = Table(TimeoutConfig, tuple(
+    Key(name, number, above(0)) for name in ("connect", "read", "send", "header", "keepalive")
+))
+
+LIMITS = Table(LimitsConfig, (
+    Key("request_line", size, above(0)),
+    Key("header_size", size, above(0)),
+    Key("header_count", integer, above(0)),
+    Key("body_size", size, at_least(0)),
+    Key("response_header_size", size, above(0)),
+))
+
+LOG = Table(LogConfig, (
+    Key("level", one_of("debug", "info", "warning", "error")),
+    Key("access_log", log_target),
+    Key("access_format", one_of("combined", "json")),
+))
+
+CACHE = Table(CacheConfig, (
+    Key("path", file_path, required=True),
+    Key("max_size", size, above(0)),
+    Key("max_object", size, above(0)),
+    Key("heuristic", boolean),
+    Key("stale_grace", number, at_least(0)),
+), finish=cache_finish)
+
+CONFIG = Table(Config, (
+    Key("server", SERVER),
+    Key("listen", array_of(LISTEN, toml_name="listen")),
+    Key("route", array_of(ROUTE, toml_name="route"), field="routes"),
+    Key("pool", tables_by_name(POOL), field="pools"),
+    Key("timeout", TIMEOUT),
+    Key("limits", LIMITS),
+    Key("log", LOG),
+    Key("cache", CACHE),
+), finish=config_finish)
+
+# Sections that are single tables: overrides merge into them key by key.
+MERGED_SECTIONS = {"server", "timeout", "limits", "log", "cache"}
+
+
+# --- entry points -------------------------------------------------------------
+
+def build(raw: dict, *, source: str | None, base_dir: str,
+          overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a raw document (as tomllib returns it) into a `Config`."""
+    raw = dict(raw)
+    for section, value in (overrides or {}).items():
+        if section in MERGED_SECTIONS and isinstance(value, dict) \
+                and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **value}
+        else:
+            raw[section] = value
+    reader = Reader(base_dir)
+    config = CONFIG(raw, "", reader, source=source)
+    if reader.errors or is_bad(config):
+        raise ConfigError(reader.errors or ["invalid configuration"], source)
+    return config
+
+
+def parse_config(text: str, source: str | None = None, **overrides: Any) -> Config:
+    """Parse TOML text.  Relative paths in it are relative to `source`'s
+    directory (the current directory when there is no source).
+
+    `overrides` replace whole sections (`listen=[...]`), or for the table
+    sections (server, timeout, limits, log, cache) individual keys
+    (`server={"workers": 2}`); they are validated like the file.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source or '<config>'}: invalid TOML: {exc}"], source) from None
+    base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    return build(raw, source=source, base_dir=base_dir, overrides=overrides)
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> Config:
+    """Read and validate a TOML configuration file; see `parse_config` for `overrides`."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"], path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"], path) from None
+    return parse_config(text, source=path, **overrides)
+
+
+def quick_config(listen: Iterable[str], upstreams: Iterable[str], **overrides: Any) -> Config:
+    """A configuration without a file: the listeners, one pool "default" with
+    the upstreams, and one route "/" to it.  `overrides` as in `parse_config`;
+    relative paths are relative to the current directory.
+    """
+    raw = {
+        "listen": [{"bind": bind} for bind in listen],
+        "route": [{"path": "/", "pool": "default"}],
+        "pool": {"default": {"backends": list(upstreams)}},
+    }
+    return build(raw, source=None, base_dir=os.getcwd(), overrides=overrides)
