@@ -77,6 +77,15 @@ cdef inline bint _ieq(const char *a, size_t alen, const char *lower_b, size_t bl
     return 1
 
 
+cdef inline bint _icase_eq(const char *a, const char *b, size_t n) noexcept nogil:
+    """a and b equal ignoring ASCII case."""
+    cdef size_t i
+    for i in range(n):
+        if _lower[<unsigned char>a[i]] != _lower[<unsigned char>b[i]]:
+            return 0
+    return 1
+
+
 cdef inline bint _is_ows(char c) noexcept nogil:
     return c == 32 or c == 9
 
@@ -166,7 +175,7 @@ cdef class HeadParser:
     cdef inline bint is_conn_token(self, const char *name, size_t l) noexcept:
         cdef int i
         for i in range(self.ntokens):
-            if self.tok_len[i] == l and _ieq(name, l, self.tok[i], l):
+            if self.tok_len[i] == l and _icase_eq(name, self.tok[i], l):
                 return 1
         return 0
 

@@ -686,6 +686,8 @@ cdef class ClientConn:
         self.req_done = 1
         self.state = C_WAIT
         self.deadline = 0
+        if self.up is not None and not self.up.got_bytes:
+            self.up.deadline = _now + self.cfg.t_read
 
     # -- one request --
 
@@ -758,7 +760,9 @@ cdef class ClientConn:
         u.got_bytes = 0
         u.pending = None
         u.pending_seen = 0
-        u.deadline = _now + self.cfg.t_read
+        # the read timeout runs once the request is sent whole; while its
+        # body streams, only a backend that stops taking it times out
+        u.deadline = (_now + self.cfg.t_read) if self.req_done else 0
         if self.writing_paused:
             u._pause()
 
@@ -1061,10 +1065,14 @@ cdef class UpstreamConn:
     def pause_writing(self):
         if self.client is not None:
             self.client._pause(P_BACKPRESSURE)
+            if self.deadline == 0:
+                self.deadline = _now + self.client.cfg.t_send
 
     def resume_writing(self):
         if self.client is not None:
             self.client._resume(P_BACKPRESSURE)
+            if not self.client.req_done and not self.got_bytes:
+                self.deadline = 0
 
     cdef void _pause(self):
         if not self.paused and self.transport is not None:
