@@ -29,6 +29,7 @@ cdef object _log = logging.getLogger("edgeproxy.proxy")
 cdef enum:
     RBUF_SIZE = 256 * 1024
     INLINE_BODY = 32 * 1024      # body bytes copied into the head's write below this
+    LINGER_SECONDS = 2
     HIGH_WATER = 512 * 1024
     LOW_WATER = 128 * 1024
     CHUNK_LINE_MAX = 4096
@@ -44,6 +45,7 @@ cdef enum CState:
     C_BODY            # streaming the request body to the backend
     C_WAIT            # request sent whole; its response is in progress
     C_TUNNEL          # after 101: bytes both ways
+    C_LINGER          # answered with an error: discard input until EOF, then close
     C_CLOSED
 
 cdef enum UState:
@@ -556,7 +558,7 @@ cdef class ClientConn:
 
     def buffer_updated(self, Py_ssize_t n):
         cdef object owner
-        if self.state == C_CLOSED:
+        if self.state >= C_LINGER:
             return
         if self.pending is not None:
             self.pending.extend(_rbuf_view[:n])
@@ -569,6 +571,8 @@ cdef class ClientConn:
 
     def eof_received(self):
         self.eof = 1
+        if self.state == C_LINGER:
+            return False
         if self.state == C_WAIT:
             return True          # half-closed: still send the response
         if self.state == C_TUNNEL and self.up is not None and self.up.transport is not None:
@@ -616,7 +620,7 @@ cdef class ClientConn:
         cdef int r
         cdef long long k
         cdef Py_ssize_t m
-        while off < n and self.state != C_CLOSED:
+        while off < n and self.state < C_LINGER:
             if self.state == C_HEAD:
                 if self.nreq and self.pending_seen == 0 and self.deadline != 0:
                     self.deadline = _now + self.cfg.t_header   # a new request began
@@ -767,7 +771,7 @@ cdef class ClientConn:
             u._pause()
 
     cdef _upstream_ready(self, UpstreamConn u, Backend b):
-        if self.state == C_CLOSED or self.backend is not b or self.up is not None or self.upq is None:
+        if self.state >= C_LINGER or self.backend is not b or self.up is not None or self.upq is None:
             b.put_idle(u)        # the client went away meanwhile: keep the connection
             return
         self._attach(u, 0)
@@ -780,7 +784,7 @@ cdef class ClientConn:
         self._resume(P_CONNECT)
 
     cdef _upstream_failed(self, Backend b, int status):
-        if self.state == C_CLOSED or self.backend is not b or self.upq is None:
+        if self.state >= C_LINGER or self.backend is not b or self.upq is None:
             return
         self.upq = None
         self._resume(P_CONNECT)
@@ -893,7 +897,7 @@ cdef class ClientConn:
         self.up = None
         self.up_head = None
         self.backend = None
-        if self.state == C_CLOSED:
+        if self.state >= C_LINGER:
             return
         if not self.resp_keep or self.eof or _draining:
             self.close()
@@ -916,7 +920,7 @@ cdef class ClientConn:
 
     cdef void _reply_error(self, int status, bint keep):
         """Answer a request ourselves (no response of the backend has started)."""
-        if self.transport is None or self.state == C_CLOSED:
+        if self.transport is None or self.state >= C_LINGER:
             return
         if self.resp_started:
             self.close()
@@ -938,6 +942,20 @@ cdef class ClientConn:
             self.state = C_HEAD
             self.deadline = _now + self.cfg.t_keepalive
         else:
+            self._linger()
+
+    cdef void _linger(self):
+        """Close after an error answer without losing it: a close with unread
+        input makes the kernel send a reset that can destroy the answer
+        before the client reads it, so half-close and drain input first (as
+        nginx's lingering close does)."""
+        self.pending = None
+        if self.transport.can_write_eof() and not self.eof:
+            self.state = C_LINGER
+            self.deadline = _now + LINGER_SECONDS
+            self._resume(P_PIPELINE | P_CONNECT | P_BACKPRESSURE)
+            self.transport.write_eof()
+        else:
             self.close()
 
     cdef void _abort_request(self, int status):
@@ -948,7 +966,9 @@ cdef class ClientConn:
             self.close()
 
     def _on_timeout(self):
-        if self.state == C_HEAD:
+        if self.state == C_LINGER:
+            self.close()
+        elif self.state == C_HEAD:
             if self.pending is not None or self.nreq == 0:
                 self._reply_error(408, 0)
             else:
@@ -1119,7 +1139,7 @@ cdef class UpstreamConn:
         cdef size_t so, sl
         while off < n:
             c = self.client
-            if c is None or c.state == C_CLOSED:
+            if c is None or c.state >= C_LINGER:
                 self.close()
                 return
             if self.state == U_HEAD:
