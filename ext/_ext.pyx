@@ -6,7 +6,7 @@ from libc.stdint cimport uintptr_t
 from libc.string cimport memcmp
 
 include "consts.pxi"
-from includes.pico cimport phr_header, phr_parse_request_t, phr_parse_response_t
+from includes.pico cimport phr_header, phr_parse_headers_t
 
 include "parser.pyx"
 include "chunked.pyx"

@@ -106,6 +106,8 @@ cdef Py_ssize_t chunk_step(ChunkState *st, const char *p, size_t n,
             if c != b'\n':
                 return _chunk_error(st, b"chunk data not followed by CRLF")
             st.phase = CS_SIZE
+        elif CS_TR_START <= st.phase <= CS_TR_END_LF and st.trailer_len >= st.max_trailer:
+            return _chunk_error(st, b"trailer section too long")
         elif st.phase == CS_TR_START:
             if c == b'\r':
                 st.phase = CS_TR_END_LF
@@ -138,9 +140,12 @@ cdef Py_ssize_t chunk_step(ChunkState *st, const char *p, size_t n,
             return i + 1
         else:   # CS_DONE or CS_ERROR
             return i if st.phase == CS_DONE else -1
-        if st.line_len > st.max_line:
+        # limits as the pure twin counts them: a line's LF must come within
+        # max_line bytes; the trailer section, final CRLF included, within
+        # max_trailer bytes
+        if st.line_len >= st.max_line:
             return _chunk_error(st, b"chunk size line too long")
-        if st.trailer_len > st.max_trailer:
+        if st.trailer_len >= st.max_trailer and c != b'\n':
             return _chunk_error(st, b"trailer section too long")
         i += 1
     return i

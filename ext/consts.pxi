@@ -2,7 +2,7 @@
 
 cdef enum:
     MAX_FIELDS_CAP = 1024        # hard cap on fields per head, whatever the config says
-    MAX_CONN_TOKENS = 32
+    MAX_CONN_TOKENS = 64
 
 # Body framing, as exported to Python (BODY_*).
 cdef enum BodyKind:

@@ -18,6 +18,8 @@ cdef extern from *:
     typedef int (*phr_parse_response_t)(const char *buf, size_t len,
         int *minor_version, int *status, const char **msg, size_t *msg_len,
         struct phr_header *headers, size_t *num_headers, size_t last_len);
+    typedef int (*phr_parse_headers_t)(const char *buf, size_t len,
+        struct phr_header *headers, size_t *num_headers, size_t last_len);
     """
     struct phr_header:
         const char *name
@@ -32,4 +34,7 @@ cdef extern from *:
 
     ctypedef int (*phr_parse_response_t)(const char *buf, size_t len,
         int *minor_version, int *status, const char **msg, size_t *msg_len,
+        phr_header *headers, size_t *num_headers, size_t last_len) noexcept nogil
+
+    ctypedef int (*phr_parse_headers_t)(const char *buf, size_t len,
         phr_header *headers, size_t *num_headers, size_t last_len) noexcept nogil
