@@ -1,0 +1,495 @@
+"""One bench run: start the origin and the contenders, alternate them round by round, collect.
+
+The result is one plain dict (the JSON document that bench/report.py prints,
+saves and plots); its fields are described in docs/bench.md.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import procfs
+from bench.cases import Case
+from bench.contenders import CONTENDERS, REPO, Setup
+from bench.idle import OPENING_AT_ONCE, hold_idle_connections
+from bench.machine import commit_stamp, load_average, machine_facts
+from bench.origin import FILES, asyncio_origin, nginx_binary, nginx_origin, verify_origin
+from bench.servers import (
+    Pinning,
+    Server,
+    StartedServers,
+    StartError,
+    free_port,
+    parse_cpu_list,
+    wait_until_serving,
+)
+from bench.syscalls import SyscallCount, perf_unusable
+from bench.wrk import WrkError, WrkResult, run_round
+
+SCHEMA = 1
+WANTED_OPEN_FILES = 65536
+IDLE_SECONDS_EST = 5          # rough time per contender of an idle case, for the estimate
+START_SECONDS_EST = 2
+ROUND_OVERHEAD_EST = 0.2      # starting wrk, reading /proc
+
+
+@dataclass(frozen=True)
+class Settings:
+    cases: list[Case]
+    contenders: list[str]
+    duration_s: int
+    rounds: int
+    warmup_s: int                 # 0: no warm-up
+    pinning: Pinning
+    syscalls: bool
+    subject: str                  # the contender the ratios are about
+    origin: str                   # "auto", "nginx" or "asyncio"
+    keep_workdir: bool = False
+    idle_time_limit_s: float = 60.0
+
+    def warm_up_before(self) -> set[str]:
+        """The load cases preceded by a warm-up: the first, and any that opens more
+        connections than all before it (the pools grow then); the other cases find
+        the proxies warm already, and the median over rounds absorbs the rest."""
+        warm, most = set(), 0
+        for case in self.cases:
+            if not case.idle and case.connections > most and self.warmup_s:
+                warm.add(case.name)
+                most = case.connections
+        return warm
+
+    def estimated_seconds(self) -> int:
+        load = [c for c in self.cases if not c.idle]
+        rounds = self.rounds + (1 if self.syscalls else 0)
+        per_contender = (len(load) * rounds * (self.duration_s + ROUND_OVERHEAD_EST)
+                         + len(self.warm_up_before()) * self.warmup_s
+                         + sum(1 for c in self.cases if c.idle) * IDLE_SECONDS_EST
+                         + START_SECONDS_EST)
+        return round(len(self.contenders) * per_contender)
+
+
+class StopRequest:
+    """Set by the SIGTERM/SIGINT handler.  The handler also raises KeyboardInterrupt,
+    but one raised inside a fork hook or a finalizer is swallowed by Python, so
+    the run checks this flag again between rounds."""
+    requested = False
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.requested:
+            raise KeyboardInterrupt
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (stdout carries only the final table)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
+    """Lift RLIMIT_NOFILE as far as allowed (children inherit it); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:  # needs CAP_SYS_RESOURCE; without it the hard limit stays
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            pass
+    target = wanted if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rotation(names: list[str], round_index: int) -> list[str]:
+    """Round 1: A B C, round 2: B C A, round 3: C A B, ..."""
+    k = round_index % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _spread(values: list[float | None]) -> float | None:
+    """(max - min) / median of the rounds: how much the machine's noise moved them."""
+    known = [v for v in values if v is not None]
+    if len(known) < 2 or not statistics.median(known):
+        return None
+    return (max(known) - min(known)) / statistics.median(known)
+
+
+def round_figures(wrk: WrkResult, body_bytes: int, cpu_ticks: int, origin_ticks: int,
+                  peak_rss_kib: int, syscalls: int | None) -> dict[str, object]:
+    """The numbers kept for one contender in one round."""
+    cpu_s = cpu_ticks / procfs.CLOCK_TICKS_PER_SECOND
+    moved = wrk.bytes + wrk.requests * body_bytes  # answers received + request bodies sent
+    per_request = (lambda v: v / wrk.requests if wrk.requests else None)
+    return {
+        "requests": wrk.requests,
+        "duration_s": wrk.duration_s,
+        "req_s": wrk.requests / wrk.duration_s if wrk.duration_s else 0.0,
+        "bytes_received": wrk.bytes,
+        "body_bytes_sent": wrk.requests * body_bytes,
+        "mib_s": moved / wrk.duration_s / 2**20 if wrk.duration_s else 0.0,
+        "latency_us": {k: wrk.latency_us[k] for k in ("p50", "p90", "p99", "p99_9", "mean", "max")},
+        "http_errors": wrk.errors["status"],
+        "socket_errors": {k: wrk.errors[k] for k in ("connect", "read", "write", "timeout")},
+        "socket_errors_total": wrk.socket_errors,
+        "cpu_s": cpu_s,
+        "cpu_us_per_request": per_request(cpu_s * 1e6),
+        "cpu_busy": cpu_s / wrk.duration_s if wrk.duration_s else None,
+        "peak_rss_kib": peak_rss_kib,
+        "origin_cpu_s": origin_ticks / procfs.CLOCK_TICKS_PER_SECOND,
+        "syscalls": syscalls,
+        "syscalls_per_request": per_request(syscalls) if syscalls is not None else None,
+    }
+
+
+def summarize(rounds: list[dict[str, object]]) -> dict[str, object]:
+    """Medians over the rounds (errors are summed, the peak RSS is the highest)."""
+    def col(key: str, sub: str | None = None) -> list[float | None]:
+        return [r[key][sub] if sub else r[key] for r in rounds]  # type: ignore[index]
+    return {
+        "rounds": len(rounds),
+        "req_s": _median(col("req_s")),
+        "req_s_spread": _spread(col("req_s")),
+        "mib_s": _median(col("mib_s")),
+        "latency_us": {p: _median(col("latency_us", p)) for p in ("p50", "p90", "p99", "p99_9")},
+        "http_errors": sum(col("http_errors")),          # type: ignore[arg-type]
+        "socket_errors": sum(col("socket_errors_total")),  # type: ignore[arg-type]
+        "cpu_us_per_request": _median(col("cpu_us_per_request")),
+        "cpu_us_per_request_spread": _spread(col("cpu_us_per_request")),
+        "cpu_busy": _median(col("cpu_busy")),
+        "peak_rss_kib": max(col("peak_rss_kib")),        # type: ignore[type-var]
+        "origin_cpu_s": _median(col("origin_cpu_s")),
+    }
+
+
+def paired_ratios(case: str, subject: str, baseline: str,
+                  by_round: dict[tuple[str, int], dict[str, object]], rounds: int) -> dict | None:
+    """subject/baseline for req/s and CPU per request, paired round by round, then the median.
+
+    Pairing within a round compares runs made seconds apart, so slow drifts of a
+    shared machine cancel out better than in a ratio of two medians.
+    """
+    rps, cpu = [], []
+    for r in range(rounds):
+        a, b = by_round.get((subject, r)), by_round.get((baseline, r))
+        if not a or not b:
+            continue
+        if b["req_s"]:
+            rps.append(a["req_s"] / b["req_s"])  # type: ignore[operator]
+        if a["cpu_us_per_request"] and b["cpu_us_per_request"]:
+            cpu.append(a["cpu_us_per_request"] / b["cpu_us_per_request"])  # type: ignore[operator]
+    if not rps and not cpu:
+        return None
+    return {"case": case, "subject": subject, "baseline": baseline, "pairs": len(rps),
+            "req_s": _median(rps), "req_s_range": [min(rps), max(rps)] if rps else None,
+            "cpu_per_request": _median(cpu),
+            "cpu_per_request_range": [min(cpu), max(cpu)] if cpu else None}
+
+
+class Run:
+    """The state of one run; run() fills self.doc."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.servers: dict[str, Server] = {}
+        self.origin: Server | None = None
+        self.workdir = Path(tempfile.mkdtemp(prefix="edgeproxy-bench-"))
+        self.workdir.chmod(0o755)  # nginx workers run as another user and read the docroot
+        self.peak_reset_works = True
+        self.nofile = 0
+        self.started = StartedServers()
+        self.doc: dict[str, object] = {
+            "schema": SCHEMA,
+            "started_utc": _utc_now(),
+            "finished_utc": None,
+            "interrupted": False,
+            "commit": commit_stamp(),
+            "machine": machine_facts(),
+            "load_average": {"start": load_average(), "end": None},
+            "settings": {
+                "cases": [c.name for c in settings.cases],
+                "contenders": settings.contenders,
+                "duration_s": settings.duration_s, "rounds": settings.rounds,
+                "warmup_s": settings.warmup_s, "pinning": settings.pinning.describe(),
+                "syscalls": settings.syscalls, "subject": settings.subject,
+                "origin": None, "origin_pids": [], "open_files_limit": None,
+            },
+            "cases": {c.name: c.describe() for c in settings.cases},
+            "contenders": {},
+            "results": [],
+            "idle": [],
+            "ratios": [],
+            "notes": [],
+        }
+
+    # -- helpers ---------------------------------------------------------------
+
+    def note(self, text: str) -> None:
+        say(f"note: {text}")
+        self.doc["notes"].append(text)  # type: ignore[union-attr]
+
+    def _fail(self, name: str, detail: str) -> None:
+        say(f"!! {name}: {detail}")
+        self.doc["contenders"][name].update(status="failed", detail=detail)  # type: ignore[index]
+        self.servers.pop(name, None)
+
+    def _running(self) -> list[str]:
+        return [n for n in self.s.contenders if n in self.servers]
+
+    # -- phases ----------------------------------------------------------------
+
+    def run(self) -> dict[str, object]:
+        self.nofile = nofile = raise_open_files_limit()
+        self.doc["settings"]["open_files_limit"] = nofile  # type: ignore[index]
+        if self.s.pinning.load_cpus:
+            os.sched_setaffinity(0, parse_cpu_list(self.s.pinning.load_cpus))
+        say(f"bench: {len(self.s.cases)} cases x {len(self.s.contenders)} contenders, "
+            f"{self.s.rounds} round(s) of {self.s.duration_s} s; "
+            f"about {self.s.estimated_seconds()} s")
+        try:
+            with self.started as started:
+                self._start_origin(started, nofile)
+                self._start_contenders(started, nofile)
+                if not self.servers:
+                    raise StartError("no contender could be started")
+                for case in self.s.cases:
+                    StopRequest.check()
+                    if not self._running():
+                        break
+                    if case.idle:
+                        self._idle_case(case)
+                    else:
+                        self._load_case(case)
+                self.doc["load_average"]["end"] = load_average()  # type: ignore[index]
+        except KeyboardInterrupt:
+            self.doc["interrupted"] = True
+            say("interrupted: stopping the servers")
+        finally:
+            if self.s.keep_workdir:
+                say(f"logs and configs kept in {self.workdir}")
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self.doc["finished_utc"] = _utc_now()
+        return self.doc
+
+    def _start_origin(self, started: StartedServers, nofile: int) -> None:
+        kind = self.s.origin
+        if kind == "auto":
+            kind = "nginx" if nginx_binary() else "asyncio"
+            if kind == "asyncio":
+                self.note("nginx is not installed: the origin is the asyncio fallback (slower)")
+        if kind == "nginx":
+            origin = nginx_origin(self.workdir, free_port(), nofile, self.s.pinning)
+        else:
+            origin = asyncio_origin(self.workdir, free_port(), self.s.pinning, sys.executable, REPO)
+        self.doc["settings"]["origin"] = kind  # type: ignore[index]
+        started.start(origin)
+        verify_origin(origin)
+        self.origin = origin
+        self.doc["settings"]["origin_pids"] = origin.pids()  # type: ignore[index]
+        say(f"origin ({kind}) serving on 127.0.0.1:{origin.port}")
+
+    def _start_contenders(self, started: StartedServers, nofile: int) -> None:
+        for name in self.s.contenders:
+            contender = CONTENDERS[name]
+            entry: dict[str, object] = {"status": "ok", "detail": "", "command": None,
+                                        "pids": []}
+            self.doc["contenders"][name] = entry  # type: ignore[index]
+            missing = contender.missing()
+            if missing:
+                entry.update(status="missing", detail=missing)
+                say(f"!! {name}: skipped: {missing}")
+                continue
+            server = self._new_server(name)
+            entry["command"] = server.argv
+            try:
+                started.start(server)
+                wait_until_serving(server, "/1k.bin", FILES["/1k.bin"])
+            except StartError as exc:
+                self.servers[name] = server
+                self._fail(name, f"did not start: {exc}")
+                continue
+            self.servers[name] = server
+            entry["open_files_limit"] = server.open_files_limit()
+            entry["pids"] = server.pids()
+            say(f"{name} serving on 127.0.0.1:{server.port} (pids {server.pids()})")
+
+    def _new_server(self, name: str) -> Server:
+        assert self.origin is not None
+        return CONTENDERS[name].server(Setup(self.workdir, free_port(), self.origin.port,
+                                             self.nofile, self.s.pinning))
+
+    def _check_alive(self, name: str, when: str) -> bool:
+        server = self.servers.get(name)
+        if server is None:
+            return False
+        if not server.alive():
+            self._fail(name, f"exited with status {server.exit_status()} {when}; "
+                             f"its log ends with:\n{server.log_tail()}")
+            return False
+        return True
+
+    def _check_fd_room(self, case: Case, name: str, server: Server) -> None:
+        if case.idle:  # idle clients hold no upstream socket; those being opened may
+            needed = case.connections + OPENING_AT_ONCE + 64
+        else:
+            needed = 2 * case.connections + 64
+        limit = server.open_files_limit()
+        if limit is not None and limit < needed:
+            self.note(f"{name} may open only {limit} files; {case.name} may need {needed}")
+
+    def _one_round(self, name: str, case: Case, duration_s: int,
+                   count_syscalls: bool = False) -> dict[str, object]:
+        server, origin = self.servers[name], self.origin
+        assert origin is not None
+        if not server.reset_peak_rss() and self.peak_reset_works:
+            self.peak_reset_works = False
+            self.note("cannot reset VmHWM (/proc/PID/clear_refs): peak RSS is since start")
+        counter = None
+        if count_syscalls:
+            counter = SyscallCount(server.pids(), self.workdir / f"perf-{name}-{case.name}.txt",
+                                   self.s.pinning)
+            time.sleep(0.2)  # let perf attach before the load starts
+        cpu0, origin0 = server.cpu_ticks(), origin.cpu_ticks()
+        try:
+            wrk = run_round(case, server.port, duration_s, self.workdir, self.s.pinning)
+        finally:
+            syscalls = counter.stop() if counter else None
+        cpu1, origin1 = server.cpu_ticks(), origin.cpu_ticks()
+        return round_figures(wrk, case.body_bytes, cpu1 - cpu0, origin1 - origin0,
+                             server.peak_rss_kib(), syscalls)
+
+    def _load_case(self, case: Case) -> None:
+        for name in self._running():
+            self._check_fd_room(case, name, self.servers[name])
+        by_round: dict[tuple[str, int], dict[str, object]] = {}
+        errors: dict[str, list[str]] = {}
+        if case.name in self.s.warm_up_before():
+            for name in self._running():
+                StopRequest.check()
+                say(f"[{case.name} warm-up] {name}")
+                try:
+                    run_round(case, self.servers[name].port, self.s.warmup_s, self.workdir,
+                              self.s.pinning)
+                except WrkError as exc:
+                    errors.setdefault(name, []).append(f"warm-up: {exc}")
+                self._check_alive(name, f"during the {case.name} warm-up")
+        for r in range(self.s.rounds):
+            for name in rotation(self._running(), r):
+                StopRequest.check()
+                tag = f"[{case.name} round {r + 1}/{self.s.rounds}] {name:<10}"
+                try:
+                    figures = self._one_round(name, case, self.s.duration_s)
+                except WrkError as exc:
+                    errors.setdefault(name, []).append(f"round {r + 1}: {exc}")
+                    say(f"{tag} wrk failed: {exc}")
+                else:
+                    by_round[(name, r)] = figures
+                    say(f"{tag} {progress_figures(figures)}")
+                self._check_alive(name, f"during {case.name} round {r + 1}")
+        syscalls: dict[str, float | None] = {}
+        if self.s.syscalls:
+            for name in self._running():
+                StopRequest.check()
+                try:
+                    figures = self._one_round(name, case, self.s.duration_s, count_syscalls=True)
+                except WrkError as exc:
+                    errors.setdefault(name, []).append(f"syscall round: {exc}")
+                    continue
+                syscalls[name] = figures["syscalls_per_request"]  # type: ignore[assignment]
+                shown = "n/a" if syscalls[name] is None else f"{syscalls[name]:.1f}"
+                say(f"[{case.name} syscalls] {name:<10} {shown} syscalls/request")
+        for name in self.s.contenders:
+            rounds = [by_round[(name, r)] for r in range(self.s.rounds) if (name, r) in by_round]
+            if not rounds and name not in errors:
+                continue
+            self.doc["results"].append({  # type: ignore[union-attr]
+                "case": case.name, "contender": name,
+                "median": summarize(rounds) if rounds else None,
+                "syscalls_per_request": syscalls.get(name),
+                "errors": errors.get(name, []),
+                "rounds": rounds,
+            })
+        for baseline in self.s.contenders:
+            if baseline == self.s.subject:
+                continue
+            ratio = paired_ratios(case.name, self.s.subject, baseline, by_round, self.s.rounds)
+            if ratio:
+                self.doc["ratios"].append(ratio)  # type: ignore[union-attr]
+
+    def _idle_case(self, case: Case) -> None:
+        """Each contender afresh (a new process), so memory kept from the load cases
+        does not hide the growth; the load-case instance stays up meanwhile."""
+        if raise_open_files_limit() < case.connections + 256:
+            self.note(f"this process may open only {raise_open_files_limit()} files: "
+                      f"{case.name} will fall short of {case.connections} connections")
+        for name in self._running():
+            StopRequest.check()
+            say(f"[{case.name}] {name}: fresh instance, opening {case.connections} connections")
+            server = self._new_server(name)
+            try:
+                self.started.start(server)
+                wait_until_serving(server, "/1k.bin", FILES["/1k.bin"])
+                self._check_fd_room(case, name, server)
+                result = hold_idle_connections(server, case.path, case.connections,
+                                               self.s.idle_time_limit_s)
+                exit_status = server.exit_status()
+            except StartError as exc:
+                say(f"[{case.name}] {name}: fresh instance did not start: {exc}")
+                self.doc["idle"].append({"case": case.name, "contender": name,  # type: ignore[union-attr]
+                                         "error": f"did not start: {exc}"})
+                continue
+            finally:
+                self.started.stop(server)
+            per_conn = result.bytes_per_connection
+            say(f"[{case.name}] {name:<10} {result.still_open}/{result.wanted} open, "
+                f"RSS +{result.growth_kib / 1024:.1f} MiB, "
+                f"{'n/a' if per_conn is None else f'{per_conn:,.0f}'} bytes/connection"
+                + (f" ({result.failed} failed: {result.first_error})" if result.failed else "")
+                + ("" if exit_status is None else f"; the proxy exited with status {exit_status}"))
+            self.doc["idle"].append({  # type: ignore[union-attr]
+                "case": case.name, "contender": name, "error": None, "wanted": result.wanted,
+                "opened": result.opened, "still_open": result.still_open,
+                "failed": result.failed, "first_error": result.first_error,
+                "rss_before_kib": result.rss_before_kib, "rss_after_kib": result.rss_after_kib,
+                "growth_kib": result.growth_kib,
+                "bytes_per_connection": per_conn, "seconds": result.seconds,
+                "exited_with": exit_status,
+            })
+
+
+def progress_figures(f: dict[str, object]) -> str:
+    cpu = f["cpu_us_per_request"]
+    busy = f["cpu_busy"]
+    errors = f["http_errors"] + f["socket_errors_total"]  # type: ignore[operator]
+    return (f"{f['req_s']:>10,.0f} req/s  CPU "
+            f"{'n/a' if cpu is None else f'{cpu:.1f}'} us/req "
+            f"({'n/a' if busy is None else f'{busy:.0%}'} busy)  "
+            f"p99 {f['latency_us']['p99'] / 1000:.2f} ms  errors {errors}")  # type: ignore[index]
+
+
+def run(settings: Settings) -> dict[str, object]:
+    if perf_unusable_reason := (perf_unusable() if settings.syscalls else None):
+        say(f"note: --syscalls skipped: {perf_unusable_reason}")
+        settings = Settings(**{**settings.__dict__, "syscalls": False})
+        bench_run = Run(settings)
+        bench_run.doc["notes"].append(f"--syscalls skipped: {perf_unusable_reason}")  # type: ignore[union-attr]
+    else:
+        bench_run = Run(settings)
+    return bench_run.run()
