@@ -16,6 +16,7 @@
 
 import asyncio
 import logging
+import ssl
 
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING
@@ -329,6 +330,10 @@ async def _connect(Backend b, ClientConn c):
         _log.warning("backend %s: connect timed out after %.1fs", b.name, b.t_connect)
         c._upstream_failed(b, 504)
         return
+    except ssl.SSLError as exc:
+        _log.error("backend %s: TLS handshake failed: %s", b.name, exc)
+        c._upstream_failed(b, 502)
+        return
     except Exception as exc:
         _log.warning("backend %s: connect failed: %s", b.name, exc)
         c._upstream_failed(b, 502)
@@ -456,12 +461,19 @@ cdef class Listener:
     cdef public Router router
     cdef public bytes proto          # b"http" or b"https"
     cdef public bytes resp_extra     # fields added to every response (HSTS, ...)
+    cdef public int redirect_port    # > 0: answer every request 308 to https on this port
+    cdef public bytes subject_header # the field carrying a verified client certificate's subject
+    cdef public object subject_of    # transport -> verified client subject (str) or None
 
-    def __init__(self, cfg, router, proto="http", resp_extra=b""):
+    def __init__(self, cfg, router, proto="http", resp_extra=b"", redirect_port=0,
+                 subject_header=None, subject_of=None):
         self.cfg = cfg
         self.router = router
         self.proto = proto.encode()
         self.resp_extra = resp_extra
+        self.redirect_port = redirect_port
+        self.subject_header = subject_header.encode("latin-1") if subject_header else None
+        self.subject_of = subject_of
 
     def __call__(self):
         return ClientConn(self)
@@ -522,6 +534,7 @@ cdef class ClientConn:
         int nreq
         bytes peer
         bytes fwd_for
+        bytes subject             # verified client certificate subject (mTLS), or None
         # access log, filled only when it is on
         double t_start
         bytes log_req
@@ -547,6 +560,10 @@ cdef class ClientConn:
             ip = peer[0]
             self.peer = ip.encode("latin-1")
             self.fwd_for = (b'for="[%s]"' % self.peer) if ":" in ip else (b"for=" + self.peer)
+        if self.lst.subject_of is not None:
+            subj = self.lst.subject_of(transport)
+            if subj:
+                self.subject = subj.encode("utf-8")
         self.deadline = _now + self.cfg.t_header
         _conns.add(self)
 
@@ -724,6 +741,9 @@ cdef class ClientConn:
             self.body_left = hp.content_length
         elif hp.body == B_CHUNKED:
             chunk_init(&self.chunk, CHUNK_LINE_MAX, cfg.max_head)
+        if self.lst.redirect_port:
+            self._redirect_https(hp)
+            return -1
         if hp.has_host:
             pool = self.lst.router.route(hp.host, hp.host_len, hp.target, hp.target_len)
         else:
@@ -783,6 +803,40 @@ cdef class ClientConn:
             u.transport.writelines(q)
         self._resume(P_CONNECT)
 
+    cdef void _redirect_https(self, HeadParser hp):
+        """A plain listener with redirect_http: 308 to the same URL on https."""
+        cdef size_t hl = hp.host_len if hp.has_host else 0
+        cdef size_t i
+        cdef bint keep = hp.body == B_NONE and self.req_keep_alive and not self.eof
+        cdef bytes loc, target
+        if hl and hp.host[0] != b'[':
+            for i in range(hl):
+                if hp.host[i] == b':':
+                    hl = i
+                    break
+        elif hl:
+            for i in range(hl):
+                if hp.host[i] == b']':
+                    hl = i + 1
+                    break
+        if hl == 0:
+            self._reply_error(400, 0)
+            return
+        target = (b"/" if hp.target_add_slash else b"") + hp.target[:hp.target_len]
+        loc = b"https://" + hp.host[:hl] + (
+            b"" if self.lst.redirect_port == 443 else b":%d" % self.lst.redirect_port) + target
+        self.resp_status = 308
+        self.transport.write(
+            b"HTTP/1.1 308 Permanent Redirect\r\n%s%sLocation: %s\r\nContent-Length: 0\r\n%s\r\n"
+            % (self.cfg.server_line, _date_line, loc, b"" if keep else b"Connection: close\r\n"))
+        if self.cfg.access_log is not None:
+            self._log_request()
+        if keep:
+            self.state = C_HEAD
+            self.deadline = _now + self.cfg.t_keepalive
+        else:
+            self._linger()
+
     cdef _upstream_failed(self, Backend b, int status):
         if self.state >= C_LINGER or self.backend is not b or self.upq is None:
             return
@@ -819,6 +873,9 @@ cdef class ClientConn:
             if h == H_OTHER or h == H_EXPECT or h == H_DATE or h == H_SERVER:
                 if hp.ntokens and hp.is_conn_token(nm, nl):
                     continue
+                if self.lst.subject_header is not None and nl == <size_t>len(self.lst.subject_header) \
+                        and _icase_eq(nm, self.lst.subject_header, nl):
+                    continue      # only the proxy may say who the client is
             elif h == H_HOST:
                 if hp.host_from_uri:
                     continue
@@ -843,6 +900,9 @@ cdef class ClientConn:
             o.add(b"Transfer-Encoding: chunked\r\n", 28)
         if hp.upgrade:
             o.add(b"Connection: upgrade\r\n", 21)
+        if self.subject is not None:
+            o.field(self.lst.subject_header, len(self.lst.subject_header),
+                    self.subject, len(self.subject))
         # X-Forwarded-For: what came in, then this client
         o.add(b"X-Forwarded-For: ", 17)
         for i in range(hp.nfields):

@@ -130,7 +130,16 @@ def run(ctx: click.Context, config_path: str | None, listen: tuple[str, ...],
         fail(error, 2)
     setup_logging(config.log.level)
     from edgeproxy.server import serve  # the server pulls in the event loop and workers
-    sys.exit(serve(config))
+    from edgeproxy.tls import TLSConfigError
+    try:
+        code = serve(config)
+    except TLSConfigError as error:
+        click.echo(f"edgeproxy: {error}", err=True)
+        sys.exit(2)
+    except OSError as error:
+        click.echo(f"edgeproxy: cannot listen: {error}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -148,7 +157,26 @@ def check(config_path: str) -> None:
         config = load_config(config_path)
     except ConfigError as error:
         fail(error, 1)
+    problems = tls_problems(config)
+    if problems:
+        click.echo(f"edgeproxy: {config_path}: {len(problems)} TLS problem(s):", err=True)
+        for problem in problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
     click.echo(f"OK: {count_summary(config)}")
+
+
+def tls_problems(config: Config) -> list[str]:
+    """What loading the certificates and keys would refuse, key path first."""
+    from edgeproxy.tls import check_listen_tls, check_pool_tls
+    problems = []
+    for i, lc in enumerate(config.listen):
+        if lc.tls is not None:
+            problems += [f"listen[{i}].tls: {p}" for p in check_listen_tls(lc.tls)]
+    for name, pool in config.pools.items():
+        if any(b.scheme == "https" for b in pool.backends):
+            problems += [f"pool.{name}.tls: {p}" for p in check_pool_tls(pool.tls)]
+    return problems
 
 
 def free_port(host: str) -> int:

@@ -53,6 +53,21 @@ def build_router(config: Config, pools: dict[str, Pool]) -> Router:
 
 
 def build_listener_factory(settings: ProxySettings, router: Router, listen: ListenConfig,
-                           resp_extra: bytes = b"") -> Listener:
-    proto = "https" if listen.tls is not None else "http"
-    return Listener(settings, router, proto, resp_extra)
+                           config: Config) -> Listener:
+    """The protocol factory of one listener: HTTPS ones add HSTS and the
+    verified client subject; plain ones may redirect to the first HTTPS
+    listener."""
+    if listen.tls is not None:
+        extra = b""
+        if listen.tls.hsts:
+            extra = b"Strict-Transport-Security: " + listen.tls.hsts.encode("latin-1") + b"\r\n"
+        subject_of = None
+        if listen.tls.client_ca:
+            from edgeproxy.tls import client_subject
+            subject_of = lambda transport: client_subject(transport.get_extra_info("ssl_object"))
+        return Listener(settings, router, "https", extra,
+                        subject_header=listen.tls.client_subject_header, subject_of=subject_of)
+    redirect_port = 0
+    if listen.redirect_http:
+        redirect_port = next((lc.port for lc in config.listen if lc.tls is not None), 443)
+    return Listener(settings, router, "http", b"", redirect_port=redirect_port)

@@ -54,9 +54,11 @@ def _tick_interval(config: Config) -> float:
 class Worker:
     """The state of one worker process's loop."""
 
-    def __init__(self, config: Config, socks: list[socket.socket]):
+    def __init__(self, config: Config, socks: list[socket.socket], tls: dict | None = None):
         self.config = config
         self.socks = socks
+        self.tls = tls or {}            # listen index -> ServerTLS
+        self._next_expiry_check = 0.0
         self.loop = uvloop.new_event_loop()
         self.servers: list[asyncio.AbstractServer] = []
         self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
@@ -76,6 +78,11 @@ class Worker:
             _ext.set_clock(now, b"Date: " + formatdate(wall, usegmt=True).encode() + b"\r\n")
             if self.access_log is not None:
                 self.access_log.flush()
+            if self.tls and wall >= self._next_expiry_check:
+                self._next_expiry_check = wall + 86400
+                for stls in self.tls.values():
+                    for warning in stls.expiry_warnings():
+                        log.warning("%s", warning)
         else:
             _ext.set_clock(now, None)
         _ext.expire_timeouts()
@@ -92,10 +99,11 @@ class Worker:
         settings = build_settings(self.config, self.access_log)
         pools = build_pools(self.config, client_tls=_client_tls)
         router = build_router(self.config, pools)
-        for lc, sock in zip(self.config.listen, self.socks):
-            ssl_ctx, extra = _server_tls(lc)
-            factory = build_listener_factory(settings, router, lc, extra)
-            srv = await self.loop.create_server(factory, sock=sock, backlog=lc.backlog, ssl=ssl_ctx)
+        for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks)):
+            ssl_ctx = self.tls[i].context if i in self.tls else None
+            factory = build_listener_factory(settings, router, lc, self.config)
+            extra = {"ssl": ssl_ctx, "ssl_handshake_timeout": self.config.timeout.header} if ssl_ctx else {}
+            srv = await self.loop.create_server(factory, sock=sock, backlog=lc.backlog, **extra)
             self.servers.append(srv)
             log.info("listening on %s://%s (pid %d)", "https" if ssl_ctx else "http", lc.bind,
                      os.getpid())
@@ -123,12 +131,23 @@ class Worker:
         task = self.loop.create_task(self.drain(GRACE_DEFAULT))
         task.add_done_callback(lambda _: self.loop.stop())
 
+    def _on_hup(self) -> None:
+        """Reload changed certificates (off the loop); new handshakes use
+        them, established connections keep theirs."""
+        for i, stls in self.tls.items():
+            fut = self.loop.run_in_executor(None, stls.reload)
+            bind = self.config.listen[i].bind
+            fut.add_done_callback(lambda f, bind=bind: log.info(
+                "listen %s: certificates %s", bind,
+                "reloaded" if f.result() else "NOT reloaded (the old ones stay in service)"))
+
     def run(self) -> int:
         asyncio.set_event_loop(self.loop)
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             self.loop.add_signal_handler(s, self._on_signal, s)
         if self.access_log is not None:
             self.loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         try:
             self.loop.run_until_complete(self.start())
             self.loop.run_forever()
@@ -146,16 +165,15 @@ def _client_tls(pool_config):
     return build_client_context(pool_config.tls)
 
 
-def _server_tls(lc: ListenConfig):
-    """(ssl context or None, bytes of fields added to every response)."""
-    if lc.tls is None:
-        return None, b""
-    from edgeproxy.tls import build_server_context
-    stls = build_server_context(lc.tls)
-    extra = b""
-    if lc.tls.hsts:
-        extra = b"Strict-Transport-Security: " + lc.tls.hsts.encode("latin-1") + b"\r\n"
-    return stls.context, extra
+def build_tls(config: Config) -> dict:
+    """ServerTLS per HTTPS listener (by index), built before workers fork so
+    they share session ticket keys; raises TLSConfigError naming the file."""
+    tls = {}
+    for i, lc in enumerate(config.listen):
+        if lc.tls is not None:
+            from edgeproxy.tls import build_server_context
+            tls[i] = build_server_context(lc.tls)
+    return tls
 
 
 def _worker_count(config: Config) -> int:
@@ -165,14 +183,15 @@ def _worker_count(config: Config) -> int:
 
 def serve(config: Config) -> int:
     """Run the proxy until a signal stops it; returns the exit code."""
+    tls = build_tls(config)
     socks = [bind_socket(lc) for lc in config.listen]
     n = _worker_count(config)
     if n == 1:
-        return Worker(config, socks).run()
-    return _supervise(config, socks, n)
+        return Worker(config, socks, tls).run()
+    return _supervise(config, socks, n, tls)
 
 
-def _supervise(config: Config, socks: list[socket.socket], n: int) -> int:
+def _supervise(config: Config, socks: list[socket.socket], n: int, tls: dict) -> int:
     """Fork n workers sharing the sockets; forward stop signals; replace a
     worker that dies while not stopping."""
     children: dict[int, int] = {}
@@ -183,7 +202,7 @@ def _supervise(config: Config, socks: list[socket.socket], n: int) -> int:
         if pid == 0:
             code = 1
             try:
-                code = Worker(config, socks).run()
+                code = Worker(config, socks, tls).run()
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
@@ -201,6 +220,7 @@ def _supervise(config: Config, socks: list[socket.socket], n: int) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(s, forward)
+    signal.signal(signal.SIGHUP, lambda signum, _f: [os.kill(p, signum) for p in list(children)])
     for i in range(n):
         spawn(i)
     log.info("supervisor %d: %d workers", os.getpid(), n)
