@@ -59,7 +59,8 @@ class Origin:
     are chosen by path (see _answer).  It records every request it reads and
     counts the TCP connections it accepted."""
 
-    def __init__(self):
+    def __init__(self, ssl_context=None):
+        self.ssl_context = ssl_context   # serve HTTPS (each connection is one handshake)
         self.port = 0
         self.connections = 0
         self.requests: list[Seen] = []
@@ -75,7 +76,8 @@ class Origin:
         return self
 
     async def _start(self):
-        self._server = await asyncio.start_server(self._conn, "127.0.0.1", 0, limit=1 << 20)
+        self._server = await asyncio.start_server(self._conn, "127.0.0.1", 0, limit=1 << 20,
+                                                  ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -90,7 +92,7 @@ class Origin:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter):
         self.connections += 1
@@ -251,11 +253,15 @@ class Proxy:
 
 
 def start_proxy(tmp_path: Path, body: str, *, listeners: int = 1, env: dict | None = None,
-                args: tuple[str, ...] = ()) -> Proxy:
+                args: tuple[str, ...] = (), listen_lines: list[str] | None = None) -> Proxy:
     """Start `edgeproxy run -c` on a config made of body plus [[listen]]
-    entries on free ports; wait until it accepts connections."""
+    entries on free ports (listen_lines[i] is added to the i-th); wait until
+    it accepts connections."""
+    if listen_lines is not None:
+        listeners = len(listen_lines)
     ports = [free_port() for _ in range(listeners)]
-    text = "".join(f'[[listen]]\nbind = "127.0.0.1:{p}"\n\n' for p in ports) + body
+    extra = listen_lines or [""] * listeners
+    text = "".join(f'[[listen]]\nbind = "127.0.0.1:{p}"\n{x}\n\n' for p, x in zip(ports, extra)) + body
     cfg = tmp_path / f"edgeproxy-{ports[0]}.toml"
     cfg.write_text(text)
     log_path = tmp_path / f"edgeproxy-{ports[0]}.log"
@@ -303,8 +309,11 @@ class Client:
     """A raw HTTP/1.1 client over one socket: sends exactly the bytes given,
     parses responses strictly."""
 
-    def __init__(self, port: int, timeout: float = 10.0):
+    def __init__(self, port: int, timeout: float = 10.0, ssl_context=None,
+                 server_name: str | None = None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_hostname=server_name)
         self.buf = b""
 
     def close(self) -> None:

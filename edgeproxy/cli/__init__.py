@@ -1,17 +1,20 @@
 """The `edgeproxy` command line: run the proxy, check a configuration, run the demo."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import logging
 import os
 import socket
 import sys
+import tempfile
 from typing import Any
 
 import click
 
 from edgeproxy.config import Config, ConfigError, load_config, quick_config
+from edgeproxy.config.model import CertConfig, ListenConfig, ListenTLSConfig
 
 __all__ = ["main", "setup_logging"]
 
@@ -216,19 +219,28 @@ def demo(ctx: click.Context, port: int) -> None:
     elif not port_is_free(host, port):
         raise click.UsageError(f"port {port} on {host} is in use; pick another with --port")
     from edgeproxy.demo.origin import start_origin
+    from edgeproxy.tls import write_selfsigned
+    tls_port = free_port(host)
+    certs = tempfile.TemporaryDirectory(prefix="edgeproxy-demo-")
     origin = start_origin(host)
     try:
+        # a throwaway certificate, made now, so the demo serves HTTPS too
+        cert, key = write_selfsigned(["localhost", host], certs.name, days=7)
         overrides = {"log": log_overrides(ctx, access_log="-")}
         try:
-            config = quick_config([f"{host}:{port}"], [origin.url], **overrides)
+            base = quick_config([f"{host}:{port}"], [origin.url], **overrides)
+            config = dataclasses.replace(base, listen=base.listen + (ListenConfig(
+                bind=f"{host}:{tls_port}", host=host, port=tls_port,
+                tls=ListenTLSConfig(certs=(CertConfig(cert=str(cert), key=str(key)),))),))
         except ConfigError as error:  # pragma: no cover - the values are ours
             fail(error, 2)
         setup_logging(config.log.level)
         proxy = f"http://{host}:{port}"
         click.echo("\n".join([
-            f"edgeproxy demo: {proxy} -> demo origin {origin.url}",
+            f"edgeproxy demo: {proxy} and https://{host}:{tls_port} -> demo origin {origin.url}",
             "Try:",
             f"  curl -i {proxy}/",
+            f"  curl -ik https://{host}:{tls_port}/   (self-signed certificate: {cert})",
             f"  curl -i {proxy}/api/hello",
             f"  curl -s {proxy}/big?size=10485760 | wc -c",
             f"  curl -i --data-binary 'hello' -H 'Transfer-Encoding: chunked' {proxy}/echo",
@@ -240,6 +252,7 @@ def demo(ctx: click.Context, port: int) -> None:
         code = serve(config)
     finally:
         origin.stop()
+        certs.cleanup()
     sys.exit(code)
 
 
