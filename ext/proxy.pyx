@@ -1436,7 +1436,7 @@ cdef class UpstreamConn:
         c.resp_status = hp.status
         c.resp_started = 1
         c.resp_keep = (c.req_keep_alive and c.req_done and not c.eof
-                       and hp.body != B_CLOSE and not self.decode)
+                       and hp.body != B_CLOSE and not self.decode and not _draining)
         if hp.body == B_LENGTH:
             self.body_left = hp.content_length
             self.state = U_BODY if hp.content_length > 0 else U_HEAD
