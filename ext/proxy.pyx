@@ -17,6 +17,7 @@
 import asyncio
 import logging
 import ssl
+import os
 
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING
@@ -24,6 +25,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, realloc, free
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memchr
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef object _log = logging.getLogger("edgeproxy.proxy")
 
@@ -81,6 +83,96 @@ cdef bint _draining = 0
 cdef long long _total_requests = 0
 
 
+# ---- metrics: this worker's counters ----------------------------------------
+#
+# Plain int64 counters in one slot of a region the supervisor mapped
+# (MAP_SHARED) before forking; the supervisor sums the slots on a scrape.
+# One writer per slot, so counting is an increment: no lock, no syscall.
+# Without a supervisor they land in _m_local.  The layout is exported by
+# metrics_layout() so that edgeproxy.metrics reads the same offsets.
+cdef enum:
+    M_BYTES_IN = 0            # from clients: heads, bodies, tunnelled bytes
+    M_BYTES_OUT = 1           # to clients: heads, bodies, tunnelled bytes
+    M_CONNECTIONS = 2         # client connections accepted
+    M_DURATION_SUM_US = 3
+    M_GAUGES = 8              # 8 values the worker's ticker writes (Python side)
+    M_DURATION_BUCKETS = 16   # DUR_NBUCKETS counts, the last one is +Inf
+    DUR_NBUCKETS = 14
+    M_ROUTES = 32             # M_ROUTE_MAX routes x 6 status classes (0 = none, 1..5 = 1xx..5xx)
+    M_ROUTE_MAX = 512         # route 0: requests no route took (404, bad requests)
+    M_BACKENDS = 3104         # M_ROUTES + M_ROUTE_MAX * 6; then 4 values per backend (Python side)
+    M_BACKEND_MAX = 1024
+    M_SLOT_LEN = 8192         # int64 values per slot (64 KiB)
+
+cdef long long _dur_bounds_us[DUR_NBUCKETS - 1]
+_dur_bounds_us[:] = [1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000,
+                     1000000, 2500000, 5000000, 10000000]
+cdef long long _m_local[M_SLOT_LEN]
+cdef long long *_m = _m_local
+cdef object _m_view = None     # keeps the shared region's buffer exported while _m points into it
+
+
+def metrics_layout():
+    """The offsets (in int64 values) of a worker's metrics slot."""
+    return {"slot_len": M_SLOT_LEN, "bytes_in": M_BYTES_IN, "bytes_out": M_BYTES_OUT,
+            "connections": M_CONNECTIONS, "duration_sum_us": M_DURATION_SUM_US,
+            "gauges": M_GAUGES, "duration_buckets": M_DURATION_BUCKETS,
+            "duration_bounds_us": [_dur_bounds_us[i] for i in range(DUR_NBUCKETS - 1)],
+            "routes": M_ROUTES, "route_max": M_ROUTE_MAX, "backends": M_BACKENDS,
+            "backend_max": M_BACKEND_MAX}
+
+
+def attach_metrics(object region, Py_ssize_t offset):
+    """Count into region[offset:offset + 8 * slot_len] (a writable buffer,
+    normally this worker's slot of the shared mmap) from now on."""
+    global _m, _m_view
+    cdef unsigned char[::1] mv = region
+    if offset < 0 or offset % 8 or offset + M_SLOT_LEN * 8 > mv.shape[0]:
+        raise ValueError("metrics slot out of the region")
+    _m_view = mv
+    _m = <long long *>&mv[offset]
+
+
+cdef inline double _mono() noexcept nogil:
+    # vDSO on Linux: no syscall
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# ---- request ids --------------------------------------------------------------
+# A well-formed X-Request-Id from the client is kept; otherwise one is made
+# of this worker's random prefix and a counter.
+
+cdef bytes _rid_prefix = b""
+cdef unsigned long long _rid_seq = 0
+
+
+def set_request_id_prefix(bytes prefix):
+    """Set per worker (after fork), so ids from different workers differ."""
+    global _rid_prefix, _rid_seq
+    if not _valid_request_id(prefix, len(prefix)) or len(prefix) > 64:
+        raise ValueError("request id prefix: 1-64 characters of [A-Za-z0-9._-]")
+    _rid_prefix = prefix
+    _rid_seq = 0
+
+
+cdef inline bint _valid_request_id(const char *v, size_t n) noexcept nogil:
+    cdef size_t i
+    cdef char ch
+    if n == 0 or n > 200:
+        return 0
+    for i in range(n):
+        ch = v[i]
+        if not ((b'a' <= ch <= b'z') or (b'A' <= ch <= b'Z') or (b'0' <= ch <= b'9')
+                or ch == b'.' or ch == b'_' or ch == b'-'):
+            return 0
+    return 1
+
+
+set_request_id_prefix(os.urandom(6).hex().encode())
+
+
 cdef class Scratch:
     """A growable byte area where heads are built before one bytes object is
     made of them."""
@@ -123,6 +215,11 @@ cdef class Scratch:
     cdef inline int add_int(self, long long v) except -1:
         cdef char tmp[24]
         cdef int l = snprintf(tmp, 24, "%lld", v)
+        return self.add(tmp, l)
+
+    cdef inline int add_hex(self, unsigned long long v) except -1:
+        cdef char tmp[24]
+        cdef int l = snprintf(tmp, 24, "%llx", v)
         return self.add(tmp, l)
 
     cdef inline int field(self, const char *name, size_t nl, const char *val, size_t vl) except -1:
@@ -186,12 +283,26 @@ def expire_timeouts():
             u._on_timeout()
 
 
-def close_idle_clients():
-    """Close client connections that have no request in flight (shutdown)."""
+def close_idle_clients(double min_idle=0.0):
+    """Close client connections that have no request in flight (shutdown)
+    and have been idle for at least min_idle seconds (by the ticker's
+    clock); returns how many.  A draining worker passes a min_idle so that
+    a connection a client is about to reuse gets its next request answered
+    with "Connection: close" instead of being cut under it."""
     cdef ClientConn c
+    cdef double since
+    cdef int n = 0
     for c in list(_conns):
         if c.state == C_HEAD and c.pending is None:
+            if min_idle > 0:
+                if c.deadline == 0:
+                    continue
+                since = c.deadline - (c.cfg.t_keepalive if c.nreq else c.cfg.t_header)
+                if _now - since < min_idle:
+                    continue
             c.close()
+            n += 1
+    return n
 
 
 cdef inline bint _wrote_all(object transport):
@@ -371,8 +482,10 @@ cdef class Route:
     cdef public bint wildcard
     cdef public bytes path
     cdef public Pool pool
+    cdef public int index            # its row in the metrics slot (1..M_ROUTE_MAX-1; 0 = no route)
 
-    def __init__(self, host, path, pool):
+    def __init__(self, host, path, pool, index=0):
+        self.index = index if 0 <= index < M_ROUTE_MAX else M_ROUTE_MAX - 1
         self.wildcard = bool(host) and host.startswith("*.")
         if host is None:
             self.host = None
@@ -399,8 +512,8 @@ cdef class Router:
         self.wild.sort(key=key)
         self.default.sort(key=key)
 
-    cdef Pool _in(self, list routes, int kind, const char *h, size_t hl,
-                  const char *p, size_t pl):
+    cdef Route _in(self, list routes, int kind, const char *h, size_t hl,
+                   const char *p, size_t pl):
         cdef Route r
         cdef size_t rl, i
         cdef const char *rh
@@ -416,11 +529,11 @@ cdef class Router:
                     continue
             rl = len(r.path)
             if rl <= pl and memcmp(p, <const char *>r.path, rl) == 0:
-                return r.pool
+                return r
         return None
 
-    cdef Pool route(self, const char *host, size_t hl, const char *path, size_t pl):
-        cdef Pool pool
+    cdef Route route(self, const char *host, size_t hl, const char *path, size_t pl):
+        cdef Route r
         cdef size_t i
         # strip the port and a trailing dot
         if hl and host[0] == b'[':
@@ -437,21 +550,21 @@ cdef class Router:
             hl -= 1
         if hl:
             if self.exact:
-                pool = self._in(self.exact, 1, host, hl, path, pl)
-                if pool is not None:
-                    return pool
+                r = self._in(self.exact, 1, host, hl, path, pl)
+                if r is not None:
+                    return r
             if self.wild:
-                pool = self._in(self.wild, 2, host, hl, path, pl)
-                if pool is not None:
-                    return pool
+                r = self._in(self.wild, 2, host, hl, path, pl)
+                if r is not None:
+                    return r
         return self._in(self.default, 0, host, hl, path, pl)
 
     def route_for(self, host, path):
         """The pool name for a host and path, or None (for tests and tools)."""
         cdef bytes h = host.encode("latin-1") if isinstance(host, str) else host
         cdef bytes p = path.encode("latin-1") if isinstance(path, str) else path
-        pool = self.route(h, len(h), p, len(p))
-        return None if pool is None else pool.name
+        r = self.route(h, len(h), p, len(p))
+        return None if r is None else r.pool.name
 
 
 cdef class Listener:
@@ -536,10 +649,17 @@ cdef class ClientConn:
         bytes fwd_for
         bytes subject             # verified client certificate subject (mTLS), or None
         # access log, filled only when it is on
+        # the request in progress, for metrics and the access log
+        bint in_req
+        int route_id
         double t_start
+        long long req_bytes
+        long long resp_head_len
+        # access log, filled only when it is on
         bytes log_req
         bytes log_ref
         bytes log_ua
+        bytes req_id
         int resp_status
         long long resp_bytes
 
@@ -566,6 +686,7 @@ cdef class ClientConn:
                 self.subject = subj.encode("utf-8")
         self.deadline = _now + self.cfg.t_header
         _conns.add(self)
+        _m[M_CONNECTIONS] += 1
 
     def connection_lost(self, exc):
         self._teardown()
@@ -665,6 +786,7 @@ cdef class ClientConn:
                     if k > self.body_left:
                         k = self.body_left
                     self._send_up(owner, base, off, <size_t>k)
+                    self.req_bytes += k
                     off += <size_t>k
                     self.body_left -= k
                     if self.body_left == 0:
@@ -678,11 +800,13 @@ cdef class ClientConn:
                         self._abort_request(413)
                         return
                     self._send_up(owner, base, off, <size_t>m)
+                    self.req_bytes += m
                     off += <size_t>m
                     if self.chunk.phase == CS_DONE:
                         self._body_done()
             elif self.state == C_TUNNEL:
                 self._send_up(owner, base, off, n - off)
+                self.req_bytes += n - off
                 return
             else:   # C_WAIT: a pipelined request waits for the current response
                 self._stash(owner, base, off, n)
@@ -720,9 +844,15 @@ cdef class ClientConn:
         cdef UpstreamConn u
         cdef bytes head
         cdef ProxySettings cfg = self.cfg
+        cdef Route route
         _total_requests += 1
         self.nreq += 1
         self.deadline = 0
+        self.in_req = 1
+        self.t_start = _mono()
+        self.route_id = 0
+        self.req_bytes = hp.head_len
+        self.resp_head_len = 0
         self.req_keep_alive = hp.keep_alive and not _draining
         self.req_minor = hp.minor
         self.req_is_head = hp.method_len == 4 and memcmp(hp.method, b"HEAD", 4) == 0
@@ -734,6 +864,7 @@ cdef class ClientConn:
         self.resp_status = 0
         if cfg.access_log is not None:
             self._log_capture(base + off)
+            self.req_id = None
         if hp.body == B_LENGTH:
             if cfg.max_body and hp.content_length > cfg.max_body:
                 self._reply_error(413, 0)
@@ -745,12 +876,14 @@ cdef class ClientConn:
             self._redirect_https(hp)
             return -1
         if hp.has_host:
-            pool = self.lst.router.route(hp.host, hp.host_len, hp.target, hp.target_len)
+            route = self.lst.router.route(hp.host, hp.host_len, hp.target, hp.target_len)
         else:
-            pool = self.lst.router.route(b"", 0, hp.target, hp.target_len)
-        if pool is None:
+            route = self.lst.router.route(b"", 0, hp.target, hp.target_len)
+        if route is None:
             self._reply_error(404, hp.body == B_NONE)
             return -1
+        self.route_id = route.index
+        pool = route.pool
         b = pool.pick()
         if b is None:
             self._reply_error(503, hp.body == B_NONE)
@@ -829,8 +962,7 @@ cdef class ClientConn:
         self.transport.write(
             b"HTTP/1.1 308 Permanent Redirect\r\n%s%sLocation: %s\r\nContent-Length: 0\r\n%s\r\n"
             % (self.cfg.server_line, _date_line, loc, b"" if keep else b"Connection: close\r\n"))
-        if self.cfg.access_log is not None:
-            self._log_request()
+        self._request_end(308)
         if keep:
             self.state = C_HEAD
             self.deadline = _now + self.cfg.t_keepalive
@@ -853,12 +985,14 @@ cdef class ClientConn:
         self.backend.connect(self)
 
     cdef bytes _build_request_head(self, HeadParser hp, Backend b):
+        global _rid_seq
         cdef Scratch o = _out
         cdef size_t i
         cdef unsigned char h
         cdef bint first
         cdef const char *nm
         cdef size_t nl
+        cdef size_t rid_at = 0, rid_len = 0
         o.n = 0
         o.add(hp.method, hp.method_len)
         o.add(b" ", 1)
@@ -876,6 +1010,12 @@ cdef class ClientConn:
                 if self.lst.subject_header is not None and nl == <size_t>len(self.lst.subject_header) \
                         and _icase_eq(nm, self.lst.subject_header, nl):
                     continue      # only the proxy may say who the client is
+                if nl == 12 and h == H_OTHER and _ieq(nm, nl, b"x-request-id", 12):
+                    # keep the first well-formed one; drop the rest
+                    if rid_len or not _valid_request_id(hp.fields[i].value, hp.fields[i].value_len):
+                        continue
+                    rid_at = o.n + 14
+                    rid_len = hp.fields[i].value_len
             elif h == H_HOST:
                 if hp.host_from_uri:
                     continue
@@ -903,6 +1043,17 @@ cdef class ClientConn:
         if self.subject is not None:
             o.field(self.lst.subject_header, len(self.lst.subject_header),
                     self.subject, len(self.subject))
+        if not rid_len:
+            _rid_seq += 1
+            o.add(b"X-Request-Id: ", 14)
+            rid_at = o.n
+            o.addb(_rid_prefix)
+            o.add(b"-", 1)
+            o.add_hex(_rid_seq)
+            rid_len = o.n - rid_at
+            o.add(b"\r\n", 2)
+        if self.cfg.access_log is not None:
+            self.req_id = PyBytes_FromStringAndSize(o.p + rid_at, rid_len)
         # X-Forwarded-For: what came in, then this client
         o.add(b"X-Forwarded-For: ", 17)
         for i in range(hp.nfields):
@@ -935,7 +1086,6 @@ cdef class ClientConn:
         cdef HeadParser hp = _parser
         cdef size_t i
         cdef const char *lf = <const char *>memchr(line, b'\r', hp.head_len)
-        self.t_start = _now
         self.log_req = line[:lf - line] if lf != NULL else b""
         self.log_ref = b"-"
         self.log_ua = b"-"
@@ -950,10 +1100,10 @@ cdef class ClientConn:
     cdef void _response_done(self):
         """The backend's response has been passed on whole."""
         cdef object owner
+        if self.in_req:
+            self._request_end(self.resp_status)
         if self.backend is not None:
             self.backend.active -= 1
-        if self.cfg.access_log is not None:
-            self._log_request()
         self.up = None
         self.up_head = None
         self.backend = None
@@ -970,11 +1120,43 @@ cdef class ClientConn:
             self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
         self._resume(P_PIPELINE)
 
-    cdef void _log_request(self):
+    cdef void _request_end(self, int status):
+        """Count the request that ends here and log it; every way a request
+        ends (response done, error answered, connection closed) comes here."""
+        cdef double d = _mono() - self.t_start
+        cdef long long us = <long long>(d * 1e6)
+        cdef int i = 0
+        self.in_req = 0
+        if us < 0:
+            us = 0
+        _m[M_ROUTES + self.route_id * 6 + (status // 100 if 100 <= status < 600 else 0)] += 1
+        _m[M_DURATION_SUM_US] += us
+        while i < DUR_NBUCKETS - 1 and us > _dur_bounds_us[i]:
+            i += 1
+        _m[M_DURATION_BUCKETS + i] += 1
+        _m[M_BYTES_IN] += self.req_bytes
+        _m[M_BYTES_OUT] += self.resp_head_len + self.resp_bytes
+        if self.cfg.access_log is not None:
+            self._log_request(status, d)
+
+    cdef void _begin_unrouted(self):
+        """A request that failed before it was parsed (400, 408, 431...)."""
+        self.in_req = 1
+        self.route_id = 0
+        self.t_start = _mono()
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.log_req = b"-"
+        self.log_ref = b"-"
+        self.log_ua = b"-"
+        self.req_id = None
+
+    cdef void _log_request(self, int status, double duration):
         try:
-            self.cfg.access_log.log(self.peer, self.log_req, self.resp_status,
-                                    self.resp_bytes, _now - self.t_start, self.log_ref,
-                                    self.log_ua, self.backend.name if self.backend is not None else "-")
+            self.cfg.access_log.log(self.peer, self.log_req, status,
+                                    self.resp_bytes, duration, self.log_ref, self.log_ua,
+                                    self.backend.name if self.backend is not None else "-",
+                                    self.req_id or b"-")
         except Exception:
             _log.exception("access log failed")
 
@@ -987,11 +1169,15 @@ cdef class ClientConn:
             return
         keep = keep and self.req_keep_alive and not self.eof and not _draining
         self.resp_status = status
-        self.transport.write(_error_response(self.cfg, status, keep))
+        resp = _error_response(self.cfg, status, keep)
+        self.transport.write(resp)
+        if not self.in_req and (status != 408 or self.pending is not None):
+            self._begin_unrouted()
+        if self.in_req:
+            self.resp_head_len = len(resp)
+            self._request_end(status)
         if self.backend is not None:
             self.backend.active -= 1
-            if self.cfg.access_log is not None:
-                self._log_request()
             self.backend = None
         if self.up is not None:
             self.up.client = None
@@ -1045,6 +1231,9 @@ cdef class ClientConn:
 
     cdef void _teardown(self):
         cdef UpstreamConn u
+        if self.in_req:
+            # cut before its response ended: 499 when none had started (as nginx logs)
+            self._request_end(self.resp_status if self.resp_started else 499)
         self.state = C_CLOSED
         self.deadline = 0
         _conns.discard(self)
@@ -1232,7 +1421,9 @@ cdef class UpstreamConn:
                     c.resp_keep = 0
                     c.resp_status = 101
                     c.resp_started = 1
-                    c.transport.write(self._build_head(c, _parser, 0))
+                    head = self._build_head(c, _parser, 0)
+                    c.resp_head_len = len(head)
+                    c.transport.write(head)
                     self.state = U_TUNNEL
                     c.state = C_TUNNEL
                     c.deadline = 0
@@ -1308,6 +1499,7 @@ cdef class UpstreamConn:
             elif self.state == U_TUNNEL:
                 c.transport.write(_view(owner, off, n))
                 _written_from_rbuf(c.transport, owner)
+                c.resp_bytes += n - off
                 return
             else:
                 # bytes after the end of a response: this connection cannot be trusted
@@ -1324,7 +1516,7 @@ cdef class UpstreamConn:
         c.resp_status = hp.status
         c.resp_started = 1
         c.resp_keep = (c.req_keep_alive and c.req_done and not c.eof
-                       and hp.body != B_CLOSE and not self.decode)
+                       and hp.body != B_CLOSE and not self.decode and not _draining)
         if hp.body == B_LENGTH:
             self.body_left = hp.content_length
             self.state = U_BODY if hp.content_length > 0 else U_HEAD
@@ -1334,6 +1526,7 @@ cdef class UpstreamConn:
         elif hp.body == B_CLOSE:
             self.state = U_BODY
         self._build_head_into(c, hp, 1)
+        c.resp_head_len = _out.n
 
     cdef bytes _build_head(self, ClientConn c, HeadParser hp, bint final):
         self._build_head_into(c, hp, final)

@@ -182,7 +182,8 @@ def test_sighup_reloads_certificates(tmp_path, ca, origin, proxy_factory):
     p.proc.send_signal(signal.SIGHUP)
     time.sleep(1.0)
     assert _served_cn(p.port, ctx, "a.test") == "second"
-    assert "NOT reloaded" in p.log()
+    log = p.log()
+    assert "NOT reloaded" in log or "reload failed, nothing changed" in log
     held.close()
 
 

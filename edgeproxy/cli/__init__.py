@@ -1,4 +1,4 @@
-"""The `edgeproxy` command line: run the proxy, check a configuration, run the demo."""
+"""The `edgeproxy` command line: run the proxy, reload it, check a configuration, run the demo."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,9 +6,12 @@ import errno
 import importlib
 import logging
 import os
+import json
+import signal
 import socket
 import sys
 import tempfile
+import time
 from typing import Any
 
 import click
@@ -102,15 +105,23 @@ def log_overrides(ctx: click.Context, **log: Any) -> dict[str, Any]:
 @click.option("--access-log", metavar="PATH", default=None,
               help="Write one line per request to this file, or \"-\" for stderr. "
                    "Overrides log.access_log (default: its value, off).")
+@click.option("--no-supervisor", is_flag=True,
+              help="Run one worker in this process, without the supervisor: "
+                   "no reload, no admin listener, server.workers is ignored.")
 @click.pass_context
 def run(ctx: click.Context, config_path: str | None, listen: tuple[str, ...],
-        upstreams: tuple[str, ...], workers: int | None, access_log: str | None) -> None:
-    """Run the proxy until it is stopped (SIGINT or SIGTERM).
+        upstreams: tuple[str, ...], workers: int | None, access_log: str | None,
+        no_supervisor: bool) -> None:
+    """Run the proxy until it is stopped (SIGTERM or SIGINT: graceful;
+    SIGQUIT: at once).
 
     Give either a configuration file (-c FILE) or, in quick mode, at least
     one --listen and one --upstream: that proxies every request to the
     upstreams with the default settings. A configuration error is printed
     and the exit status is 2.
+
+    A supervisor process runs server.workers workers; SIGHUP (or
+    `edgeproxy reload -c FILE`) reloads the file without dropping requests.
     """
     if config_path and (listen or upstreams):
         raise click.UsageError("-c/--config cannot be combined with --listen/--upstream")
@@ -124,18 +135,20 @@ def run(ctx: click.Context, config_path: str | None, listen: tuple[str, ...],
     log = log_overrides(ctx, access_log=access_log)
     if log:
         overrides["log"] = log
-    try:
+    def load() -> Config:
         if config_path:
-            config = load_config(config_path, **overrides)
-        else:
-            config = quick_config(listen, upstreams, **overrides)
+            return load_config(config_path, **overrides)
+        return quick_config(listen, upstreams, **overrides)
+
+    try:
+        config = load()
     except ConfigError as error:
         fail(error, 2)
     setup_logging(config.log.level)
     from edgeproxy.server import serve  # the server pulls in the event loop and workers
     from edgeproxy.tls import TLSConfigError
     try:
-        code = serve(config)
+        code = serve(config, supervise=not no_supervisor, load=load)
     except TLSConfigError as error:
         click.echo(f"edgeproxy: {error}", err=True)
         sys.exit(2)
@@ -143,6 +156,64 @@ def run(ctx: click.Context, config_path: str | None, listen: tuple[str, ...],
         click.echo(f"edgeproxy: cannot listen: {error}", err=True)
         sys.exit(2)
     sys.exit(code)
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("-c", "--config", "config_path", metavar="FILE", required=True,
+              type=click.Path(dir_okay=False),
+              help="The configuration file the running edgeproxy was started with.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for the new workers.")
+def reload(config_path: str, timeout: float) -> None:
+    """Reload a running edgeproxy with its configuration file, without
+    dropping requests.
+
+    Checks the file first: if it is invalid, prints every problem, exits 1
+    and the running proxy is not touched. Otherwise sends SIGHUP to the
+    supervisor found through server.pid_file (default: derived from the
+    file's path), waits for the result and prints it; exit 0 when the new
+    configuration serves, 1 when the proxy kept the old one (the reason is
+    printed), 3 when no running edgeproxy was found.
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        fail(error, 1)
+    from edgeproxy.server.supervisor import pid_file_of
+    pid_file = pid_file_of(config)
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError) as exc:
+        click.echo(f"edgeproxy: no running edgeproxy found through {pid_file}: "
+                   f"{getattr(exc, 'strerror', None) or exc}", err=True)
+        sys.exit(3)
+    result_file = pid_file + ".reload"
+
+    def last_seq() -> int:
+        try:
+            with open(result_file) as f:
+                return json.load(f)["seq"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    before = last_seq()
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if last_seq() > before:
+            with open(result_file) as f:
+                result = json.load(f)
+            if result["ok"]:
+                click.echo(f"reloaded: {result['message']}")
+                return
+            click.echo(f"edgeproxy: reload failed, still running the previous configuration:\n"
+                       f"{result['message']}", err=True)
+            sys.exit(1)
+    click.echo(f"edgeproxy: no reload result from process {pid} within {timeout:g}s", err=True)
+    sys.exit(1)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -249,7 +320,7 @@ def demo(ctx: click.Context, port: int) -> None:
             "Press Ctrl-C to stop.",
         ]))
         from edgeproxy.server import serve
-        code = serve(config)
+        code = serve(config, supervise=False)  # the origin thread must not be forked
     finally:
         origin.stop()
         certs.cleanup()

@@ -485,6 +485,27 @@ def backend(value: Any, path: str, reader: Reader) -> BackendConfig:
                          weight=weight, backup=backup)
 
 
+def admin_address(value: Any, path: str, reader: Reader) -> Bind:
+    """An explicit address for the admin listener: an IP literal or
+    "localhost", never a wildcard (it must not be reachable by accident)."""
+    bind = bind_address(value, path, reader)
+    if bind.host in ("", "0.0.0.0", "::") or (bind.host != "localhost"
+                                              and not is_ip(bind.host)):
+        raise Invalid(f"{show(bind.text)}: the admin listener needs an explicit IP address, "
+                      "e.g. \"127.0.0.1:9901\" (not a wildcard or a host name)")
+    if bind.port == 0:
+        raise Invalid(f"{show(bind.text)}: give the admin listener a port")
+    return bind
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def host_pattern(value: Any, path: str, reader: Reader) -> str:
     """An exact host name, or "*." followed by one (any subdomain)."""
     text = string(value, path, reader).lower()
@@ -526,6 +547,12 @@ def listen_finish(values: dict, path: str, reader: Reader) -> None:
     if values.get("redirect_http") is True and values.get("tls") not in (None, BAD):
         reader.error(key_path(path, "redirect_http"),
                      "only a plain (non-TLS) listener can redirect to HTTPS")
+
+
+def server_finish(values: dict, path: str, reader: Reader) -> None:
+    admin = values.get("admin")
+    if isinstance(admin, Bind):
+        values.update(admin=admin.text, admin_host=admin.host, admin_port=admin.port)
 
 
 def pool_tls_finish(values: dict, path: str, reader: Reader) -> None:
@@ -589,6 +616,17 @@ def config_finish(values: dict, path: str, reader: Reader) -> None:
                 if item.redirect_http is True:
                     reader.error(f"listen[{i}].redirect_http",
                                  "true but no listener has tls to redirect to")
+
+    server = values.get("server")
+    if isinstance(listen, tuple) and isinstance(server, ServerConfig) and server.admin:
+        admin_host = "127.0.0.1" if server.admin_host == "localhost" else normal_host(server.admin_host)
+        for i, item in enumerate(listen):
+            if item.port is BAD or item.host is BAD or item.port != server.admin_port:
+                continue
+            host = normal_host(item.host)
+            if host in (admin_host, "0.0.0.0", "::") or item.host == server.admin_host:
+                reader.error("server.admin", f"{show(server.admin)} is also listen[{i}] "
+                             f"({show(item.bind)}): the admin listener must not be public")
 
     if isinstance(routes, tuple):
         names = set(pools) if isinstance(pools, dict) else None
@@ -670,7 +708,11 @@ SERVER = Table(ServerConfig, (
     Key("workers", integer, at_least(0)),
     Key("server_header", text_line),
     Key("hide_headers", list_of(header_name_lower, what="header names")),
-))
+    Key("grace", number, at_least(0)),
+    Key("drain_timeout", number, at_least(0)),
+    Key("pid_file", file_path),
+    Key("admin", admin_address),
+), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(
     Key(name, number, above(0)) for name in ("connect", "read", "send", "header", "keepalive")

@@ -22,6 +22,12 @@ class ServerConfig:
     workers: int = 1                 # 0 = one per CPU
     server_header: str = ""          # "" sends no Server header
     hide_headers: tuple[str, ...] = ()  # extra response headers to remove (lower-case)
+    grace: float = 30.0              # SIGTERM: seconds requests in flight get to finish
+    drain_timeout: float = 300.0     # reload: seconds old workers keep long requests/WebSockets
+    pid_file: str | None = None      # None: derived from the config path (edgeproxy.server.supervisor)
+    admin: str | None = None         # admin listener as written, e.g. "127.0.0.1:9901"; None = off
+    admin_host: str = ""             # parsed from `admin`
+    admin_port: int = 0
 
     @property
     def hidden_headers(self) -> frozenset[str]:

@@ -1,11 +1,14 @@
 """One worker process: an event loop on uvloop serving every listener of the
 config through the compiled core, with its ticker (clock, Date line,
-timeouts, access-log flushes) and its signals.  `serve` starts one worker in
-this process, or forks N that share the listening sockets."""
+timeouts, access-log flushes, metrics gauges), its signals and its control
+channel to the supervisor.  `serve` runs the supervisor
+(edgeproxy.server.supervisor) or, without one, a single worker in this
+process."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -13,6 +16,7 @@ import socket
 import sys
 import time
 from email.utils import formatdate
+from typing import Callable
 
 import uvloop
 
@@ -23,7 +27,10 @@ from edgeproxy.server.accesslog import AccessLog
 
 log = logging.getLogger("edgeproxy.server")
 
-GRACE_DEFAULT = 30.0
+# A draining worker closes a keep-alive connection once it has been idle this
+# long; one in use gets "Connection: close" on its next response instead, so
+# a request is never cut by the close racing it.
+DRAIN_IDLE_CLOSE = 1.0
 
 
 def bind_socket(lc: ListenConfig) -> socket.socket:
@@ -52,19 +59,34 @@ def _tick_interval(config: Config) -> float:
 
 
 class Worker:
-    """The state of one worker process's loop."""
+    """The state of one worker process's loop.
 
-    def __init__(self, config: Config, socks: list[socket.socket], tls: dict | None = None):
+    `control` is this worker's end of a socket pair to the supervisor:
+    JSON lines, {"ready": true} or {"error": ...} up once at start, commands
+    down ({"cmd": "retire"} on reload, {"cmd": "backend", ...} from the
+    admin API).  Its EOF means the supervisor is gone: the worker drains and
+    exits.  `slot` is its metrics slot; `ops` the run-time backend changes
+    made since the configuration was loaded; `tls` the ServerTLS of each
+    HTTPS listener (by index), built by the parent before the fork."""
+
+    def __init__(self, config: Config, socks: list[socket.socket], *,
+                 control: socket.socket | None = None, slot=None, ops: list[dict] = (),
+                 tls: dict | None = None):
         self.config = config
         self.socks = socks
-        self.tls = tls or {}            # listen index -> ServerTLS
+        self.control = control
+        self.slot = slot
+        self.ops = list(ops)
+        self.tls = tls or {}
         self._next_expiry_check = 0.0
         self.loop = uvloop.new_event_loop()
         self.servers: list[asyncio.AbstractServer] = []
         self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
                            if config.log.access_log else None)
+        self.pools: dict = {}
+        self.backends: list = []      # metrics table: config order, then added ones
         self.exit_code = 0
-        self._stopping = False
+        self._drain_deadline: float | None = None
         self._date_second = -1
         self._ticker: asyncio.Task | None = None
 
@@ -86,6 +108,8 @@ class Worker:
         else:
             _ext.set_clock(now, None)
         _ext.expire_timeouts()
+        if self.slot is not None:
+            self.slot.publish(self.backends)
 
     async def _run_ticker(self, interval: float) -> None:
         while True:
@@ -95,10 +119,14 @@ class Worker:
     # -- start and stop --
 
     async def start(self) -> None:
+        _ext.set_request_id_prefix(os.urandom(6).hex().encode())
         self._tick()
         settings = build_settings(self.config, self.access_log)
-        pools = build_pools(self.config, client_tls=_client_tls)
-        router = build_router(self.config, pools)
+        self.pools = build_pools(self.config, client_tls=_client_tls)
+        self.backends = [b for pool in self.pools.values() for b in pool.backends]
+        router = build_router(self.config, self.pools)
+        for op in self.ops:
+            self.apply(op)
         for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks)):
             ssl_ctx = self.tls[i].context if i in self.tls else None
             factory = build_listener_factory(settings, router, lc, self.config)
@@ -109,27 +137,96 @@ class Worker:
                      os.getpid())
         self._ticker = self.loop.create_task(self._run_ticker(_tick_interval(self.config)))
 
-    async def drain(self, grace: float) -> None:
-        """Stop accepting, let requests in flight finish (up to grace
-        seconds), close idle connections."""
+    def drain(self, timeout: float) -> None:
+        """Stop accepting and let requests in flight finish, for at most
+        `timeout` seconds (a later, shorter timeout wins); then exit."""
+        deadline = self.loop.time() + timeout
+        if self._drain_deadline is not None:
+            self._drain_deadline = min(self._drain_deadline, deadline)
+            return
+        self._drain_deadline = deadline
         for srv in self.servers:
             srv.close()
         _ext.set_draining(True)
-        _ext.close_idle_clients()
-        deadline = self.loop.time() + grace
-        while _ext.stats()["client_connections"] and self.loop.time() < deadline:
+        self.loop.create_task(self._drain()).add_done_callback(lambda _: self.loop.stop())
+
+    async def _drain(self) -> None:
+        while True:
+            self._tick()
+            _ext.close_idle_clients(DRAIN_IDLE_CLOSE)
+            if not _ext.stats()["client_connections"]:
+                return
+            if self.loop.time() >= self._drain_deadline:
+                log.info("drain: %d connections still open after the timeout; closing them",
+                         _ext.stats()["client_connections"])
+                return
             await asyncio.sleep(0.05)
 
     def _on_signal(self, signum: int) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
-        log.info("signal %s: stopping", signal.Signals(signum).name)
         if signum == signal.SIGQUIT:
+            log.info("signal SIGQUIT: exiting now")
             self.loop.stop()
             return
-        task = self.loop.create_task(self.drain(GRACE_DEFAULT))
-        task.add_done_callback(lambda _: self.loop.stop())
+        log.info("signal %s: stopping (grace %gs)", signal.Signals(signum).name,
+                 self.config.server.grace)
+        self.drain(self.config.server.grace)
+
+    # -- control channel --
+
+    def _send(self, msg: dict) -> None:
+        if self.control is not None:
+            try:
+                self.control.sendall(json.dumps(msg).encode() + b"\n")
+            except OSError:
+                pass
+
+    def _on_control(self) -> None:
+        try:
+            data = self.control.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(self.control.fileno())
+            log.warning("supervisor gone: draining")
+            self.drain(self.config.server.grace)
+            return
+        self._ctl_buf += data
+        while b"\n" in self._ctl_buf:
+            line, _, self._ctl_buf = self._ctl_buf.partition(b"\n")
+            try:
+                msg = json.loads(line)
+                if msg.get("cmd") == "retire":
+                    log.info("retiring (configuration reloaded): draining for up to %gs",
+                             self.config.server.drain_timeout)
+                    self.drain(self.config.server.drain_timeout)
+                elif msg.get("cmd") == "backend":
+                    self.apply(msg["op"])
+            except Exception:
+                log.exception("bad control message %r", line[:200])
+
+    def apply(self, op: dict) -> None:
+        """A run-time backend change from the admin API (checked by the
+        supervisor): {"op": "drain"|"enable"|"add"|"remove", "pool", "backend", ...}."""
+        pool = self.pools[op["pool"]]
+        kind, name = op["op"], op["backend"]
+        if kind == "add":
+            pc = self.config.pools[op["pool"]]
+            b = _ext.Backend(op["host"], op["port"], weight=op.get("weight", 1),
+                             idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
+                             t_connect=self.config.timeout.connect)
+            pool.backends.append(b)
+            self.backends.append(b)
+            return
+        for b in list(pool.backends):
+            if b.name != name:
+                continue
+            if kind == "remove":
+                pool.backends.remove(b)
+                self.backends[self.backends.index(b)] = None
+            else:
+                b.up = kind == "enable"
 
     def _on_hup(self) -> None:
         """Reload changed certificates (off the loop); new handshakes use
@@ -149,11 +246,23 @@ class Worker:
             self.loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         try:
-            self.loop.run_until_complete(self.start())
+            try:
+                self.loop.run_until_complete(self.start())
+            except Exception as exc:
+                log.exception("worker failed to start")
+                self._send({"error": f"worker failed to start: {exc}"})
+                return 1
+            if self.control is not None:
+                self._ctl_buf = b""
+                self.control.setblocking(False)
+                self.loop.add_reader(self.control.fileno(), self._on_control)
+            self._send({"ready": True})
             self.loop.run_forever()
         finally:
             if self._ticker is not None:
                 self._ticker.cancel()
+            if self.slot is not None:
+                self.slot.publish(self.backends)
             if self.access_log is not None:
                 self.access_log.close()
             self.loop.close()
@@ -176,70 +285,21 @@ def build_tls(config: Config) -> dict:
     return tls
 
 
-def _worker_count(config: Config) -> int:
-    n = config.server.workers
-    return n if n > 0 else (os.cpu_count() or 1)
 
+def serve(config: Config, *, supervise: bool = True,
+          load: Callable[[], Config] | None = None) -> int:
+    """Run the proxy until a signal stops it; returns the exit code.
 
-def serve(config: Config) -> int:
-    """Run the proxy until a signal stops it; returns the exit code."""
+    With `supervise` (the default) a supervisor process owns the listening
+    sockets and runs the workers, and can reload: `load` reads the
+    configuration again (None: reload reuses `config`).  Without it, one
+    worker runs in this process (no reload, no admin listener)."""
+    if supervise:
+        from edgeproxy.server.supervisor import Supervisor
+        return Supervisor(config, load or (lambda: config)).run()
     tls = build_tls(config)
     socks = [bind_socket(lc) for lc in config.listen]
-    n = _worker_count(config)
-    if n == 1:
-        return Worker(config, socks, tls).run()
-    return _supervise(config, socks, n, tls)
-
-
-def _supervise(config: Config, socks: list[socket.socket], n: int, tls: dict) -> int:
-    """Fork n workers sharing the sockets; forward stop signals; replace a
-    worker that dies while not stopping."""
-    children: dict[int, int] = {}
-    stopping = False
-
-    def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = Worker(config, socks, tls).run()
-            except BaseException:
-                log.exception("worker %d crashed", os.getpid())
-            finally:
-                os._exit(code)
-        children[pid] = slot
-
-    def forward(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(s, forward)
-    signal.signal(signal.SIGHUP, lambda signum, _f: [os.kill(p, signum) for p in list(children)])
-    for i in range(n):
-        spawn(i)
-    log.info("supervisor %d: %d workers", os.getpid(), n)
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        slot = children.pop(pid, None)
-        if slot is None:
-            continue
-        if not stopping:
-            log.error("worker %d exited (%s); starting another", pid,
-                      f"signal {-os.waitstatus_to_exitcode(status)}"
-                      if os.WIFSIGNALED(status) else f"code {os.waitstatus_to_exitcode(status)}")
-            spawn(slot)
-    return 0
+    return Worker(config, socks, tls=tls).run()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,610 @@
+"""The supervisor: the parent process that owns the listening sockets and
+the metrics region, forks the workers, replaces a worker that dies, reloads
+the configuration without dropping a request, stops gracefully, and serves
+the admin listener.  It does no request work.
+
+A reload starts a new *generation* of workers on the new configuration
+(sockets of binds that stay are kept and shared, new binds are opened,
+removed ones closed), waits until every new worker is ready, then tells the
+old ones to retire: they stop accepting, answer requests in flight with
+"Connection: close", close idle keep-alive connections and exit when the
+last connection ends or after server.drain_timeout.  Connections waiting in
+a listening socket's queue are never lost: the socket itself is shared.
+
+Signals: SIGHUP reloads, SIGTERM/SIGINT stop gracefully (server.grace),
+SIGQUIT stops at once, SIGUSR1 is passed to the workers (reopen logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from edgeproxy.config import ConfigError
+from edgeproxy.config.load import normal_host
+from edgeproxy.config.model import Config, ListenConfig
+from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
+from edgeproxy.metrics.exposition import SlotLabels
+from edgeproxy.server.worker import Worker, bind_socket, build_tls
+from edgeproxy.tls import TLSConfigError
+
+log = logging.getLogger("edgeproxy.supervisor")
+
+READY_TIMEOUT = 20.0        # a new worker must be serving within this
+RESPAWN_QUICK_DEATH = 1.0   # a worker dying sooner than this is replaced after a pause
+RESPAWN_PAUSE = 0.5
+KILL_AFTER = 5.0            # beyond grace, workers still alive get SIGKILL
+
+
+def default_pid_file(config: Config) -> str:
+    """/tmp/edgeproxy-<hash>.pid, the hash of the config file's absolute
+    path (or, without a file, of the listen addresses)."""
+    if config.source:
+        key = os.path.abspath(config.source)
+    else:
+        key = " ".join(lc.bind for lc in config.listen)
+    return f"/tmp/edgeproxy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pid"
+
+
+def pid_file_of(config: Config) -> str:
+    return config.server.pid_file or default_pid_file(config)
+
+
+def worker_count(config: Config) -> int:
+    n = config.server.workers
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+def config_checksum(config: Config) -> str:
+    """sha256 of the file's bytes (what an operator can compare with
+    `sha256sum`), or of the dataclasses without a file."""
+    if config.source:
+        try:
+            with open(config.source, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            pass
+    return hashlib.sha256(repr(config).encode()).hexdigest()
+
+
+def _bind_key(lc: ListenConfig) -> tuple:
+    # port 0 (any free port) never matches another bind
+    return (normal_host(lc.host), lc.port) if lc.port else ("port0", lc.bind)
+
+
+@dataclass
+class Generation:
+    """The workers started from one configuration."""
+    number: int
+    config: Config
+    socks: list[socket.socket]
+    labels: SlotLabels
+    checksum: str
+    loaded_at: float
+    ops: list[dict] = field(default_factory=list)   # admin changes since the load
+    tls: dict = field(default_factory=dict)         # listen index -> ServerTLS, built here
+
+
+@dataclass
+class WorkerProcess:
+    pid: int
+    gen: Generation
+    slot: int | None
+    control: socket.socket
+    started: float
+    ready: asyncio.Future
+    retiring: bool = False
+    buf: bytes = b""
+
+
+class Supervisor:
+    def __init__(self, config: Config, load: Callable[[], Config]):
+        self.config = config
+        self.load = load
+        self.pid_file = pid_file_of(config)
+        self.socks: dict[tuple, socket.socket] = {}
+        self.gen: Generation | None = None
+        self.gen_count = 0
+        self.workers: dict[int, WorkerProcess] = {}
+        self.totals = Totals()
+        self.region: MetricsRegion | None = None
+        self.stopping = False
+        self.restarts = 0
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload: dict = {}
+        self.reload_seq = 0
+        self.admin = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._done: asyncio.Future | None = None
+        self._kill_handle = None
+
+    # -- sockets --
+
+    def _sockets_for(self, config: Config) -> tuple[list[socket.socket], list[socket.socket]]:
+        """The sockets of config's binds, in order, and those newly bound
+        (closed again if anything fails)."""
+        out, new = [], []
+        try:
+            for lc in config.listen:
+                key = _bind_key(lc)
+                sock = self.socks.get(key)
+                if sock is None:
+                    try:
+                        sock = bind_socket(lc)
+                    except OSError as exc:
+                        raise OSError(exc.errno, f"listen {lc.bind}: {exc.strerror}") from None
+                    new.append(sock)
+                else:
+                    sock.listen(lc.backlog)
+                out.append(sock)
+        except OSError:
+            for sock in new:
+                sock.close()
+            raise
+        return out, new
+
+    def _adopt_sockets(self, config: Config, socks: list[socket.socket]) -> None:
+        """Make config's sockets the supervisor's; close the others."""
+        keep = {_bind_key(lc): s for lc, s in zip(config.listen, socks)}
+        for key, sock in self.socks.items():
+            if keep.get(key) is not sock:
+                log.info("closing listener %s", key[1] if key[0] == "port0" else f"{key[0]}:{key[1]}")
+                sock.close()
+        self.socks = keep
+
+    # -- workers --
+
+    def _new_generation(self, config: Config, socks: list[socket.socket],
+                        tls: dict) -> Generation:
+        self.gen_count += 1
+        labels = SlotLabels(route_labels(config),
+                            [(name, _backend_name(b.host, b.port))
+                             for name, pc in config.pools.items() for b in pc.backends])
+        return Generation(self.gen_count, config, socks, labels, config_checksum(config),
+                          time.time(), tls=tls)
+
+    def _spawn(self, gen: Generation) -> WorkerProcess:
+        slot = self.region.take()
+        if slot is None:
+            log.warning("no free metrics slot: this worker's requests are not counted")
+        parent_end, child_end = socket.socketpair()
+        keep = {0, 1, 2, child_end.fileno(), *(s.fileno() for s in gen.socks)}
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                gc.freeze()   # nothing of the supervisor's is finalised here
+                asyncio.events._set_running_loop(None)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                            signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                _close_fds_except(keep)
+                ws = WorkerSlot(self.region, slot) if slot is not None else None
+                code = Worker(gen.config, gen.socks, control=child_end, slot=ws,
+                              ops=gen.ops, tls=gen.tls).run()
+            except BaseException:
+                log.exception("worker %d crashed", os.getpid())
+            finally:
+                os._exit(code)
+        child_end.close()
+        parent_end.setblocking(False)
+        w = WorkerProcess(pid, gen, slot, parent_end, time.monotonic(),
+                          self.loop.create_future())
+        self.workers[pid] = w
+        self.loop.add_reader(parent_end.fileno(), self._on_control, w)
+        log.info("worker %d started (generation %d)", pid, gen.number)
+        return w
+
+    def _on_control(self, w: WorkerProcess) -> None:
+        try:
+            data = w.control.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(w.control.fileno())
+            return
+        w.buf += data
+        while b"\n" in w.buf:
+            line, _, w.buf = w.buf.partition(b"\n")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if not w.ready.done():
+                if msg.get("ready"):
+                    w.ready.set_result(True)
+                elif "error" in msg:
+                    w.ready.set_exception(RuntimeError(msg["error"]))
+
+    def _send(self, w: WorkerProcess, msg: dict) -> None:
+        try:
+            w.control.send(json.dumps(msg).encode() + b"\n")
+        except OSError:
+            pass   # it is exiting; the reaper handles it
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            self._forget(w)
+            cause = _exit_cause(status)
+            if not w.ready.done():
+                log.error("worker %d exited before it was ready (%s)", pid, cause)
+                w.ready.set_exception(RuntimeError(f"worker {pid} exited before it was ready ({cause})"))
+                w.ready.exception()   # retrieved: the waiter may be gone
+            elif self.stopping or w.retiring:
+                log.info("worker %d exited (%s)", pid, cause)
+            elif w.gen is self.gen:
+                self.restarts += 1
+                quick = time.monotonic() - w.started < RESPAWN_QUICK_DEATH
+                log.error("worker %d died (%s); starting another%s", pid, cause,
+                          f" in {RESPAWN_PAUSE}s" if quick else "")
+                if quick:
+                    self.loop.call_later(RESPAWN_PAUSE, self._respawn, w.gen)
+                else:
+                    self._spawn(w.gen)
+            else:
+                log.warning("worker %d of an old generation exited (%s)", pid, cause)
+        if self.stopping and not self.workers and self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _respawn(self, gen: Generation) -> None:
+        if gen is self.gen and not self.stopping:
+            self._spawn(gen)
+
+    def _forget(self, w: WorkerProcess) -> None:
+        try:
+            self.loop.remove_reader(w.control.fileno())
+        except (ValueError, OSError):
+            pass
+        w.control.close()
+        if w.slot is not None:
+            self.totals.retire(self.region.slot(w.slot), w.gen.labels)
+            self.region.release(w.slot)
+
+    async def _start_generation(self, gen: Generation) -> None:
+        """Fork gen's workers and wait until all serve; on failure stop them
+        and raise RuntimeError with the first worker's error."""
+        started = [self._spawn(gen) for _ in range(worker_count(gen.config))]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.ready for w in started)), READY_TIMEOUT)
+        except (Exception, asyncio.TimeoutError) as exc:
+            for w in started:
+                if w.pid in self.workers:
+                    w.retiring = True
+                    _kill(w.pid, signal.SIGKILL)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise RuntimeError(f"new workers not ready within {READY_TIMEOUT:g}s") from None
+            raise RuntimeError(str(exc)) from None
+
+    # -- reload --
+
+    async def reload(self) -> tuple[bool, str]:
+        """Load the configuration again and switch to it; (ok, message)."""
+        async with self._reload_lock:
+            if self.stopping:
+                return False, "stopping"
+            ok, message = await self._reload()
+            if ok:
+                self.reloads_ok += 1
+                log.info("reload: %s", message)
+            else:
+                self.reloads_failed += 1
+                log.error("reload failed, nothing changed: %s", message)
+            self.reload_seq += 1
+            self.last_reload = {"seq": self.reload_seq, "ok": ok, "message": message,
+                                "time": time.time()}
+            self._write_reload_result()
+            return ok, message
+
+    async def _reload(self) -> tuple[bool, str]:
+        try:
+            config = await self.loop.run_in_executor(None, self.load)
+        except ConfigError as exc:
+            return False, str(exc)
+        except Exception as exc:  # an unreadable file, ...
+            return False, f"cannot load the configuration: {exc}"
+        try:
+            # certificates load (and are checked) here, before any worker:
+            # a bad one fails the reload and the old workers keep serving
+            tls = await self.loop.run_in_executor(None, build_tls, config)
+        except TLSConfigError as exc:
+            return False, str(exc)
+        try:
+            socks, new = self._sockets_for(config)
+        except OSError as exc:
+            return False, str(exc.strerror or exc)
+        gen = self._new_generation(config, socks, tls)
+        try:
+            await self._start_generation(gen)
+        except RuntimeError as exc:
+            for sock in new:
+                sock.close()
+            return False, str(exc)
+        old = self.gen
+        self.gen = gen
+        self.config = config
+        for w in list(self.workers.values()):
+            if w.gen is old:
+                w.retiring = True
+                self._send(w, {"cmd": "retire"})
+        self._adopt_sockets(config, socks)
+        return True, (f"generation {gen.number} serving with {worker_count(config)} workers; "
+                      f"config sha256 {gen.checksum[:12]}")
+
+    def _write_reload_result(self) -> None:
+        path = self.pid_file + ".reload"
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.last_reload, f)
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc.strerror)
+
+    # -- admin: run-time backend changes --
+
+    def backend_op(self, op: dict) -> tuple[int, str]:
+        """Apply an admin change to every worker of the current generation
+        (and to the ones started later, until the next reload).  (HTTP
+        status, message)."""
+        gen = self.gen
+        pool = gen.config.pools.get(op["pool"])
+        if pool is None:
+            return 404, f"no pool named {op['pool']!r}"
+        current = self._backends_of(gen, op["pool"])
+        name = op["backend"]
+        if op["op"] == "add":
+            if name in current:
+                return 409, f"{name} is already in pool {op['pool']}"
+            if len(gen.labels.backends) >= 1024:
+                return 507, "too many backends"
+            gen.labels.backends.append((op["pool"], name))
+        elif name not in current:
+            return 404, f"no backend {name} in pool {op['pool']}"
+        elif op["op"] == "remove":
+            if len(current) == 1:
+                return 409, f"{name} is the last backend of pool {op['pool']}"
+            for j, key in enumerate(gen.labels.backends):
+                if key == (op["pool"], name) and j not in gen.labels.removed:
+                    gen.labels.removed.add(j)
+        gen.ops.append(op)
+        for w in self.workers.values():
+            if w.gen is gen:
+                self._send(w, {"cmd": "backend", "op": op})
+        log.info("admin: %s backend %s in pool %s", op["op"], name, op["pool"])
+        return 200, f"{op['op']}: {name} in pool {op['pool']}"
+
+    def _backends_of(self, gen: Generation, pool: str) -> set[str]:
+        return {name for j, (p, name) in enumerate(gen.labels.backends)
+                if p == pool and j not in gen.labels.removed}
+
+    # -- metrics and status --
+
+    def snapshot(self):
+        live = [(self.region.slot(w.slot), w.gen.labels, w.gen is self.gen)
+                for w in self.workers.values() if w.slot is not None]
+        return self.totals.snapshot(live)
+
+    def info(self) -> dict:
+        return {"restarts": self.restarts, "reloads_ok": self.reloads_ok,
+                "reloads_failed": self.reloads_failed, "config_checksum": self.gen.checksum,
+                "config_loaded_at": self.gen.loaded_at}
+
+    def metrics_text(self) -> str:
+        return render_prometheus(self.snapshot(), self.info())
+
+    def status(self) -> dict:
+        snap = self.snapshot()
+        c = snap.counts
+        by_class: dict[str, int] = {}
+        routes: dict[str, dict] = {}
+        for (route, pool, cls), n in c.requests.items():
+            by_class[cls] = by_class.get(cls, 0) + n
+            entry = routes.setdefault(route, {"route": route, "pool": pool, "requests": {}})
+            entry["requests"][cls] = n
+        drained = {(op["pool"], op["backend"]) for op in self.gen.ops if op["op"] == "drain"}
+        backends = []
+        for e in sorted(snap.backends.values(), key=lambda e: (e["pool"], e["backend"])):
+            backends.append({**e, "drained": (e["pool"], e["backend"]) in drained})
+        return {
+            "pid": os.getpid(),
+            "generation": self.gen.number,
+            "config": {"source": self.gen.config.source, "checksum": self.gen.checksum,
+                       "loaded_at": self.gen.loaded_at},
+            "reloads": {"ok": self.reloads_ok, "failed": self.reloads_failed,
+                        "last": self.last_reload or None},
+            "workers": [{"pid": w.pid, "generation": w.gen.number,
+                         "state": "retiring" if w.retiring else
+                         ("serving" if w.ready.done() and not w.ready.exception() else "starting"),
+                         "uptime": round(time.monotonic() - w.started, 3)}
+                        for w in sorted(self.workers.values(), key=lambda w: w.pid)],
+            "worker_restarts": self.restarts,
+            "requests": {"total": sum(by_class.values()), "by_class": by_class,
+                         "routes": sorted(routes.values(), key=lambda r: r["route"])},
+            "connections": snap.gauges,
+            "bytes": {"in": c.bytes_in, "out": c.bytes_out},
+            "backends": backends,
+            "time": time.time(),
+        }
+
+    # -- stop --
+
+    def _on_stop(self, signum: int) -> None:
+        quick = signum == signal.SIGQUIT
+        if self.stopping and not quick:
+            return
+        log.info("signal %s: %s", signal.Signals(signum).name,
+                 "exiting now" if quick else f"stopping (grace {self.config.server.grace:g}s)")
+        self.stopping = True
+        for sock in self.socks.values():
+            sock.close()      # the workers keep their own copies while they drain
+        self.socks = {}
+        for pid in list(self.workers):
+            _kill(pid, signal.SIGQUIT if quick else signal.SIGTERM)
+        delay = 1.0 if quick else self.config.server.grace + KILL_AFTER
+        if self._kill_handle is not None:
+            self._kill_handle.cancel()
+        self._kill_handle = self.loop.call_later(delay, self._kill_all)
+        self._reap()
+
+    def _kill_all(self) -> None:
+        for pid in list(self.workers):
+            log.warning("worker %d did not stop: SIGKILL", pid)
+            _kill(pid, signal.SIGKILL)
+
+    def _forward(self, signum: int) -> None:
+        for pid in list(self.workers):
+            _kill(pid, signum)
+
+    # -- main --
+
+    def run(self) -> int:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            return self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
+
+    async def _main(self) -> int:
+        self._reload_lock = asyncio.Lock()
+        try:
+            self.tls = build_tls(self.config)   # in the parent: workers share ticket keys
+        except TLSConfigError as exc:
+            log.error("%s", exc)
+            return 2
+        self._done = self.loop.create_future()
+        n = worker_count(self.config)
+        self.region = MetricsRegion(max(64, 8 * n))
+        _raise_nofile_limit()
+        try:
+            socks, _ = self._sockets_for(self.config)
+        except OSError as exc:
+            log.error("%s", exc.strerror or exc)
+            return 1
+        self._adopt_sockets(self.config, socks)
+        self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self.loop.add_signal_handler(sig, self._on_stop, sig)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
+        self.loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
+        self.gen = self._new_generation(self.config, socks, self.tls)
+        try:
+            await self._start_generation(self.gen)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            self.stopping = True
+            if self.workers:
+                await asyncio.sleep(0.5)
+                self._reap()
+            return 1
+        if self.config.server.admin:
+            from edgeproxy.admin import start_admin
+            try:
+                self.admin = await start_admin(self, self.config.server.admin_host,
+                                               self.config.server.admin_port)
+            except OSError as exc:
+                log.error("admin listener %s: %s", self.config.server.admin, exc.strerror)
+                self._on_stop(signal.SIGTERM)
+        self._write_pid_file()
+        log.info("supervisor %d: %d workers, pid file %s", os.getpid(), n, self.pid_file)
+        try:
+            await self._done
+        finally:
+            if self.admin is not None:
+                self.admin.close()
+            self._remove_pid_file()
+        log.info("supervisor %d: stopped", os.getpid())
+        return 0
+
+    def _write_pid_file(self) -> None:
+        try:
+            with open(self.pid_file + ".tmp", "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(self.pid_file + ".tmp", self.pid_file)
+        except OSError as exc:
+            log.warning("cannot write the pid file %s: %s (edgeproxy reload will not find "
+                        "this process)", self.pid_file, exc.strerror)
+
+    def _remove_pid_file(self) -> None:
+        for path in (self.pid_file, self.pid_file + ".reload"):
+            try:
+                with open(path) as f:
+                    mine = path.endswith(".reload") or f.read().strip() == str(os.getpid())
+                if mine:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
+def _backend_name(host: str, port: int) -> str:
+    # as edgeproxy._ext.Backend.name spells it
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _exit_cause(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by signal {sig} ({name})"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    """In a new worker: close the supervisor's descriptors (other workers'
+    control sockets, the admin listener, removed listeners, the event loop's)."""
+    try:
+        fds = sorted(int(name) for name in os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _raise_nofile_limit() -> None:
+    """Take the hard limit of open files as the soft one (each connection
+    costs one or two descriptors); LimitNOFILE in the unit sets the hard one."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass

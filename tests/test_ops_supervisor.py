@@ -1,0 +1,111 @@
+"""The supervisor and its workers as real processes: shared sockets, a dead
+worker replaced, graceful stop on SIGTERM/SIGINT, SIGQUIT at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from harness import Client
+from ops_support import start, status, wait_until, worker_pids
+
+
+def test_workers_serve_and_a_dead_worker_is_replaced(proxy_factory, tmp_path, origin):
+    proxy, admin_port = start(proxy_factory, tmp_path, origin.url, workers=2, admin=True)
+    pids = wait_until(lambda: len(worker_pids(admin_port)) == 2 and worker_pids(admin_port),
+                      what="two workers")
+    assert proxy.proc.pid not in pids
+    for pid in pids:
+        assert os.getppid() != pid and open(f"/proc/{pid}/stat").read().split()[3] == str(proxy.proc.pid)
+    os.kill(pids[0], signal.SIGKILL)
+    new = wait_until(lambda: (p := worker_pids(admin_port)) and len(p) == 2 and pids[0] not in p and p,
+                     what="a replacement worker")
+    assert pids[1] in new
+    assert f"worker {pids[0]} died (killed by signal 9 (SIGKILL)); starting another" in proxy.log()
+    assert status(admin_port)["worker_restarts"] == 1
+    for _ in range(4):      # both workers answer on the shared socket
+        with Client(proxy.port) as c:
+            assert c.request("GET", "/size/10").status == 200
+
+
+def test_a_worker_exit_code_is_logged(proxy_factory, tmp_path, origin):
+    proxy, admin_port = start(proxy_factory, tmp_path, origin.url, admin=True)
+    pid = worker_pids(admin_port)[0]
+    os.kill(pid, signal.SIGUSR2)       # default action: the process ends by the signal
+    wait_until(lambda: f"worker {pid} died (killed by signal {int(signal.SIGUSR2)} (SIGUSR2))"
+               in proxy.log(), what="the death in the log")
+    wait_until(lambda: worker_pids(admin_port) and pid not in worker_pids(admin_port),
+               what="a replacement")
+    with Client(proxy.port) as c:
+        assert c.request("GET", "/size/3").body == b"xxx"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_lets_requests_in_flight_finish(proxy_factory, tmp_path, origin, sig):
+    proxy, _ = start(proxy_factory, tmp_path, origin.url)
+    idle = Client(proxy.port)
+    assert idle.request("GET", "/size/1").status == 200       # an idle keep-alive connection
+    result = {}
+
+    def slow():
+        with Client(proxy.port) as c:
+            result["r"] = c.request("GET", "/slow/1.5")
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_until(lambda: any(s.target == "/slow/1.5" for s in origin.requests), what="the request")
+    proxy.proc.send_signal(sig)
+    assert proxy.proc.wait(15) == 0
+    t.join(5)
+    r = result["r"]
+    assert r.status == 200 and r.body == b"slow"
+    assert r.header("connection") == "close"
+    assert idle.is_closed()
+    with pytest.raises(ConnectionRefusedError):
+        Client(proxy.port)
+    log = proxy.log()
+    assert "stopping (grace 5s)" in log and "supervisor" in log and "stopped" in log
+
+
+def test_grace_ends_a_request_that_does_not_finish(proxy_factory, tmp_path, origin):
+    proxy, _ = start(proxy_factory, tmp_path, origin.url, server_extra="")
+    proxy.config_path.write_text(proxy.config_path.read_text().replace("grace = 5", "grace = 0.5"))
+    c = Client(proxy.port)
+    c.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+    wait_until(lambda: any(s.target == "/hang" for s in origin.requests), what="the request")
+    proxy.proc.send_signal(signal.SIGHUP)          # take grace = 0.5
+    wait_until(lambda: "reload: generation 2" in proxy.log(), what="the reload")
+    c2 = Client(proxy.port)
+    c2.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+    wait_until(lambda: sum(s.target == "/hang" for s in origin.requests) == 2, what="request 2")
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(15) == 0
+    assert c2.is_closed()
+    assert "still open after the timeout" in proxy.log()
+    c.close()
+
+
+def test_sigquit_exits_at_once(proxy_factory, tmp_path, origin):
+    proxy, _ = start(proxy_factory, tmp_path, origin.url, server_extra="")
+    proxy.config_path.write_text(proxy.config_path.read_text().replace("grace = 5", "grace = 60"))
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload: generation 2" in proxy.log(), what="the reload")
+    with Client(proxy.port) as c:
+        c.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+        wait_until(lambda: any(s.target == "/hang" for s in origin.requests), what="the request")
+        proxy.proc.send_signal(signal.SIGQUIT)
+        assert proxy.proc.wait(10) == 0      # well before the 60 s grace
+        assert c.is_closed()
+    assert "signal SIGQUIT: exiting now" in proxy.log()
+
+
+def test_without_supervisor(proxy_factory, origin):
+    from harness import simple_config
+    proxy = proxy_factory(simple_config(origin.url), args=("--no-supervisor",))
+    with Client(proxy.port) as c:
+        assert c.request("GET", "/size/2").status == 200
+    assert "supervisor" not in proxy.log()
+    assert proxy.stop() == 0
