@@ -414,9 +414,16 @@ cdef class Group:
             if now_up != b.seen_up:
                 b.seen_up = now_up
                 if now_up:
+                    # the active checks vouch for it again: that ends a
+                    # passive ejection too
+                    if b.ejected:
+                        b.ejected = 0
+                        _log.info("pool %s: backend %s back (health checks pass)",
+                                  pool.name, b.name)
                     b.up_since = _now
                     b.cw = 0
                     b.fails = 0
+                    b.ejections = 0
             if pool.slow_start > 0 and b.up_since > 0 and b.up_since + pool.slow_start > ramp:
                 ramp = b.up_since + pool.slow_start
         self.ramp_until = ramp
@@ -592,3 +599,8 @@ def pools_tick():
     expires queued requests."""
     for p in _pools:
         (<Pool>p).tick()
+
+
+def clock():
+    """The loop time the worker's ticker last set (set_clock)."""
+    return _now

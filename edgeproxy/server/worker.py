@@ -18,6 +18,7 @@ import uvloop
 
 from edgeproxy import _ext
 from edgeproxy.config.model import Config, ListenConfig
+from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.server.accesslog import AccessLog
 
@@ -54,9 +55,18 @@ def _tick_interval(config: Config) -> float:
 class Worker:
     """The state of one worker process's loop."""
 
-    def __init__(self, config: Config, socks: list[socket.socket]):
+    def __init__(self, config: Config, socks: list[socket.socket],
+                 board: HealthBoard | None = None, slot: int = 0, monitor: bool = True):
         self.config = config
         self.socks = socks
+        # the health board shared with the other processes, this worker's row
+        # in it, and whether this loop also runs the health checks (one worker)
+        self.board = board or HealthBoard(config, 1)
+        self.slot = slot
+        self.monitor = monitor
+        self.pools: dict = {}
+        self.checker: HealthChecker | None = None
+        self.state_writer: StateWriter | None = None
         self.loop = uvloop.new_event_loop()
         self.servers: list[asyncio.AbstractServer] = []
         self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
@@ -76,9 +86,11 @@ class Worker:
             _ext.set_clock(now, b"Date: " + formatdate(wall, usegmt=True).encode() + b"\r\n")
             if self.access_log is not None:
                 self.access_log.flush()
+            self.board.write_worker(self.slot, os.getpid(), self.pools)
         else:
             _ext.set_clock(now, None)
         _ext.expire_timeouts()
+        _ext.pools_tick()
 
     async def _run_ticker(self, interval: float) -> None:
         while True:
@@ -91,6 +103,14 @@ class Worker:
         self._tick()
         settings = build_settings(self.config, self.access_log)
         pools = build_pools(self.config, client_tls=_client_tls)
+        self.board.attach(pools)
+        _ext.set_pools(pools.values())
+        self.pools = pools
+        if self.monitor:
+            self.checker = HealthChecker(self.config, self.board)
+            self.checker.start()
+            self.state_writer = StateWriter(self.config, self.board, self.checker)
+            self.state_writer.start()
         router = build_router(self.config, pools)
         for lc, sock in zip(self.config.listen, self.socks):
             ssl_ctx, extra = _server_tls(lc)
@@ -135,10 +155,25 @@ class Worker:
         finally:
             if self._ticker is not None:
                 self._ticker.cancel()
+            if self.checker is not None:
+                self.checker.stop()
+            if self.state_writer is not None:
+                self.state_writer.stop()
+            _finish_tasks(self.loop)
             if self.access_log is not None:
                 self.access_log.close()
             self.loop.close()
         return self.exit_code
+
+
+def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still pending on a stopped loop and let it unwind, so
+    closing the loop leaves no task behind."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
 def _client_tls(pool_config):
@@ -167,23 +202,30 @@ def serve(config: Config) -> int:
     """Run the proxy until a signal stops it; returns the exit code."""
     socks = [bind_socket(lc) for lc in config.listen]
     n = _worker_count(config)
+    board = HealthBoard(config, n)     # shared memory: made before any fork
     if n == 1:
-        return Worker(config, socks).run()
-    return _supervise(config, socks, n)
+        return Worker(config, socks, board).run()
+    return _supervise(config, socks, n, board)
 
 
-def _supervise(config: Config, socks: list[socket.socket], n: int) -> int:
-    """Fork n workers sharing the sockets; forward stop signals; replace a
-    worker that dies while not stopping."""
+def _supervise(config: Config, socks: list[socket.socket], n: int, board: HealthBoard) -> int:
+    """Fork n workers sharing the sockets, and the monitor (health checks,
+    state file) as slot n; forward stop signals; replace a child that dies
+    while not stopping."""
     children: dict[int, int] = {}
     stopping = False
+    supervisor = os.getpid()
 
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = Worker(config, socks).run()
+                if slot == n:
+                    from edgeproxy.health.monitor import run_monitor
+                    code = run_monitor(config, board, supervisor)
+                else:
+                    code = Worker(config, socks, board, slot, monitor=False).run()
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
@@ -201,7 +243,7 @@ def _supervise(config: Config, socks: list[socket.socket], n: int) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(s, forward)
-    for i in range(n):
+    for i in range(n + 1):
         spawn(i)
     log.info("supervisor %d: %d workers", os.getpid(), n)
     while children:
