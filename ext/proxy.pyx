@@ -820,6 +820,12 @@ cdef class ClientConn:
             u._pause()
 
     cdef _upstream_ready(self, UpstreamConn u, Backend b):
+        if u.transport is None:
+            # closed or reset between the connect and now: nothing was sent
+            _log.warning("backend %s: connection lost right after connecting", b.name)
+            _note_failure(b, "reset after connect")
+            self._upstream_failed(b, 502)
+            return
         if self.state == C_CLOSED or self.backend is not b or self.up is not None or self.upq is None:
             b.put_idle(u)        # the client went away meanwhile: keep the connection
             return

@@ -330,3 +330,63 @@ def test_max_conns_503_after_queue_timeout(origins, proxy_factory):
     assert first.read_response().status == 200
     first.close()
     assert [s.target for s in o.requests] == ["/slow/2.5"]
+
+
+def test_slow_start_ramps_a_returning_backend_up():
+    pool, (a, b) = make_pool([1, 1], slow_start=10.0)
+    try:
+        _ext.set_pools([pool])
+        b.ejected, b.eject_until = True, 1000.0
+        _ext.set_clock(999.0)
+        _ext.pools_tick()
+        assert b.ejected and not b.available
+        _ext.set_clock(1000.0)
+        _ext.pools_tick()                # the ejection ends: b starts its slow start
+        assert b.available and b.up_since == 1000.0
+        _ext.set_clock(1001.0)           # 10% of its weight
+        got = Counter(pool.pick_backend() for _ in range(1100))
+        assert 70 <= got[b] <= 130
+        _ext.set_clock(1005.0)           # 50%
+        got = Counter(pool.pick_backend() for _ in range(1500))
+        assert 450 <= got[b] <= 550
+        _ext.set_clock(1011.0)
+        _ext.pools_tick()                # over: back to the plain schedule
+        assert Counter(pool.pick_backend() for _ in range(100)) == {a: 50, b: 50}
+    finally:
+        _ext.set_pools([])
+
+
+@pytest.mark.parametrize("extra, error", [
+    ('balance = "random"', 'pool.web.balance: "random" is not one of'),
+    ('hash_key = "ip"', 'pool.web.hash_key: only used with balance = "hash"'),
+    ('balance = "hash"\nhash_key = "query:x"', 'pool.web.hash_key: "query:x" is not "ip"'),
+    ('health.interval = 1.0', "pool.web.health.path: missing (required)"),
+    ('health.path = "/h"\nhealth.expect = "399-200"', "pool.web.health.expect: \"399-200\": the range"),
+    ('health.path = "/h"\nhealth.rise = 0', "pool.web.health.rise: 0 must be 1 or more"),
+    ('passive.eject = 0', "pool.web.passive.eject: 0 must be greater than 0"),
+    ('retries = -1', "pool.web.retries: -1 must be 0 or more"),
+    ('queue_timeout = 0', "pool.web.queue_timeout: 0 must be greater than 0"),
+])
+def test_pool_config_errors_name_the_key(extra, error):
+    from edgeproxy.config import ConfigError, parse_config
+    text = '[[listen]]\nbind = "127.0.0.1:1"\n' + config(["http://127.0.0.1:2"], extra)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert any(e.startswith(error) for e in info.value.errors), info.value.errors
+
+
+def test_pool_config_reaches_the_compiled_pool():
+    from edgeproxy.config import parse_config
+    from edgeproxy.proxy import build_pools
+    text = '[[listen]]\nbind = "127.0.0.1:1"\n' + config(
+        ["http://127.0.0.1:2 weight=3", "http://127.0.0.1:3 backup"],
+        'balance = "hash"\nhash_key = "cookie:sid"\nretries = 1\nmax_conns = 7\n'
+        'queue_timeout = 2.5\nslow_start = 4.0\npassive.failures = 2\npassive.eject = 3.0\n'
+        'health.path = "/h"\nhealth.expect = "204"')
+    cfg = parse_config(text)
+    assert cfg.pools["web"].health.expect == (204, 204)
+    pool = build_pools(cfg)["web"]
+    assert (pool.balance, pool.hash_key, pool.retries, pool.max_conns, pool.queue_timeout,
+            pool.slow_start, pool.fail_max, pool.eject_base) == \
+        ("hash", "cookie:sid", 1, 7, 2.5, 4.0, 2, 3.0)
+    assert [b.weight for b in pool.backends] == [3, 1] and pool.backends[1].backup

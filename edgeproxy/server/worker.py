@@ -49,6 +49,11 @@ def bind_socket(lc: ListenConfig) -> socket.socket:
 def _tick_interval(config: Config) -> float:
     t = config.timeout
     shortest = min(t.connect, t.read, t.send, t.header, t.keepalive)
+    # pool ticks end ejections, notice health changes and expire queued requests
+    for pc in config.pools.values():
+        shortest = min(shortest, pc.queue_timeout)
+        if pc.health is not None:
+            shortest = min(shortest, pc.health.interval * 2)
     return max(0.02, min(1.0, shortest / 4))
 
 
