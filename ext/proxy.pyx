@@ -371,12 +371,29 @@ cdef class Backend:
     cdef public double idle_timeout
     cdef public double t_connect
     cdef public long long requests
-    cdef public int active
+    cdef public int active           # outstanding requests (this worker)
     cdef public int connects
     cdef list idle
+    # balancing and health (ext/balance.pyx)
+    cdef public bint backup          # only used when no primary is up
+    cdef public Pool pool
+    cdef public int index            # its place in the pool: a bit of ClientConn.tried
+    cdef HealthSlot *health          # the active checks' verdict, shared with the prober
+    cdef object health_mem           # keeps that shared memory mapped
+    cdef public int fails            # consecutive passive failures
+    cdef public long long failures_total
+    cdef public str last_error
+    cdef public bint ejected
+    cdef public double eject_until
+    cdef public int ejections        # in a row: the ejection time doubles
+    cdef public double up_since      # when it last became available (slow start)
+    cdef bint seen_up
+    cdef long long cw                # smooth weighted round-robin's current weight
+    cdef unsigned long long seed     # its identity for rendezvous hashing
 
     def __init__(self, host, port, *, scheme="http", weight=1, idle_max=1024,
-                 idle_timeout=60.0, t_connect=5.0, ssl=None, server_hostname=None):
+                 idle_timeout=60.0, t_connect=5.0, ssl=None, server_hostname=None,
+                 backup=False):
         self.host = host
         self.port = port
         self.scheme = scheme
@@ -393,7 +410,31 @@ cdef class Backend:
         self.active = 0
         self.connects = 0
         self.idle = []
+        self.backup = backup
+        self.health = &_always_up
+        self.seen_up = 1
+        self.last_error = ""
 
+    def attach_health(self, SharedMemory mem, Py_ssize_t offset):
+        """Read the active checks' verdict from this slot of shared memory."""
+        self.health = mem.slot_at(offset)
+        self.health_mem = mem
+
+    @property
+    def healthy(self):
+        """What the active checks say (True without checks)."""
+        return bool(self.health.up)
+
+    @property
+    def available(self):
+        """Whether pick() may choose it: up, healthy and not ejected."""
+        return _available(self)
+
+    cdef inline void release(self):
+        """A request on this backend is over: give its room to a queued one."""
+        self.active -= 1
+        if self.pool is not None and self.pool.waiting:
+            self.pool.wake()
     @property
     def idle_count(self):
         return len(self.idle)
@@ -439,6 +480,7 @@ async def _connect(Backend b, ClientConn c):
         _, up = await asyncio.wait_for(coro, b.t_connect)
     except asyncio.TimeoutError:
         _log.warning("backend %s: connect timed out after %.1fs", b.name, b.t_connect)
+        _note_failure(b, "connect timeout")
         c._upstream_failed(b, 504)
         return
     except ssl.SSLError as exc:
@@ -447,34 +489,25 @@ async def _connect(Backend b, ClientConn c):
         return
     except Exception as exc:
         _log.warning("backend %s: connect failed: %s", b.name, exc)
+        _note_failure(b, "connect: " + (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                                        else type(exc).__name__))
         c._upstream_failed(b, 502)
         return
     c._upstream_ready(<UpstreamConn>up, b)
 
 
-cdef class Pool:
-    """A named group of backends; pick() chooses one per request."""
-    cdef public str name
-    cdef public list backends
-    cdef size_t rr
-
-    def __init__(self, name, backends):
-        self.name = name
-        self.backends = list(backends)
-        self.rr = 0
-
-    cdef Backend pick(self):
-        cdef size_t n = len(self.backends), i
-        cdef Backend b
-        for i in range(n):
-            b = <Backend>self.backends[(self.rr + i) % n]
-            if b.up:
-                self.rr = (self.rr + i + 1) % n
-                return b
-        return None
-
-    def pick_backend(self):
-        return self.pick()
+cdef inline bint _is_idempotent(const char *m, size_t n) noexcept:
+    if n == 3:
+        return memcmp(m, b"GET", 3) == 0 or memcmp(m, b"PUT", 3) == 0
+    if n == 4:
+        return memcmp(m, b"HEAD", 4) == 0
+    if n == 5:
+        return memcmp(m, b"TRACE", 5) == 0
+    if n == 6:
+        return memcmp(m, b"DELETE", 6) == 0
+    if n == 7:
+        return memcmp(m, b"OPTIONS", 7) == 0
+    return 0
 
 
 cdef class Route:
@@ -603,12 +636,12 @@ cdef dict _REASONS = {
 }
 
 
-cdef bytes _error_response(ProxySettings cfg, int status, bint keep):
+cdef bytes _error_response(ProxySettings cfg, int status, bint keep, bytes extra=b""):
     cdef bytes reason = _REASONS.get(status, b"Error")
     cdef bytes body = b"%d %s\n" % (status, reason)
-    return (b"HTTP/1.1 %d %s\r\n%s%sContent-Type: text/plain; charset=utf-8\r\n"
+    return (b"HTTP/1.1 %d %s\r\n%s%s%sContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\n%s\r\n%s" % (
-                status, reason, cfg.server_line, _date_line, len(body),
+                status, reason, cfg.server_line, _date_line, extra, len(body),
                 b"" if keep else b"Connection: close\r\n", body))
 
 
@@ -630,6 +663,14 @@ cdef class ClientConn:
         list upq
         bytes up_head
         bint retried
+        # balancing (ext/balance.pyx)
+        Pool pool
+        unsigned long long hkey     # the request's hash key (hash pools)
+        unsigned long long tried    # a bit per Backend.index already tried
+        int attempts                # other backends tried so far
+        bint req_idem               # an idempotent method without a body
+        bint queued                 # waiting in pool.waiting for max_conns
+        double qdeadline
         int body_kind
         long long body_left
         ChunkState chunk
@@ -860,6 +901,8 @@ cdef class ClientConn:
         self.body_kind = hp.body
         self.resp_started = 0
         self.retried = 0
+        self.attempts = 0
+        self.tried = 0
         self.resp_bytes = 0
         self.resp_status = 0
         if cfg.access_log is not None:
@@ -884,14 +927,15 @@ cdef class ClientConn:
             return -1
         self.route_id = route.index
         pool = route.pool
-        b = pool.pick()
-        if b is None:
-            self._reply_error(503, hp.body == B_NONE)
+        self.pool = pool
+        _budget_note_request()
+        self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
+        b = pool.pick(self.hkey, 0)
+        if b is None and not pool.busy:
+            self._reply_unavailable(pool.retry_after(), hp.body == B_NONE)
             return -1
-        self.backend = b
-        b.requests += 1
-        b.active += 1
-        head = self._build_request_head(hp, b)
+        self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
+        head = self._build_request_head(hp, b if b is not None else <Backend>pool.backends[0])
         self.up_head = head
         if hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0):
             self.req_done = 1
@@ -899,6 +943,15 @@ cdef class ClientConn:
         else:
             self.req_done = 0
             self.state = C_BODY
+        if b is None:                # every backend that is up is at max_conns
+            self.up = None
+            self.upq = [head]
+            pool.enqueue(self)
+            return 0
+        self.backend = b
+        self.tried |= 1ULL << (b.index & 63)
+        b.requests += 1
+        b.active += 1
         u = b.take_idle()
         if u is not None:
             self._attach(u, 1)
@@ -924,6 +977,12 @@ cdef class ClientConn:
             u._pause()
 
     cdef _upstream_ready(self, UpstreamConn u, Backend b):
+        if u.transport is None:
+            # closed or reset between the connect and now: nothing was sent
+            _log.warning("backend %s: connection lost right after connecting", b.name)
+            _note_failure(b, "reset after connect")
+            self._upstream_failed(b, 502)
+            return
         if self.state >= C_LINGER or self.backend is not b or self.up is not None or self.upq is None:
             b.put_idle(u)        # the client went away meanwhile: keep the connection
             return
@@ -972,9 +1031,81 @@ cdef class ClientConn:
     cdef _upstream_failed(self, Backend b, int status):
         if self.state >= C_LINGER or self.backend is not b or self.upq is None:
             return
+        # nothing reached the backend: any request may go to another one
+        if self._try_other():
+            return
         self.upq = None
         self._resume(P_CONNECT)
         self._reply_error(status, self.req_done)
+
+    cdef bint _try_other(self):
+        """Send the request (self.upq) to another backend of the pool, within
+        the pool's retries and the worker's retry budget."""
+        cdef Pool pool = self.pool
+        cdef Backend b
+        if pool is None or self.attempts >= pool.retries or self.resp_started:
+            return 0
+        b = pool.pick(self.hkey, self.tried)
+        if b is None or not _budget_take():
+            return 0
+        self.attempts += 1
+        _log.info("pool %s: retrying on backend %s (%s failed)", pool.name, b.name,
+                  self.backend.name if self.backend is not None else "-")
+        if self.backend is not None:
+            self.backend.release()
+            self.backend = None
+        self._dispatch(b)
+        return 1
+
+    cdef bint _retry_sent(self):
+        """The request may have reached a backend that then failed before
+        answering: only an idempotent request without a body goes again."""
+        if not self.req_idem or self.upq is not None or self.up_head is None:
+            return 0
+        self.upq = [self.up_head]
+        self.up = None
+        if self._try_other():
+            return 1
+        self.upq = None
+        return 0
+
+    cdef void _dispatch(self, Backend b):
+        """Send the request held in self.upq to b (after a queue or a failure)."""
+        cdef UpstreamConn u
+        self.backend = b
+        self.tried |= 1ULL << (b.index & 63)
+        b.requests += 1
+        b.active += 1
+        u = b.take_idle()
+        if u is None:
+            b.connect(self)
+            return
+        q = self.upq
+        self.upq = None
+        self._attach(u, 1)
+        u.transport.writelines(q)
+        self._resume(P_CONNECT)
+
+    cdef void _reply_unavailable(self, int retry_after, bint keep):
+        """503: no backend can take the request now."""
+        if self.transport is None or self.state >= C_LINGER or self.resp_started:
+            self.close()
+            return
+        keep = keep and self.req_keep_alive and not self.eof and not _draining
+        self.resp_status = 503
+        resp = _error_response(self.cfg, 503, keep, b"Retry-After: %d\r\n" % retry_after)
+        self.transport.write(resp)
+        if self.in_req:
+            self.resp_head_len = len(resp)
+            self._request_end(503)
+        self.upq = None
+        self.queued = 0
+        if keep:
+            self.state = C_HEAD
+            self.deadline = _now + self.cfg.t_keepalive
+            self._resume(P_CONNECT)
+        else:
+            self._linger()
 
     cdef void _retry(self):
         """The pooled connection died before answering: send the request on
@@ -1103,7 +1234,7 @@ cdef class ClientConn:
         if self.in_req:
             self._request_end(self.resp_status)
         if self.backend is not None:
-            self.backend.active -= 1
+            self.backend.release()
         self.up = None
         self.up_head = None
         self.backend = None
@@ -1162,6 +1293,7 @@ cdef class ClientConn:
 
     cdef void _reply_error(self, int status, bint keep):
         """Answer a request ourselves (no response of the backend has started)."""
+        cdef Backend b
         if self.transport is None or self.state >= C_LINGER:
             return
         if self.resp_started:
@@ -1177,8 +1309,9 @@ cdef class ClientConn:
             self.resp_head_len = len(resp)
             self._request_end(status)
         if self.backend is not None:
-            self.backend.active -= 1
+            b = self.backend
             self.backend = None
+            b.release()
         if self.up is not None:
             self.up.client = None
             self.up.close()
@@ -1231,6 +1364,7 @@ cdef class ClientConn:
 
     cdef void _teardown(self):
         cdef UpstreamConn u
+        cdef Backend b
         if self.in_req:
             # cut before its response ended: 499 when none had started (as nginx logs)
             self._request_end(self.resp_status if self.resp_started else 499)
@@ -1241,12 +1375,14 @@ cdef class ClientConn:
         self.up = None
         self.upq = None
         self.pending = None
+        self.queued = 0
         if u is not None:
             u.client = None
             u.close()
         if self.backend is not None:
-            self.backend.active -= 1
+            b = self.backend
             self.backend = None
+            b.release()
 
 
 # ---- the backend side -----------------------------------------------------
@@ -1299,7 +1435,11 @@ cdef class UpstreamConn:
                 c._retry()
             else:
                 _log.warning("backend %s: closed the connection before answering", self.backend.name)
-                c._reply_error(502, c.req_done)
+                if not self.reused:
+                    _note_failure(self.backend, "closed before answering")
+                c.up = None
+                if not c._retry_sent():
+                    c._reply_error(502, c.req_done)
         elif was == U_BODY and self.body_kind == B_CLOSE:
             self._finish(c)
         elif was == U_HEAD:
@@ -1362,6 +1502,13 @@ cdef class UpstreamConn:
             self.close()
         elif c is not None and self.state == U_HEAD:
             _log.warning("backend %s: no response within %.1fs", self.backend.name, c.cfg.t_read)
+            _note_failure(self.backend, "read timeout")
+            if not self.got_bytes and c.req_done:
+                self.client = None
+                self.close()
+                c.up = None
+                if c._retry_sent():
+                    return
             c._reply_error(504, 0)
         elif c is not None:
             _log.warning("backend %s: response stalled", self.backend.name)
@@ -1510,6 +1657,8 @@ cdef class UpstreamConn:
     cdef void _start_body(self, ClientConn c):
         """Decide the framing toward the client and build its head into _out."""
         cdef HeadParser hp = _parser
+        if self.backend.fails or self.backend.ejections:
+            _note_success(self.backend)
         self.keep_alive = hp.keep_alive
         self.body_kind = hp.body
         self.decode = hp.body == B_CHUNKED and c.req_minor == 0

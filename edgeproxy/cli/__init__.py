@@ -1,4 +1,4 @@
-"""The `edgeproxy` command line: run the proxy, reload it, check a configuration, run the demo."""
+"""The `edgeproxy` command line: run and reload the proxy, check a configuration, show its backends, run the demo."""
 from __future__ import annotations
 
 import dataclasses
@@ -74,6 +74,7 @@ def main(ctx: click.Context, log_level: str | None) -> None:
       edgeproxy run -c /etc/edgeproxy/edgeproxy.toml
       edgeproxy run --listen 127.0.0.1:8080 --upstream http://127.0.0.1:5000
       edgeproxy check -c edgeproxy.toml
+      edgeproxy status -c edgeproxy.toml
       edgeproxy demo
 
     The configuration file format is described in docs/configuration.md.
@@ -251,6 +252,37 @@ def tls_problems(config: Config) -> list[str]:
         if any(b.scheme == "https" for b in pool.backends):
             problems += [f"pool.{name}.tls: {p}" for p in check_pool_tls(pool.tls)]
     return problems
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.option("-c", "--config", "config_path", metavar="FILE", required=True,
+              type=click.Path(dir_okay=False),
+              help="The configuration file the running proxy was started with.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw state as JSON.")
+def status(config_path: str, as_json: bool) -> None:
+    """Show every backend of a running proxy: up/down, outstanding requests,
+    failures and the last health check.
+
+    Reads the state file the proxy rewrites each second (server.state_file,
+    or one in the temp directory named after FILE). Exits 1 when no proxy
+    started with FILE is running.
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        fail(error, 2)
+    from edgeproxy.health.status import format_status, read_state, state_path
+    path = state_path(config)
+    data = read_state(path)
+    if data is None:
+        click.echo(f"edgeproxy: no running proxy for {config_path} (no fresh state in {path})",
+                   err=True)
+        sys.exit(1)
+    if as_json:
+        import json
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(format_status(data))
 
 
 def free_port(host: str) -> int:

@@ -29,8 +29,10 @@ from edgeproxy.config.model import (
     Config,
     LimitsConfig,
     ListenConfig,
+    HealthConfig,
     ListenTLSConfig,
     LogConfig,
+    PassiveConfig,
     PoolConfig,
     PoolTLSConfig,
     RouteConfig,
@@ -524,6 +526,33 @@ def url_path(value: Any, path: str, reader: Reader) -> str:
     return text
 
 
+def hash_key(value: Any, path: str, reader: Reader) -> str:
+    """"ip", "header:<name>" or "cookie:<name>"."""
+    text = string(value, path, reader)
+    kind, colon, name = text.partition(":")
+    kind = kind.strip().lower()
+    if kind == "ip" and not colon:
+        return "ip"
+    if kind == "header" and colon and TOKEN.fullmatch(name.strip()):
+        return "header:" + name.strip().lower()
+    if kind == "cookie" and colon and TOKEN.fullmatch(name.strip()):
+        return "cookie:" + name.strip()
+    raise Invalid(f"{show(text)} is not \"ip\", \"header:<name>\" or \"cookie:<name>\"")
+
+
+def status_range(value: Any, path: str, reader: Reader) -> tuple[int, int]:
+    """"200-399" or "200": the response statuses a health probe accepts."""
+    text = string(value, path, reader)
+    m = re.fullmatch(r"\s*([1-5]\d\d)\s*(?:-\s*([1-5]\d\d)\s*)?", text)
+    if not m:
+        raise Invalid(f"{show(text)} is not a status or a range like \"200-399\"")
+    low = int(m.group(1))
+    high = int(m.group(2) or low)
+    if high < low:
+        raise Invalid(f"{show(text)}: the range ends before it starts")
+    return (low, high)
+
+
 # --- checks: run on a converted value ----------------------------------------
 
 def above(limit: float) -> Callable[[Any], str | None]:
@@ -577,6 +606,14 @@ def pool_finish(values: dict, path: str, reader: Reader) -> None:
         seen.setdefault(address, i)
     if backends and not is_bad(backends) and all(b.backup for b in backends):
         reader.error(key_path(path, "backends"), "every backend is a backup; at least one must not be")
+
+
+def pool_balance_finish(values: dict, path: str, reader: Reader) -> None:
+    if "hash_key" in values and values.get("balance", "round_robin") not in ("hash", BAD):
+        reader.error(key_path(path, "hash_key"), "only used with balance = \"hash\"")
+    backends = values.get("backends")
+    if isinstance(backends, tuple) and len(backends) > 64:
+        reader.error(key_path(path, "backends"), f"{len(backends)} backends; at most 64 per pool")
 
 
 def cache_finish(values: dict, path: str, reader: Reader) -> None:
@@ -696,13 +733,36 @@ POOL_TLS = Table(PoolTLSConfig, (
     Key("client_key", readable_file),
 ), finish=pool_tls_finish)
 
+HEALTH = Table(HealthConfig, (
+    Key("path", url_path, required=True),
+    Key("interval", number, above(0)),
+    Key("timeout", number, above(0)),
+    Key("rise", integer, at_least(1)),
+    Key("fall", integer, at_least(1)),
+    Key("expect", status_range),
+))
+
+PASSIVE = Table(PassiveConfig, (
+    Key("failures", integer, at_least(0)),
+    Key("eject", number, above(0)),
+))
+
 POOL = Table(PoolConfig, (
     Key("backends", list_of(backend, what="backend URLs",
                                    empty="empty: at least one backend URL is required"), required=True),
     Key("keepalive", integer, at_least(0)),
     Key("keepalive_timeout", number, above(0)),
     Key("tls", POOL_TLS),
-), finish=pool_finish)
+    Key("balance", one_of("round_robin", "least_conn", "p2c", "hash")),
+    Key("hash_key", hash_key),
+    Key("health", HEALTH),
+    Key("passive", PASSIVE),
+    Key("retries", integer, at_least(0)),
+    Key("max_conns", integer, at_least(0)),
+    Key("queue_timeout", number, above(0)),
+    Key("slow_start", number, at_least(0)),
+), finish=lambda values, path, reader: (pool_finish(values, path, reader),
+                                        pool_balance_finish(values, path, reader)))
 
 SERVER = Table(ServerConfig, (
     Key("workers", integer, at_least(0)),
@@ -712,6 +772,7 @@ SERVER = Table(ServerConfig, (
     Key("drain_timeout", number, at_least(0)),
     Key("pid_file", file_path),
     Key("admin", admin_address),
+    Key("state_file", file_path),
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(

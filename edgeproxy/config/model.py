@@ -28,6 +28,7 @@ class ServerConfig:
     admin: str | None = None         # admin listener as written, e.g. "127.0.0.1:9901"; None = off
     admin_host: str = ""             # parsed from `admin`
     admin_port: int = 0
+    state_file: str | None = None    # where `edgeproxy status` reads pool state; None = derived
 
     @property
     def hidden_headers(self) -> frozenset[str]:
@@ -81,12 +82,36 @@ class PoolTLSConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    path: str                        # GET this on every backend; 2xx/3xx (see expect) is a pass
+    interval: float = 2.0            # seconds between two probes of one backend
+    timeout: float = 1.0             # a probe without a complete answer by then fails
+    rise: int = 2                    # consecutive passes that bring a down backend up
+    fall: int = 3                    # consecutive failures that take an up backend down
+    expect: tuple[int, int] = (200, 399)  # the statuses that pass, inclusive
+
+
+@dataclass(frozen=True)
+class PassiveConfig:
+    failures: int = 5                # consecutive connect errors/resets/timeouts that eject; 0 = off
+    eject: float = 10.0              # seconds out, doubled on each ejection in a row
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
     keepalive: int = 1024            # idle upstream connections kept per backend per worker
     keepalive_timeout: float = 60.0  # an idle upstream connection is closed after this
     tls: PoolTLSConfig = field(default_factory=PoolTLSConfig)  # used by https:// backends
+    balance: str = "round_robin"     # round_robin | least_conn | p2c | hash
+    hash_key: str = "ip"             # with hash: "ip", "header:<name>" or "cookie:<name>"
+    health: HealthConfig | None = None  # active checks; None = off
+    passive: PassiveConfig = field(default_factory=PassiveConfig)
+    retries: int = 2                 # other backends tried for one request
+    max_conns: int = 0               # outstanding requests per backend per worker; 0 = unlimited
+    queue_timeout: float = 5.0       # a request queued for max_conns gets 503 after this
+    slow_start: float = 0.0          # seconds over which a recovered backend's weight ramps up
 
 
 @dataclass(frozen=True)

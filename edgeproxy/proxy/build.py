@@ -43,8 +43,11 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
             backends.append(Backend(bc.host, bc.port, scheme=bc.scheme, weight=bc.weight,
                                     idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
                                     t_connect=config.timeout.connect, ssl=ctx,
-                                    server_hostname=sni))
-        pools[name] = Pool(name, backends)
+                                    server_hostname=sni, backup=bc.backup))
+        pools[name] = Pool(name, backends, balance=pc.balance, hash_key=pc.hash_key,
+                           retries=pc.retries, max_conns=pc.max_conns,
+                           queue_timeout=pc.queue_timeout, slow_start=pc.slow_start,
+                           failures=pc.passive.failures, eject=pc.passive.eject)
     return pools
 
 

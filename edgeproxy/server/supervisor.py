@@ -35,6 +35,7 @@ from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import SlotLabels
+from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.server.worker import Worker, bind_socket, build_tls
 from edgeproxy.tls import TLSConfigError
 
@@ -93,6 +94,7 @@ class Generation:
     loaded_at: float
     ops: list[dict] = field(default_factory=list)   # admin changes since the load
     tls: dict = field(default_factory=dict)         # listen index -> ServerTLS, built here
+    board: HealthBoard | None = None                # backend health shared with its workers
 
 
 @dataclass
@@ -105,6 +107,7 @@ class WorkerProcess:
     ready: asyncio.Future
     retiring: bool = False
     buf: bytes = b""
+    row: int = 0            # its row in the generation's health board
 
 
 class Supervisor:
@@ -172,13 +175,18 @@ class Supervisor:
         labels = SlotLabels(route_labels(config),
                             [(name, _backend_name(b.host, b.port))
                              for name, pc in config.pools.items() for b in pc.backends])
+        board = HealthBoard(config, worker_count(config))   # shared memory: before any fork
+        if self.gen is not None and self.gen.board is not None:
+            board.carry_over(self.gen.config, self.gen.board)  # health survives a reload
         return Generation(self.gen_count, config, socks, labels, config_checksum(config),
-                          time.time(), tls=tls)
+                          time.time(), tls=tls, board=board)
 
     def _spawn(self, gen: Generation) -> WorkerProcess:
         slot = self.region.take()
         if slot is None:
             log.warning("no free metrics slot: this worker's requests are not counted")
+        used = {w.row for w in self.workers.values() if w.gen is gen and not w.retiring}
+        row = min(set(range(worker_count(gen.config))) - used, default=0)
         parent_end, child_end = socket.socketpair()
         keep = {0, 1, 2, child_end.fileno(), *(s.fileno() for s in gen.socks)}
         pid = os.fork()
@@ -194,7 +202,8 @@ class Supervisor:
                 _close_fds_except(keep)
                 ws = WorkerSlot(self.region, slot) if slot is not None else None
                 code = Worker(gen.config, gen.socks, control=child_end, slot=ws,
-                              ops=gen.ops, tls=gen.tls).run()
+                              ops=gen.ops, tls=gen.tls, board=gen.board, board_row=row,
+                              monitor=False).run()
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
@@ -202,7 +211,7 @@ class Supervisor:
         child_end.close()
         parent_end.setblocking(False)
         w = WorkerProcess(pid, gen, slot, parent_end, time.monotonic(),
-                          self.loop.create_future())
+                          self.loop.create_future(), row=row)
         self.workers[pid] = w
         self.loop.add_reader(parent_end.fileno(), self._on_control, w)
         log.info("worker %d started (generation %d)", pid, gen.number)
@@ -299,6 +308,25 @@ class Supervisor:
                 raise RuntimeError(f"new workers not ready within {READY_TIMEOUT:g}s") from None
             raise RuntimeError(str(exc)) from None
 
+    # -- health: one prober for all workers, in this process's loop --
+
+    def _start_health(self, gen: Generation) -> None:
+        """Probe gen's backends (once per interval, whatever the number of
+        workers) and keep the state file; stops the previous generation's."""
+        self._stop_health()
+        self.checker = HealthChecker(gen.config, gen.board)
+        self.checker.start()
+        self.state_writer = StateWriter(gen.config, gen.board, self.checker, pid=os.getpid())
+        self.state_writer.start()
+
+    def _stop_health(self) -> None:
+        if getattr(self, "checker", None) is not None:
+            self.checker.stop()
+            self.checker = None
+        if getattr(self, "state_writer", None) is not None:
+            self.state_writer.stop()
+            self.state_writer = None
+
     # -- reload --
 
     async def reload(self) -> tuple[bool, str]:
@@ -346,6 +374,7 @@ class Supervisor:
         old = self.gen
         self.gen = gen
         self.config = config
+        self._start_health(gen)
         for w in list(self.workers.values()):
             if w.gen is old:
                 w.retiring = True
@@ -486,6 +515,7 @@ class Supervisor:
         try:
             return self.loop.run_until_complete(self._main())
         finally:
+            self._stop_health()
             self.loop.close()
 
     async def _main(self) -> int:
@@ -511,6 +541,7 @@ class Supervisor:
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
         self.loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
         self.gen = self._new_generation(self.config, socks, self.tls)
+        self._start_health(self.gen)
         try:
             await self._start_generation(self.gen)
         except RuntimeError as exc:

@@ -22,6 +22,7 @@ import uvloop
 
 from edgeproxy import _ext
 from edgeproxy.config.model import Config, ListenConfig
+from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.server.accesslog import AccessLog
 
@@ -55,6 +56,11 @@ def bind_socket(lc: ListenConfig) -> socket.socket:
 def _tick_interval(config: Config) -> float:
     t = config.timeout
     shortest = min(t.connect, t.read, t.send, t.header, t.keepalive)
+    # pool ticks end ejections, notice health changes and expire queued requests
+    for pc in config.pools.values():
+        shortest = min(shortest, pc.queue_timeout)
+        if pc.health is not None:
+            shortest = min(shortest, pc.health.interval * 2)
     return max(0.02, min(1.0, shortest / 4))
 
 
@@ -67,11 +73,15 @@ class Worker:
     admin API).  Its EOF means the supervisor is gone: the worker drains and
     exits.  `slot` is its metrics slot; `ops` the run-time backend changes
     made since the configuration was loaded; `tls` the ServerTLS of each
-    HTTPS listener (by index), built by the parent before the fork."""
+    HTTPS listener (by index), built by the parent before the fork.
+    `board` is the health state shared with the other processes and
+    `board_row` this worker's row in it; `monitor` says whether this loop
+    runs the health checks and the state file itself (a lone worker)."""
 
     def __init__(self, config: Config, socks: list[socket.socket], *,
                  control: socket.socket | None = None, slot=None, ops: list[dict] = (),
-                 tls: dict | None = None):
+                 tls: dict | None = None, board: HealthBoard | None = None,
+                 board_row: int = 0, monitor: bool = True):
         self.config = config
         self.socks = socks
         self.control = control
@@ -79,6 +89,11 @@ class Worker:
         self.ops = list(ops)
         self.tls = tls or {}
         self._next_expiry_check = 0.0
+        self.board = board or HealthBoard(config, 1)
+        self.board_row = board_row
+        self.monitor = monitor
+        self.checker: HealthChecker | None = None
+        self.state_writer: StateWriter | None = None
         self.loop = uvloop.new_event_loop()
         self.servers: list[asyncio.AbstractServer] = []
         self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
@@ -105,9 +120,11 @@ class Worker:
                 for stls in self.tls.values():
                     for warning in stls.expiry_warnings():
                         log.warning("%s", warning)
+            self.board.write_worker(self.board_row, os.getpid(), self.pools)
         else:
             _ext.set_clock(now, None)
         _ext.expire_timeouts()
+        _ext.pools_tick()
         if self.slot is not None:
             self.slot.publish(self.backends)
 
@@ -124,6 +141,13 @@ class Worker:
         settings = build_settings(self.config, self.access_log)
         self.pools = build_pools(self.config, client_tls=_client_tls)
         self.backends = [b for pool in self.pools.values() for b in pool.backends]
+        self.board.attach(self.pools)
+        _ext.set_pools(self.pools.values())
+        if self.monitor:
+            self.checker = HealthChecker(self.config, self.board)
+            self.checker.start()
+            self.state_writer = StateWriter(self.config, self.board, self.checker)
+            self.state_writer.start()
         router = build_router(self.config, self.pools)
         for op in self.ops:
             self.apply(op)
@@ -216,14 +240,14 @@ class Worker:
             b = _ext.Backend(op["host"], op["port"], weight=op.get("weight", 1),
                              idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
                              t_connect=self.config.timeout.connect)
-            pool.backends.append(b)
+            pool.set_backends(pool.backends + [b])
             self.backends.append(b)
             return
         for b in list(pool.backends):
             if b.name != name:
                 continue
             if kind == "remove":
-                pool.backends.remove(b)
+                pool.set_backends([x for x in pool.backends if x is not b])
                 self.backends[self.backends.index(b)] = None
             else:
                 b.up = kind == "enable"
@@ -263,10 +287,25 @@ class Worker:
                 self._ticker.cancel()
             if self.slot is not None:
                 self.slot.publish(self.backends)
+            if self.checker is not None:
+                self.checker.stop()
+            if self.state_writer is not None:
+                self.state_writer.stop()
+            _finish_tasks(self.loop)
             if self.access_log is not None:
                 self.access_log.close()
             self.loop.close()
         return self.exit_code
+
+
+def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is still pending on a stopped loop and let it unwind, so
+    closing the loop leaves no task behind."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
 def _client_tls(pool_config):
