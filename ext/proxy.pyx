@@ -366,8 +366,9 @@ cdef class Route:
     cdef public bint wildcard
     cdef public bytes path
     cdef public Pool pool
+    cdef public object cache         # the cache phase (edgeproxy.cache.phase.CachePhase) or None
 
-    def __init__(self, host, path, pool):
+    def __init__(self, host, path, pool, cache=None):
         self.wildcard = bool(host) and host.startswith("*.")
         if host is None:
             self.host = None
@@ -377,6 +378,7 @@ cdef class Route:
             self.host = host.lower().encode("ascii")
         self.path = path.encode("latin-1")
         self.pool = pool
+        self.cache = cache
 
 
 cdef class Router:
@@ -394,7 +396,7 @@ cdef class Router:
         self.wild.sort(key=key)
         self.default.sort(key=key)
 
-    cdef Pool _in(self, list routes, int kind, const char *h, size_t hl,
+    cdef Route _in(self, list routes, int kind, const char *h, size_t hl,
                   const char *p, size_t pl):
         cdef Route r
         cdef size_t rl, i
@@ -411,11 +413,11 @@ cdef class Router:
                     continue
             rl = len(r.path)
             if rl <= pl and memcmp(p, <const char *>r.path, rl) == 0:
-                return r.pool
+                return r
         return None
 
-    cdef Pool route(self, const char *host, size_t hl, const char *path, size_t pl):
-        cdef Pool pool
+    cdef Route route(self, const char *host, size_t hl, const char *path, size_t pl):
+        cdef Route found
         cdef size_t i
         # strip the port and a trailing dot
         if hl and host[0] == b'[':
@@ -432,21 +434,21 @@ cdef class Router:
             hl -= 1
         if hl:
             if self.exact:
-                pool = self._in(self.exact, 1, host, hl, path, pl)
-                if pool is not None:
-                    return pool
+                found = self._in(self.exact, 1, host, hl, path, pl)
+                if found is not None:
+                    return found
             if self.wild:
-                pool = self._in(self.wild, 2, host, hl, path, pl)
-                if pool is not None:
-                    return pool
+                found = self._in(self.wild, 2, host, hl, path, pl)
+                if found is not None:
+                    return found
         return self._in(self.default, 0, host, hl, path, pl)
 
     def route_for(self, host, path):
         """The pool name for a host and path, or None (for tests and tools)."""
         cdef bytes h = host.encode("latin-1") if isinstance(host, str) else host
         cdef bytes p = path.encode("latin-1") if isinstance(path, str) else path
-        pool = self.route(h, len(h), p, len(p))
-        return None if pool is None else pool.name
+        route = self.route(h, len(h), p, len(p))
+        return None if route is None else route.pool.name
 
 
 cdef class Listener:
@@ -485,6 +487,13 @@ cdef bytes _error_response(ProxySettings cfg, int status, bint keep):
             b"Content-Length: %d\r\n%s\r\n%s" % (
                 status, reason, cfg.server_line, _date_line, len(body),
                 b"" if keep else b"Connection: close\r\n", body))
+
+
+cdef list _field_list(HeadParser hp):
+    """The parsed head's fields as [(name, value)] (for the cache phase only)."""
+    cdef size_t i
+    return [(hp.fields[i].name[:hp.fields[i].name_len],
+             hp.fields[i].value[:hp.fields[i].value_len]) for i in range(hp.nfields)]
 
 
 # ---- the client side ------------------------------------------------------
@@ -529,6 +538,9 @@ cdef class ClientConn:
         bytes log_ua
         int resp_status
         long long resp_bytes
+        # the cache phase's object for this request (routes with cache only)
+        object cache
+        bint tee            # pass the response body bytes to cache.feed()
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -703,6 +715,7 @@ cdef class ClientConn:
         cdef UpstreamConn u
         cdef bytes head
         cdef ProxySettings cfg = self.cfg
+        cdef Route route
         _total_requests += 1
         self.nreq += 1
         self.deadline = 0
@@ -725,12 +738,15 @@ cdef class ClientConn:
         elif hp.body == B_CHUNKED:
             chunk_init(&self.chunk, CHUNK_LINE_MAX, cfg.max_head)
         if hp.has_host:
-            pool = self.lst.router.route(hp.host, hp.host_len, hp.target, hp.target_len)
+            route = self.lst.router.route(hp.host, hp.host_len, hp.target, hp.target_len)
         else:
-            pool = self.lst.router.route(b"", 0, hp.target, hp.target_len)
-        if pool is None:
+            route = self.lst.router.route(b"", 0, hp.target, hp.target_len)
+        if route is None:
             self._reply_error(404, hp.body == B_NONE)
             return -1
+        if route.cache is not None and hp.has_host:
+            return self._start_cached(route, hp)
+        pool = route.pool
         b = pool.pick()
         if b is None:
             self._reply_error(503, hp.body == B_NONE)
@@ -755,6 +771,106 @@ cdef class ClientConn:
             self.upq = [head]
             b.connect(self)
         return 0
+
+    cdef int _start_cached(self, Route route, HeadParser hp) except -2:
+        """A request on a route with a cache phase: the phase answers it
+        (respond), holds it (and later calls respond or forward), or returns
+        the head to forward now (its own, e.g. a revalidation, or ours)."""
+        cdef bytes head = self._build_request_head(hp, None)
+        cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
+        cdef object ctx = None
+        self.req_done = not has_body
+        self.state = C_BODY if has_body else C_WAIT
+        self.cache = None
+        self.tee = 0
+        try:
+            ctx = route.cache.on_request(
+                self, self.lst.proto, hp.method[:hp.method_len], hp.host[:hp.host_len],
+                (b"/" if hp.target_add_slash else b"") + hp.target[:hp.target_len],
+                _field_list(hp), head, has_body)
+        except Exception:
+            _log.exception("cache phase failed on a request; forwarding it")
+            ctx = None
+        if self.state != C_WAIT and self.state != C_BODY:
+            return -1            # answered from the cache (and maybe closed)
+        if ctx is None:
+            return self._dispatch(route.pool, head)
+        self.cache = ctx
+        fwd = ctx.head
+        if fwd is None:
+            return 0             # held: answered or forwarded later
+        return self._dispatch(route.pool, <bytes>fwd)
+
+    cdef int _dispatch(self, Pool pool, bytes head) except -2:
+        """Send the request head to a backend of pool (the request state is set)."""
+        cdef Backend b = pool.pick()
+        cdef UpstreamConn u
+        if b is None:
+            self._reply_error(503, self.req_done)
+            return -1
+        self.backend = b
+        b.requests += 1
+        b.active += 1
+        self.up_head = head
+        u = b.take_idle()
+        if u is not None:
+            self._attach(u, 1)
+            u.transport.write(head)
+        else:
+            self.up = None
+            self.upq = [head]
+            b.connect(self)
+        return 0
+
+    def forward(self, Pool pool, bytes head):
+        """Forward a request the cache phase held (a collapsed miss released
+        to the backend, a hit whose body vanished)."""
+        if self.state != C_WAIT or self.backend is not None or self.up is not None \
+                or self.transport is None:
+            return
+        self._dispatch(pool, head)
+
+    def respond(self, bytes head, bytes body, int status):
+        """Answer the current request from here (a cache hit, a stale answer):
+        head is the status line and fields, each ending in CRLF, without the
+        blank line; the core adds its own fields.  Then go on as after a
+        forwarded response (access log, keep-alive, pipelining)."""
+        cdef bint keep
+        cdef UpstreamConn u = self.up
+        if self.transport is None or self.state >= C_LINGER or self.state == C_HEAD \
+                or self.resp_started:
+            return
+        if u is not None:        # the caller pools or closes it
+            u.client = None
+            self.up = None
+        self.upq = None
+        keep = self.req_keep_alive and self.req_done and not self.eof and not _draining
+        self.resp_status = status
+        self.resp_started = 1
+        self.resp_keep = keep
+        self.resp_bytes = len(body)
+        self.transport.write(b"".join((
+            head, self.cfg.server_line, self.lst.resp_extra,
+            (b"Connection: keep-alive\r\n" if self.req_minor == 0 else b"") if keep
+            else b"Connection: close\r\n", b"\r\n", body)))
+        self._response_done()
+
+    cdef bytes _cache_response(self, HeadParser hp, UpstreamConn u):
+        """Show the response head to the cache phase: the field lines to add
+        to the client's head, or None.  The phase may answer instead
+        (respond: then self.up is no longer u)."""
+        cdef object ctx = self.cache
+        cdef bint framed = hp.body == B_CHUNKED and self.req_minor != 0
+        try:
+            r = ctx.on_response(self, hp.status, hp.reason[:hp.reason_len] if hp.reason_len else b"",
+                                _field_list(hp), framed, hp.content_length)
+        except Exception:
+            _log.exception("cache phase failed on a response; passing it on uncached")
+            return None
+        if r is None or self.up is not u:
+            return None
+        self.tee = r[1]
+        return <bytes>r[0]
 
     cdef void _attach(self, UpstreamConn u, bint reused):
         self.up = u
@@ -890,6 +1006,14 @@ cdef class ClientConn:
     cdef void _response_done(self):
         """The backend's response has been passed on whole."""
         cdef object owner
+        cdef object ctx = self.cache
+        if ctx is not None:
+            self.cache = None
+            self.tee = 0
+            try:
+                ctx.finished()
+            except Exception:
+                _log.exception("cache phase failed at the end of a response")
         if self.backend is not None:
             self.backend.active -= 1
         if self.cfg.access_log is not None:
@@ -922,6 +1046,10 @@ cdef class ClientConn:
         """Answer a request ourselves (no response of the backend has started)."""
         if self.transport is None or self.state >= C_LINGER:
             return
+        if self.cache is not None:
+            if not self.resp_started and 502 <= status <= 504 and self._cache_on_error(status):
+                return
+            self._cache_drop()
         if self.resp_started:
             self.close()
             return
@@ -943,6 +1071,30 @@ cdef class ClientConn:
             self.deadline = _now + self.cfg.t_keepalive
         else:
             self._linger()
+
+    cdef bint _cache_on_error(self, int status):
+        """The backend failed before answering: the cache phase may answer
+        (stale-if-error)."""
+        if self.up is not None:
+            self.up.client = None
+            self.up.close()
+            self.up = None
+        self.upq = None
+        try:
+            self.cache.on_backend_error(self, status)
+        except Exception:
+            _log.exception("cache phase failed on a backend error")
+        return self.state != C_WAIT and self.state != C_BODY
+
+    cdef void _cache_drop(self):
+        """The request ends without a complete response: tell the phase."""
+        cdef object ctx = self.cache
+        self.cache = None
+        self.tee = 0
+        try:
+            ctx.aborted()
+        except Exception:
+            _log.exception("cache phase failed on a cut response")
 
     cdef void _linger(self):
         """Close after an error answer without losing it: a close with unread
@@ -988,6 +1140,8 @@ cdef class ClientConn:
         self.state = C_CLOSED
         self.deadline = 0
         _conns.discard(self)
+        if self.cache is not None:
+            self._cache_drop()
         u = self.up
         self.up = None
         self.upq = None
@@ -1184,11 +1338,15 @@ cdef class UpstreamConn:
                         self.transport.write(bytes(q))
                     continue
                 self._start_body(c)
+                if self.client is not c:
+                    return
                 if self.state == U_BODY and self.body_kind == B_LENGTH and self.body_left <= INLINE_BODY:
                     # small response: head and body in one write
                     k = n - off
                     if k > self.body_left:
                         k = self.body_left
+                    if c.tee:
+                        c.cache.feed(base[off:off + <size_t>k])
                     _out.add(base + off, <size_t>k)
                     c.transport.write(_out.take())
                     off += <size_t>k
@@ -1205,6 +1363,8 @@ cdef class UpstreamConn:
                     k = n - off
                     if k > self.body_left:
                         k = self.body_left
+                    if c.tee:
+                        c.cache.feed(base[off:off + <size_t>k])
                     c.transport.write(_view(owner, off, off + <size_t>k))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>k
@@ -1220,6 +1380,8 @@ cdef class UpstreamConn:
                         c.close()
                         self.close()
                         return
+                    if c.tee:
+                        c.cache.feed(base[off:off + <size_t>m])
                     c.transport.write(_view(owner, off, off + <size_t>m))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>m
@@ -1234,6 +1396,8 @@ cdef class UpstreamConn:
                         self.close()
                         return
                     if sl:
+                        if c.tee:
+                            c.cache.feed(base[off + so:off + so + sl])
                         c.transport.write(_view(owner, off + so, off + so + sl))
                         _written_from_rbuf(c.transport, owner)
                         c.resp_bytes += sl
@@ -1241,6 +1405,8 @@ cdef class UpstreamConn:
                     if self.chunk.phase == CS_DONE:
                         self._finish(c)
                 else:   # B_CLOSE: everything until the backend closes
+                    if c.tee:
+                        c.cache.feed(base[off:n])
                     c.transport.write(_view(owner, off, n))
                     _written_from_rbuf(c.transport, owner)
                     c.resp_bytes += n - off
@@ -1258,6 +1424,17 @@ cdef class UpstreamConn:
     cdef void _start_body(self, ClientConn c):
         """Decide the framing toward the client and build its head into _out."""
         cdef HeadParser hp = _parser
+        cdef bytes extra = None
+        if c.cache is not None:
+            extra = c._cache_response(hp, self)
+            if self.client is not c:
+                # answered from the cache instead (revalidated, stale-if-error)
+                if hp.keep_alive and c.req_done and (hp.body == B_NONE or (
+                        hp.body == B_LENGTH and hp.content_length == 0)):
+                    self.backend.put_idle(self)
+                else:
+                    self.close()
+                return
         self.keep_alive = hp.keep_alive
         self.body_kind = hp.body
         self.decode = hp.body == B_CHUNKED and c.req_minor == 0
@@ -1274,6 +1451,10 @@ cdef class UpstreamConn:
         elif hp.body == B_CLOSE:
             self.state = U_BODY
         self._build_head_into(c, hp, 1)
+        if extra:                # the cache phase's fields (Cache-Status)
+            _out.n -= 2
+            _out.addb(extra)
+            _out.add(b"\r\n", 2)
 
     cdef bytes _build_head(self, ClientConn c, HeadParser hp, bint final):
         self._build_head_into(c, hp, final)
