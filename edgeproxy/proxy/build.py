@@ -48,8 +48,17 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
     return pools
 
 
-def build_router(config: Config, pools: dict[str, Pool]) -> Router:
-    return Router([Route(r.host, r.path, pools[r.pool]) for r in config.routes])
+def build_router(config: Config, pools: dict[str, Pool], cache=None) -> Router:
+    """The routing table; with `cache` (this worker's EdgeCache), routes with
+    `cache = true` carry a cache phase and the others nothing."""
+    routes = []
+    for r in config.routes:
+        phase = None
+        if r.cache and cache is not None:
+            from edgeproxy.cache.phase import CachePhase
+            phase = CachePhase(cache, pools[r.pool])
+        routes.append(Route(r.host, r.path, pools[r.pool], phase))
+    return Router(routes)
 
 
 def build_listener_factory(settings: ProxySettings, router: Router, listen: ListenConfig,

@@ -65,6 +65,7 @@ class Worker:
         self._stopping = False
         self._date_second = -1
         self._ticker: asyncio.Task | None = None
+        self.cache = None        # EdgeCache, opened in start() (after fork)
 
     # -- clock --
 
@@ -91,7 +92,8 @@ class Worker:
         self._tick()
         settings = build_settings(self.config, self.access_log)
         pools = build_pools(self.config, client_tls=_client_tls)
-        router = build_router(self.config, pools)
+        self.cache = _open_cache(self.config)
+        router = build_router(self.config, pools, self.cache)
         for lc, sock in zip(self.config.listen, self.socks):
             ssl_ctx, extra = _server_tls(lc)
             factory = build_listener_factory(settings, router, lc, extra)
@@ -137,8 +139,23 @@ class Worker:
                 self._ticker.cancel()
             if self.access_log is not None:
                 self.access_log.close()
+            if self.cache is not None:
+                self.cache.close()
             self.loop.close()
         return self.exit_code
+
+
+def _open_cache(config: Config):
+    """This worker's EdgeCache when a route caches, else None.  Each worker
+    opens the LMDB store itself, after fork (docs/cache.md)."""
+    if config.cache is None or not any(r.cache for r in config.routes):
+        return None
+    from edgeproxy.cache.phase import EdgeCache
+    from edgeproxy.cache.store import CacheStore
+    cache = EdgeCache(CacheStore.open(config.cache), config.cache,
+                      fetch_timeout=config.timeout.connect + config.timeout.read)
+    cache.spawn(cache.store.maintain_forever())
+    return cache
 
 
 def _client_tls(pool_config):
