@@ -496,6 +496,38 @@ cdef list _field_list(HeadParser hp):
              hp.fields[i].value[:hp.fields[i].value_len]) for i in range(hp.nfields)]
 
 
+cdef list _response_field_list(HeadParser hp, ProxySettings cfg):
+    """The response fields the client would get (as _build_head_into
+    filters them, plus the framing fields), for the cache phase: what the
+    core hides must not be stored and come back on a hit."""
+    cdef size_t i, nl
+    cdef unsigned char h
+    cdef const char *nm
+    cdef bytes hidden
+    cdef list out = []
+    for i in range(hp.nfields):
+        h = hp.hid[i]
+        nm = hp.fields[i].name
+        nl = hp.fields[i].name_len
+        if h == H_OTHER:
+            if hp.ntokens and hp.is_conn_token(nm, nl):
+                continue
+            for hidden in cfg.hide:
+                if _ieq(nm, nl, hidden, len(hidden)):
+                    break
+            else:
+                hidden = None
+            if hidden is not None:
+                continue
+        elif h == H_SERVER or h == H_X_POWERED_BY or h == H_X_ASPNET_VERSION \
+                or h == H_X_ASPNETMVC_VERSION or h == H_X_RUNTIME or h == H_CONNECTION \
+                or h == H_KEEP_ALIVE or h == H_PROXY_CONNECTION or h == H_UPGRADE \
+                or h == H_TE or h == H_TRAILER:
+            continue
+        out.append((nm[:nl], hp.fields[i].value[:hp.fields[i].value_len]))
+    return out
+
+
 # ---- the client side ------------------------------------------------------
 
 @cython.no_gc_clear
@@ -863,7 +895,8 @@ cdef class ClientConn:
         cdef bint framed = hp.body == B_CHUNKED and self.req_minor != 0
         try:
             r = ctx.on_response(self, hp.status, hp.reason[:hp.reason_len] if hp.reason_len else b"",
-                                _field_list(hp), framed, hp.content_length)
+                                _response_field_list(hp, self.cfg), framed,
+                                hp.content_length)
         except Exception:
             _log.exception("cache phase failed on a response; passing it on uncached")
             return None

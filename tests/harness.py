@@ -257,6 +257,9 @@ class Origin:
             fields.append(b"Vary: " + opt["vary"].encode())
         if "cookie" in opt:
             fields.append(b"Set-Cookie: session=1")
+        if "leaky" in opt:
+            fields += [b"Server: gunicorn/21", b"X-Powered-By: PHP/8", b"Connection: X-Hop",
+                       b"X-Hop: 1", b"X-Kept: yes"]
         head = b"\r\n".join(fields) + b"\r\n"
         if "etag" in opt and s.header("if-none-match") == etag.decode():
             w.write(b"HTTP/1.1 304 Not Modified\r\n" + head + b"\r\n")

@@ -151,8 +151,13 @@ def _open_cache(config: Config):
     if config.cache is None or not any(r.cache for r in config.routes):
         return None
     from edgeproxy.cache.phase import EdgeCache
-    from edgeproxy.cache.store import CacheStore
-    cache = EdgeCache(CacheStore.open(config.cache), config.cache,
+    from edgeproxy.cache.store import CacheError, CacheStore
+    try:
+        store = CacheStore.open(config.cache)
+    except CacheError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    cache = EdgeCache(store, config.cache,
                       fetch_timeout=config.timeout.connect + config.timeout.read)
     cache.spawn(cache.store.maintain_forever())
     return cache
