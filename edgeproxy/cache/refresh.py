@@ -5,8 +5,14 @@ import asyncio
 import logging
 from typing import Any
 
-from edgeproxy.http import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, ChunkedDecoder, HTTPError
-from edgeproxy.http import parse_response
+from edgeproxy.http import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    ChunkedDecoder,
+    HTTPError,
+    parse_response,
+)
 
 __all__ = ["fetch", "rewrite_head"]
 
@@ -38,8 +44,7 @@ async def fetch(backend: Any, head: bytes, *, timeout: float,
     max_body bytes."""
     try:
         return await asyncio.wait_for(_exchange(backend, head, max_body), timeout)
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, HTTPError,
-            ValueError) as exc:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, HTTPError, ValueError) as exc:
         log.info("cache: background request to %s failed: %s", backend.name, exc or type(exc))
         return None
 
