@@ -516,8 +516,9 @@ cdef class Route:
     cdef public bytes path
     cdef public Pool pool
     cdef public int index            # its row in the metrics slot (1..M_ROUTE_MAX-1; 0 = no route)
+    cdef public object cache         # the cache phase (edgeproxy.cache.phase.CachePhase) or None
 
-    def __init__(self, host, path, pool, index=0):
+    def __init__(self, host, path, pool, index=0, cache=None):
         self.index = index if 0 <= index < M_ROUTE_MAX else M_ROUTE_MAX - 1
         self.wildcard = bool(host) and host.startswith("*.")
         if host is None:
@@ -528,6 +529,7 @@ cdef class Route:
             self.host = host.lower().encode("ascii")
         self.path = path.encode("latin-1")
         self.pool = pool
+        self.cache = cache
 
 
 cdef class Router:
@@ -645,6 +647,45 @@ cdef bytes _error_response(ProxySettings cfg, int status, bint keep, bytes extra
                 b"" if keep else b"Connection: close\r\n", body))
 
 
+cdef list _field_list(HeadParser hp):
+    """The parsed head's fields as [(name, value)] (for the cache phase only)."""
+    cdef size_t i
+    return [(hp.fields[i].name[:hp.fields[i].name_len],
+             hp.fields[i].value[:hp.fields[i].value_len]) for i in range(hp.nfields)]
+
+
+cdef list _response_field_list(HeadParser hp, ProxySettings cfg):
+    """The response fields the client would get (as _build_head_into
+    filters them, plus the framing fields), for the cache phase: what the
+    core hides must not be stored and come back on a hit."""
+    cdef size_t i, nl
+    cdef unsigned char h
+    cdef const char *nm
+    cdef bytes hidden
+    cdef list out = []
+    for i in range(hp.nfields):
+        h = hp.hid[i]
+        nm = hp.fields[i].name
+        nl = hp.fields[i].name_len
+        if h == H_OTHER:
+            if hp.ntokens and hp.is_conn_token(nm, nl):
+                continue
+            for hidden in cfg.hide:
+                if _ieq(nm, nl, hidden, len(hidden)):
+                    break
+            else:
+                hidden = None
+            if hidden is not None:
+                continue
+        elif h == H_SERVER or h == H_X_POWERED_BY or h == H_X_ASPNET_VERSION \
+                or h == H_X_ASPNETMVC_VERSION or h == H_X_RUNTIME or h == H_CONNECTION \
+                or h == H_KEEP_ALIVE or h == H_PROXY_CONNECTION or h == H_UPGRADE \
+                or h == H_TE or h == H_TRAILER:
+            continue
+        out.append((nm[:nl], hp.fields[i].value[:hp.fields[i].value_len]))
+    return out
+
+
 # ---- the client side ------------------------------------------------------
 
 @cython.no_gc_clear
@@ -703,6 +744,9 @@ cdef class ClientConn:
         bytes req_id
         int resp_status
         long long resp_bytes
+        # the cache phase's object for this request (routes with cache only)
+        object cache
+        bint tee            # pass the response body bytes to cache.feed()
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -927,24 +971,42 @@ cdef class ClientConn:
             return -1
         self.route_id = route.index
         pool = route.pool
+        self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
+        self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
+        if route.cache is not None and hp.has_host:
+            return self._start_cached(route, hp)
         self.pool = pool
         _budget_note_request()
-        self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
         b = pool.pick(self.hkey, 0)
         if b is None and not pool.busy:
             self._reply_unavailable(pool.retry_after(), hp.body == B_NONE)
             return -1
-        self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
         head = self._build_request_head(hp, b if b is not None else <Backend>pool.backends[0])
-        self.up_head = head
         if hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0):
             self.req_done = 1
             self.state = C_WAIT
         else:
             self.req_done = 0
             self.state = C_BODY
-        if b is None:                # every backend that is up is at max_conns
-            self.up = None
+        return self._send_picked(pool, b, head)
+
+    cdef int _send_to_pool(self, Pool pool, bytes head) except -2:
+        """Pick a backend of pool and send it head (the request's state is set)."""
+        cdef Backend b
+        self.pool = pool
+        _budget_note_request()
+        b = pool.pick(self.hkey, 0)
+        if b is None and not pool.busy:
+            self._reply_unavailable(pool.retry_after(), self.req_done)
+            return -1
+        return self._send_picked(pool, b, head)
+
+    cdef int _send_picked(self, Pool pool, Backend b, bytes head) except -2:
+        """Send head to b, or queue it when every backend is at max_conns (b None)."""
+        cdef UpstreamConn u
+        self.up_head = head
+        self.up = None
+        if b is None:
             self.upq = [head]
             pool.enqueue(self)
             return 0
@@ -954,13 +1016,93 @@ cdef class ClientConn:
         b.active += 1
         u = b.take_idle()
         if u is not None:
+            self.upq = None
             self._attach(u, 1)
             u.transport.write(head)
         else:
-            self.up = None
             self.upq = [head]
             b.connect(self)
         return 0
+
+    cdef int _start_cached(self, Route route, HeadParser hp) except -2:
+        """A request on a route with a cache phase: the phase answers it
+        (respond), holds it (and later calls respond or forward), or returns
+        the head to forward now (its own, e.g. a revalidation, or ours)."""
+        cdef bytes head = self._build_request_head(hp, None)
+        cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
+        cdef object ctx = None
+        self.req_done = not has_body
+        self.state = C_BODY if has_body else C_WAIT
+        self.cache = None
+        self.tee = 0
+        try:
+            ctx = route.cache.on_request(
+                self, self.lst.proto, hp.method[:hp.method_len], hp.host[:hp.host_len],
+                (b"/" if hp.target_add_slash else b"") + hp.target[:hp.target_len],
+                _field_list(hp), head, has_body)
+        except Exception:
+            _log.exception("cache phase failed on a request; forwarding it")
+            ctx = None
+        if self.state != C_WAIT and self.state != C_BODY:
+            return -1            # answered from the cache (and maybe closed)
+        if ctx is None:
+            return self._send_to_pool(route.pool, head)
+        self.cache = ctx
+        fwd = ctx.head
+        if fwd is None:
+            return 0             # held: answered or forwarded later
+        return self._send_to_pool(route.pool, <bytes>fwd)
+
+    def forward(self, Pool pool, bytes head):
+        """Forward a request the cache phase held (a collapsed miss released
+        to the backend, a hit whose body vanished)."""
+        if self.state != C_WAIT or self.backend is not None or self.up is not None \
+                or self.transport is None:
+            return
+        self._send_to_pool(pool, head)
+
+    def respond(self, bytes head, bytes body, int status):
+        """Answer the current request from here (a cache hit, a stale answer):
+        head is the status line and fields, each ending in CRLF, without the
+        blank line; the core adds its own fields.  Then go on as after a
+        forwarded response (access log, keep-alive, pipelining)."""
+        cdef bint keep
+        cdef UpstreamConn u = self.up
+        if self.transport is None or self.state >= C_LINGER or self.state == C_HEAD \
+                or self.resp_started:
+            return
+        if u is not None:        # the caller pools or closes it
+            u.client = None
+            self.up = None
+        self.upq = None
+        keep = self.req_keep_alive and self.req_done and not self.eof and not _draining
+        self.resp_status = status
+        self.resp_started = 1
+        self.resp_keep = keep
+        self.resp_bytes = len(body)
+        self.transport.write(b"".join((
+            head, self.cfg.server_line, self.lst.resp_extra,
+            (b"Connection: keep-alive\r\n" if self.req_minor == 0 else b"") if keep
+            else b"Connection: close\r\n", b"\r\n", body)))
+        self._response_done()
+
+    cdef bytes _cache_response(self, HeadParser hp, UpstreamConn u):
+        """Show the response head to the cache phase: the field lines to add
+        to the client's head, or None.  The phase may answer instead
+        (respond: then self.up is no longer u)."""
+        cdef object ctx = self.cache
+        cdef bint framed = hp.body == B_CHUNKED and self.req_minor != 0
+        try:
+            r = ctx.on_response(self, hp.status, hp.reason[:hp.reason_len] if hp.reason_len else b"",
+                                _response_field_list(hp, self.cfg), framed,
+                                hp.content_length)
+        except Exception:
+            _log.exception("cache phase failed on a response; passing it on uncached")
+            return None
+        if r is None or self.up is not u:
+            return None
+        self.tee = r[1]
+        return <bytes>r[0]
 
     cdef void _attach(self, UpstreamConn u, bint reused):
         self.up = u
@@ -1231,8 +1373,16 @@ cdef class ClientConn:
     cdef void _response_done(self):
         """The backend's response has been passed on whole."""
         cdef object owner
+        cdef object ctx = self.cache
         if self.in_req:
             self._request_end(self.resp_status)
+        if ctx is not None:
+            self.cache = None
+            self.tee = 0
+            try:
+                ctx.finished()
+            except Exception:
+                _log.exception("cache phase failed at the end of a response")
         if self.backend is not None:
             self.backend.release()
         self.up = None
@@ -1296,6 +1446,10 @@ cdef class ClientConn:
         cdef Backend b
         if self.transport is None or self.state >= C_LINGER:
             return
+        if self.cache is not None:
+            if not self.resp_started and 502 <= status <= 504 and self._cache_on_error(status):
+                return
+            self._cache_drop()
         if self.resp_started:
             self.close()
             return
@@ -1322,6 +1476,30 @@ cdef class ClientConn:
             self.deadline = _now + self.cfg.t_keepalive
         else:
             self._linger()
+
+    cdef bint _cache_on_error(self, int status):
+        """The backend failed before answering: the cache phase may answer
+        (stale-if-error)."""
+        if self.up is not None:
+            self.up.client = None
+            self.up.close()
+            self.up = None
+        self.upq = None
+        try:
+            self.cache.on_backend_error(self, status)
+        except Exception:
+            _log.exception("cache phase failed on a backend error")
+        return self.state != C_WAIT and self.state != C_BODY
+
+    cdef void _cache_drop(self):
+        """The request ends without a complete response: tell the phase."""
+        cdef object ctx = self.cache
+        self.cache = None
+        self.tee = 0
+        try:
+            ctx.aborted()
+        except Exception:
+            _log.exception("cache phase failed on a cut response")
 
     cdef void _linger(self):
         """Close after an error answer without losing it: a close with unread
@@ -1371,6 +1549,8 @@ cdef class ClientConn:
         self.state = C_CLOSED
         self.deadline = 0
         _conns.discard(self)
+        if self.cache is not None:
+            self._cache_drop()
         u = self.up
         self.up = None
         self.upq = None
@@ -1582,11 +1762,15 @@ cdef class UpstreamConn:
                         self.transport.write(bytes(q))
                     continue
                 self._start_body(c)
+                if self.client is not c:
+                    return
                 if self.state == U_BODY and self.body_kind == B_LENGTH and self.body_left <= INLINE_BODY:
                     # small response: head and body in one write
                     k = n - off
                     if k > self.body_left:
                         k = self.body_left
+                    if c.tee:
+                        c.cache.feed(base[off:off + <size_t>k])
                     _out.add(base + off, <size_t>k)
                     c.transport.write(_out.take())
                     off += <size_t>k
@@ -1603,6 +1787,8 @@ cdef class UpstreamConn:
                     k = n - off
                     if k > self.body_left:
                         k = self.body_left
+                    if c.tee:
+                        c.cache.feed(base[off:off + <size_t>k])
                     c.transport.write(_view(owner, off, off + <size_t>k))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>k
@@ -1618,6 +1804,8 @@ cdef class UpstreamConn:
                         c.close()
                         self.close()
                         return
+                    if c.tee:
+                        c.cache.feed(base[off:off + <size_t>m])
                     c.transport.write(_view(owner, off, off + <size_t>m))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>m
@@ -1632,6 +1820,8 @@ cdef class UpstreamConn:
                         self.close()
                         return
                     if sl:
+                        if c.tee:
+                            c.cache.feed(base[off + so:off + so + sl])
                         c.transport.write(_view(owner, off + so, off + so + sl))
                         _written_from_rbuf(c.transport, owner)
                         c.resp_bytes += sl
@@ -1639,6 +1829,8 @@ cdef class UpstreamConn:
                     if self.chunk.phase == CS_DONE:
                         self._finish(c)
                 else:   # B_CLOSE: everything until the backend closes
+                    if c.tee:
+                        c.cache.feed(base[off:n])
                     c.transport.write(_view(owner, off, n))
                     _written_from_rbuf(c.transport, owner)
                     c.resp_bytes += n - off
@@ -1657,8 +1849,19 @@ cdef class UpstreamConn:
     cdef void _start_body(self, ClientConn c):
         """Decide the framing toward the client and build its head into _out."""
         cdef HeadParser hp = _parser
+        cdef bytes extra = None
         if self.backend.fails or self.backend.ejections:
             _note_success(self.backend)
+        if c.cache is not None:
+            extra = c._cache_response(hp, self)
+            if self.client is not c:
+                # answered from the cache instead (revalidated, stale-if-error)
+                if hp.keep_alive and c.req_done and (hp.body == B_NONE or (
+                        hp.body == B_LENGTH and hp.content_length == 0)):
+                    self.backend.put_idle(self)
+                else:
+                    self.close()
+                return
         self.keep_alive = hp.keep_alive
         self.body_kind = hp.body
         self.decode = hp.body == B_CHUNKED and c.req_minor == 0
@@ -1675,6 +1878,10 @@ cdef class UpstreamConn:
         elif hp.body == B_CLOSE:
             self.state = U_BODY
         self._build_head_into(c, hp, 1)
+        if extra:                # the cache phase's fields (Cache-Status)
+            _out.n -= 2
+            _out.addb(extra)
+            _out.add(b"\r\n", 2)
         c.resp_head_len = _out.n
 
     cdef bytes _build_head(self, ClientConn c, HeadParser hp, bint final):

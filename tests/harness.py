@@ -12,8 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
+from urllib.parse import parse_qs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +68,9 @@ class Origin:
         self.connections = 0
         self.requests: list[Seen] = []
         self.raw_heads: list[bytes] = []
+        self.hits: Counter[str] = Counter()      # /cache/<name> requests by name
+        self.version: Counter[str] = Counter()   # bump to change /cache/<name>'s body and ETag
+        self.failing: set[str] = set()           # /cache/<name> answering 500
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server = None
@@ -204,6 +210,8 @@ class Origin:
                 w.write(block[:k])
                 n -= k
                 await w.drain()
+        elif kind == "cache":
+            await self._cacheable(s, w, arg, parse_qs(s.target.partition("?")[2]))
         elif kind == "ws":
             if (s.header("upgrade") or "").lower() != "websocket":
                 w.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
@@ -220,6 +228,60 @@ class Origin:
             w.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found")
         await w.drain()
         return True
+
+
+    async def _cacheable(self, s: Seen, w, name: str, q: dict) -> None:
+        """/cache/<name>?cc=...: a response whose caching fields the query
+        chooses (cc, etag, lm, age, expires, vary, cookie, len, chunked,
+        delay); it counts its hits and answers If-None-Match with 304."""
+        self.hits[name] += 1
+        opt = {k: v[0] for k, v in q.items()}
+        if "delay" in opt:
+            await asyncio.sleep(float(opt["delay"]))
+        version = self.version[name]
+        fields = [b"Date: " + formatdate(time.time(), usegmt=True).encode()]
+        if name in self.failing:
+            w.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail")
+            return
+        if "cc" in opt:
+            fields.append(b"Cache-Control: " + opt["cc"].encode())
+        etag = b'"%s-%d"' % (name.encode(), version)
+        if "etag" in opt:
+            fields.append(b"ETag: " + etag)
+        if "lm" in opt:
+            fields.append(b"Last-Modified: Mon, 01 Jan 2024 00:00:00 GMT")
+        if "age" in opt:
+            fields.append(b"Age: " + opt["age"].encode())
+        if "expires" in opt:
+            fields.append(b"Expires: " + formatdate(time.time() + float(opt["expires"]),
+                                                    usegmt=True).encode())
+        if "vary" in opt:
+            fields.append(b"Vary: " + opt["vary"].encode())
+        if "cookie" in opt:
+            fields.append(b"Set-Cookie: session=1")
+        if "leaky" in opt:
+            fields += [b"Server: gunicorn/21", b"X-Powered-By: PHP/8", b"Connection: X-Hop",
+                       b"X-Hop: 1", b"X-Kept: yes"]
+        head = b"\r\n".join(fields) + b"\r\n"
+        if "etag" in opt and s.header("if-none-match") == etag.decode():
+            w.write(b"HTTP/1.1 304 Not Modified\r\n" + head + b"\r\n")
+            return
+        if "len" in opt:
+            body = bytes((i * 7 + version) % 251 for i in range(int(opt["len"])))
+        else:
+            variant = s.header(opt["vary"]) if "vary" in opt and opt["vary"] != "*" else ""
+            body = f"{name} v{version} {variant}".encode()
+        if "chunked" in opt:
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + head + b"\r\n")
+            if s.method != "HEAD":
+                for i in range(0, len(body), 1000):
+                    part = body[i:i + 1000]
+                    w.write(b"%x\r\n%s\r\n" % (len(part), part))
+                w.write(b"0\r\n\r\n")
+            return
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body) + head + b"\r\n")
+        if s.method != "HEAD":
+            w.write(body)
 
 
 # ---- proxy process ----------------------------------------------------------

@@ -51,11 +51,19 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
     return pools
 
 
-def build_router(config: Config, pools: dict[str, Pool]) -> Router:
-    """Route i of the config gets metrics row i + 1 (row 0 counts requests no
-    route took); see edgeproxy.metrics.route_labels."""
-    return Router([Route(r.host, r.path, pools[r.pool], i + 1)
-                   for i, r in enumerate(config.routes)])
+def build_router(config: Config, pools: dict[str, Pool], cache=None) -> Router:
+    """The routing table.  Route i of the config gets metrics row i + 1 (row
+    0 counts requests no route took; see edgeproxy.metrics.route_labels).
+    With `cache` (this worker's EdgeCache), routes with `cache = true` carry
+    a cache phase and the others nothing."""
+    routes = []
+    for i, r in enumerate(config.routes):
+        phase = None
+        if r.cache and cache is not None:
+            from edgeproxy.cache.phase import CachePhase
+            phase = CachePhase(cache, pools[r.pool])
+        routes.append(Route(r.host, r.path, pools[r.pool], i + 1, phase))
+    return Router(routes)
 
 
 def build_listener_factory(settings: ProxySettings, router: Router, listen: ListenConfig,

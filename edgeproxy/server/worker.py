@@ -104,6 +104,7 @@ class Worker:
         self._drain_deadline: float | None = None
         self._date_second = -1
         self._ticker: asyncio.Task | None = None
+        self.cache = None        # EdgeCache, opened in start() (after fork)
 
     # -- clock --
 
@@ -148,7 +149,8 @@ class Worker:
             self.checker.start()
             self.state_writer = StateWriter(self.config, self.board, self.checker)
             self.state_writer.start()
-        router = build_router(self.config, self.pools)
+        self.cache = _open_cache(self.config)
+        router = build_router(self.config, self.pools, self.cache)
         for op in self.ops:
             self.apply(op)
         for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks)):
@@ -294,6 +296,8 @@ class Worker:
             _finish_tasks(self.loop)
             if self.access_log is not None:
                 self.access_log.close()
+            if self.cache is not None:
+                self.cache.close()
             self.loop.close()
         return self.exit_code
 
@@ -306,6 +310,24 @@ def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
         t.cancel()
     if pending:
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+
+def _open_cache(config: Config):
+    """This worker's EdgeCache when a route caches, else None.  Each worker
+    opens the LMDB store itself, after fork (docs/cache.md)."""
+    if config.cache is None or not any(r.cache for r in config.routes):
+        return None
+    from edgeproxy.cache.phase import EdgeCache
+    from edgeproxy.cache.store import CacheError, CacheStore
+    try:
+        store = CacheStore.open(config.cache)
+    except CacheError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    cache = EdgeCache(store, config.cache,
+                      fetch_timeout=config.timeout.connect + config.timeout.read)
+    cache.spawn(cache.store.maintain_forever())
+    return cache
 
 
 def _client_tls(pool_config):

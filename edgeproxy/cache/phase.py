@@ -1,0 +1,452 @@
+"""The cache phase of the proxy core: looks requests up, answers hits, stores misses as they stream, revalidates, collapses concurrent misses.
+
+The compiled core calls it only on routes with `cache = true` (`Route.cache`),
+through these hooks (see ext/proxy.pyx, ClientConn._start_cached):
+
+- `CachePhase.on_request(conn, scheme, method, host, target, headers, head,
+  has_body)`: answer with `conn.respond(head, body, status)` and return
+  None, or return an `Exchange` whose `head` is the request head to forward
+  now (None: held; the exchange later calls `conn.respond` or
+  `conn.forward`), or return None to forward `head` untouched.
+- `Exchange.on_response(conn, status, reason, headers, framed,
+  content_length)`: the backend's response head; returns (field lines to
+  add, whether to pass the body to `feed`), or answers with `conn.respond`.
+- `Exchange.feed(data)`: body bytes as they go to the client (chunk framing
+  included when `framed`).
+- `Exchange.finished()` / `Exchange.aborted()`: the response ended whole / broke off.
+- `Exchange.on_backend_error(conn, status)`: no response (502, 503, 504):
+  may answer with a stale entry.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from edgeproxy.cache import policy
+from edgeproxy.cache.entry import CacheEntry
+from edgeproxy.cache.keys import cache_key
+from edgeproxy.cache.policy import Action, cache_status
+from edgeproxy.cache.refresh import fetch, rewrite_head
+from edgeproxy.cache.store import CacheError, CacheStore
+from edgeproxy.config.model import CacheConfig
+from edgeproxy.http import ChunkedDecoder, ParseError
+
+__all__ = ["CachePhase", "EdgeCache", "Exchange"]
+
+log = logging.getLogger("edgeproxy.cache")
+
+Headers = list[tuple[bytes, bytes]]
+
+SYNC_READ_MAX = 1 << 20     # hit bodies up to this are read on the loop (one mmap copy)
+COLLAPSE_WAIT = 5.0         # a collapsed request waits this long for the first one's entry
+_UNCACHED_METHODS = frozenset({b"OPTIONS", b"TRACE", b"CONNECT"})
+_CONDITIONAL = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
+                b"if-range", b"range")
+_CRLF = b"\r\n"
+
+
+def _status_line(value: bytes) -> bytes:
+    return b"Cache-Status: " + value + _CRLF
+
+
+class EdgeCache:
+    """One worker's view of the shared cache: the store, its settings, the
+    misses in flight (for collapsing) and the background refreshes."""
+
+    def __init__(self, store: CacheStore, config: CacheConfig, *, fetch_timeout: float = 30.0):
+        self.store = store
+        self.config = config
+        self.fetch_timeout = fetch_timeout
+        self.inflight: dict[bytes, Exchange] = {}   # primary key -> the GET miss filling it
+        self.refreshing: set[bytes] = set()         # keys revalidated in the background
+        self.invalidating: set[bytes] = set()       # keys being deleted: treated as absent
+        self.tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def lookup(self, key: bytes, headers: Headers):
+        if key in self.invalidating:
+            return None, False
+        found = self.store.lookup(key, headers)
+        return found.entry, found.vary_miss
+
+    def answer(self, conn: Any, entry: CacheEntry, method: bytes, headers: Headers,
+               now: float, status_value: bytes) -> bool:
+        """Answer conn from entry (304, 206, 416 or the stored response);
+        False when the body is gone (purged or evicted since the lookup)."""
+        hit = policy.respond_from_cache(entry, method, headers, now, status_value)
+        body = b""
+        if hit.body_end > hit.body_start:
+            body = self.store.read_body(entry, hit.body_start, hit.body_end)
+            if body is None:
+                return False
+        head = hit.head
+        if b"\r\ndate:" not in head.lower():
+            head += b"Date: " + policy.format_http_date(now) + _CRLF
+        conn.respond(head, body, hit.status)
+        return True
+
+    def invalidate(self, keys: list[bytes]) -> None:
+        """Delete keys (every variant) off the loop; until that is done this
+        worker treats them as absent."""
+        async def delete(key: bytes) -> None:
+            try:
+                await self.store.delete_async(key)
+            except CacheError as exc:
+                log.warning("%s", exc)
+            finally:
+                self.invalidating.discard(key)
+        for key in keys:
+            self.invalidating.add(key)
+            self.spawn(delete(key))
+
+    def refresh_in_background(self, pool: Any, key: bytes, entry: CacheEntry,
+                              headers: Headers, head: bytes) -> None:
+        """stale-while-revalidate: revalidate entry with a request of our own."""
+        if key in self.refreshing:
+            return
+        self.refreshing.add(key)
+        self.spawn(self._refresh(pool, key, entry, headers, head))
+
+    async def _refresh(self, pool: Any, key: bytes, entry: CacheEntry, headers: Headers,
+                       head: bytes) -> None:
+        try:
+            backend = pool.pick_backend()
+            if backend is None:
+                return
+            head = rewrite_head(head, _CONDITIONAL + (b"connection",),
+                                policy.revalidation_headers(entry) + [(b"Connection", b"close")])
+            request_time = time.time()
+            got = await fetch(backend, head, timeout=self.fetch_timeout,
+                              max_body=self.store.max_object)
+            now = time.time()
+            if got is None:
+                return
+            status, reason, rheaders, body = got
+            if status == 304:
+                updated = policy.apply_304(entry, rheaders, request_time, now,
+                                           heuristic=self.config.heuristic)
+                if updated is not None:
+                    await self.store.update_entry_async(updated)
+                    self.store.count("revalidated")
+                return
+            if status >= 500:
+                return           # keep serving stale as long as allowed
+            why = policy.why_not_storable(b"GET", status, headers, rheaders, now=now,
+                                          content_length=len(body),
+                                          max_object=self.store.max_object,
+                                          heuristic=self.config.heuristic)
+            if why is not None:
+                await self.store.delete_async(key)
+                return
+            fresh = policy.new_entry(key, headers, status, reason, rheaders, request_time, now,
+                                     heuristic=self.config.heuristic)
+            writer = self.store.begin(fresh)
+            if await writer.write_async(body):
+                await writer.commit_async()
+            else:
+                await writer.abort_async()
+        except Exception:
+            log.exception("cache: background revalidation of %s failed",
+                          key[:200].decode("latin-1"))
+        finally:
+            self.refreshing.discard(key)
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        self.store.close()
+
+
+class CachePhase:
+    """The cache hook of one route (`Route.cache`): its pool and the worker's EdgeCache."""
+
+    def __init__(self, cache: EdgeCache, pool: Any):
+        self.cache = cache
+        self.pool = pool
+
+    def on_request(self, conn: Any, scheme: bytes, method: bytes, host: bytes, target: bytes,
+                   headers: Headers, head: bytes, has_body: bool) -> Exchange | None:
+        cache = self.cache
+        if method != b"GET" and method != b"HEAD":
+            if method in _UNCACHED_METHODS:
+                return None
+            ex = Exchange(self, cache_key(scheme, host, target), method, headers, head)
+            ex.invalidates = (scheme, host, target)
+            return ex
+        if has_body:
+            return None
+        key = cache_key(scheme, host, target)
+        now = time.time()
+        try:
+            entry, vary_miss = cache.lookup(key, headers)
+        except CacheError as exc:
+            log.warning("%s", exc)
+            return None
+        d = policy.lookup_decision(entry, headers, now, vary_miss=vary_miss)
+        store = cache.store
+        if entry is not None and d.action in (Action.FRESH, Action.STALE,
+                                              Action.STALE_REVALIDATE_IN_BACKGROUND):
+            if entry.body_length > SYNC_READ_MAX and method == b"GET":
+                ex = Exchange(self, key, method, headers, head)
+                ex.head = None
+                cache.spawn(ex.answer_async(conn, entry, cache_status(hit=True, ttl=d.ttl)))
+                return ex
+            if cache.answer(conn, entry, method, headers, now, cache_status(hit=True, ttl=d.ttl)):
+                store.count("hits")
+                if d.action != Action.FRESH:
+                    store.count("stale")
+                if d.action == Action.STALE_REVALIDATE_IN_BACKGROUND:
+                    cache.refresh_in_background(self.pool, key, entry, headers, head)
+                return None
+            entry, d = None, policy.Decision(Action.MISS, "uri-miss", None)
+        if d.action == Action.GATEWAY_TIMEOUT:
+            conn.respond(b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\n"
+                         + _status_line(cache_status(detail="only-if-cached"))
+                         + b"Date: " + policy.format_http_date(now) + _CRLF, b"", 504)
+            return None
+        store.count("misses")
+        ex = Exchange(self, key, method, headers, head)
+        ex.fwd = d.fwd or "uri-miss"
+        ex.stale = entry
+        if entry is not None and (entry.etag or entry.last_modified):
+            ex.head = rewrite_head(head, _CONDITIONAL, policy.revalidation_headers(entry))
+            ex.revalidating = True
+        elif entry is None and method == b"GET":
+            leader = cache.inflight.get(key)
+            if leader is not None and not leader.settled:
+                ex.head = None           # collapse: wait for the leader's entry
+                leader.waiters.append(ex)
+                ex.wait_conn = conn
+                ex.timer = asyncio.get_running_loop().call_later(COLLAPSE_WAIT, ex.release)
+                return ex
+            cache.inflight[key] = ex
+            ex.leader = True
+        return ex
+
+
+class Exchange:
+    """One request on a cached route, from lookup to the end of its response."""
+
+    def __init__(self, phase: CachePhase, key: bytes, method: bytes, headers: Headers,
+                 head: bytes):
+        self.phase = phase
+        self.key = key
+        self.method = method
+        self.headers = headers
+        self.request_head = head           # as the core built it
+        self.head: bytes | None = head     # what the core forwards now; None: held
+        self.fwd = "uri-miss"
+        self.stale: CacheEntry | None = None
+        self.revalidating = False
+        self.invalidates: tuple[bytes, bytes, bytes] | None = None
+        self.request_time = time.time()
+        # collapsing
+        self.leader = False
+        self.settled = False
+        self.waiters: list[Exchange] = []
+        self.wait_conn: Any = None
+        self.timer: asyncio.TimerHandle | None = None
+        # storing
+        self.writer = None
+        self.decoder: ChunkedDecoder | None = None
+        self.parts: list[bytes] = []
+        self.ended: str | None = None      # "done" or "cut"
+        self.wakeup: asyncio.Event | None = None
+
+    # --- the backend's answer ---------------------------------------------------
+
+    def on_response(self, conn: Any, status: int, reason: bytes, headers: Headers,
+                    framed: bool, content_length: int) -> tuple[bytes, bool] | None:
+        cache = self.phase.cache
+        now = time.time()
+        if self.invalidates is not None:
+            scheme, host, target = self.invalidates
+            keys = policy.invalidation_keys(self.method, status, scheme, host, target, headers)
+            if keys:
+                cache.invalidate(keys)
+            return None
+        stale = self.stale
+        if stale is not None and self.revalidating and status == 304:
+            updated = policy.apply_304(stale, headers, self.request_time, now,
+                                       heuristic=cache.config.heuristic)
+            if updated is not None:
+                cache.spawn(cache.store.update_entry_async(updated))
+                cache.store.count("revalidated")
+                ttl = updated.lifetime - policy.current_age(updated, now)
+                if cache.answer(conn, updated, self.method, self.headers, now,
+                                cache_status(fwd=self.fwd, fwd_status=304, ttl=ttl)):
+                    return None
+            # the 304 does not select what we hold: it must not be used
+            cache.invalidate([self.key])
+        if stale is not None and status in policy.STALE_IF_ERROR_STATUSES and \
+                self._serve_stale(conn, now, status):
+            return None
+        why = policy.why_not_storable(self.method, status, self.headers, headers, now=now,
+                                      content_length=content_length,
+                                      max_object=cache.store.max_object,
+                                      heuristic=cache.config.heuristic)
+        if why is not None:
+            self._settle(False)
+            return _status_line(cache_status(fwd=self.fwd, fwd_status=status, detail=why)), False
+        entry = policy.new_entry(self.key, self.headers, status, reason, headers,
+                                 self.request_time, now, heuristic=cache.config.heuristic)
+        self.writer = cache.store.begin(entry)
+        if framed:
+            self.decoder = ChunkedDecoder()
+        self.wakeup = asyncio.Event()
+        cache.spawn(self._write_out())
+        return _status_line(cache_status(fwd=self.fwd, fwd_status=status, stored=True)), True
+
+    def on_backend_error(self, conn: Any, status: int) -> None:
+        if self.stale is not None:
+            self._serve_stale(conn, time.time(), None)
+
+    def _serve_stale(self, conn: Any, now: float, status: int | None) -> bool:
+        cache = self.phase.cache
+        if not policy.serve_stale_on_error(self.stale, self.headers, now,
+                                           stale_grace=cache.config.stale_grace):
+            return False
+        value = cache_status(fwd="stale", fwd_status=status, ttl=self.stale.lifetime
+                             - policy.current_age(self.stale, now), detail="stale-if-error")
+        if not cache.answer(conn, self.stale, self.method, self.headers, now, value):
+            return False
+        cache.store.count("stale")
+        return True
+
+    # --- the body, stored as it streams -------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self.writer is None or self.ended:
+            return
+        if self.decoder is not None:
+            try:
+                pieces, _ = self.decoder.feed(data)
+            except ParseError:
+                self._end("cut")
+                return
+            self.parts.extend(pieces)
+        else:
+            self.parts.append(data)
+        self.wakeup.set()
+
+    def finished(self) -> None:
+        if self.writer is not None:
+            complete = self.decoder is None or self.decoder.done
+            self._end("done" if complete else "cut")
+        elif not self.settled:
+            self._settle(False)
+
+    def aborted(self) -> None:
+        if self.timer is not None:       # a collapsed request whose client left
+            self.timer.cancel()
+            self.wait_conn = None
+        if self.writer is not None:
+            self._end("cut")
+        elif not self.settled:
+            self._settle(False)
+
+    def _end(self, how: str) -> None:
+        if self.ended is None:
+            self.ended = how
+            self.wakeup.set()
+
+    async def _write_out(self) -> None:
+        """Write the body into the store off the event loop, then commit (or abort)."""
+        writer = self.writer
+        stored = False
+        try:
+            while True:
+                await self.wakeup.wait()
+                self.wakeup.clear()
+                while self.parts and writer.failed is None:
+                    data = b"".join(self.parts)
+                    self.parts.clear()
+                    await writer.write_async(data)
+                if self.ended is not None:
+                    break
+            if self.ended == "done" and writer.failed is None:
+                stored = await writer.commit_async()
+                if stored:
+                    self.phase.cache.store.count("stores")
+            else:
+                await writer.abort_async()
+        except asyncio.CancelledError:
+            await asyncio.shield(writer.abort_async())
+            raise
+        finally:
+            self.writer = None
+            self._settle(stored)
+
+    # --- collapsing ------------------------------------------------------------
+
+    def _settle(self, stored: bool) -> None:
+        """The leader's outcome: waiters answer from the new entry or go to the backend."""
+        if self.settled:
+            return
+        self.settled = True
+        if not self.leader:
+            return
+        cache = self.phase.cache
+        if cache.inflight.get(self.key) is self:
+            del cache.inflight[self.key]
+        waiters, self.waiters = self.waiters, []
+        for w in waiters:
+            if stored:
+                w.answer_collapsed()
+            else:
+                w.release()
+
+    def answer_collapsed(self) -> None:
+        conn = self._take_conn()
+        if conn is None:
+            return
+        cache = self.phase.cache
+        now = time.time()
+        try:
+            entry, _ = cache.lookup(self.key, self.headers)
+        except CacheError:
+            entry = None
+        if entry is not None:
+            d = policy.lookup_decision(entry, self.headers, now)
+            if d.action == Action.FRESH and cache.answer(
+                    conn, entry, self.method, self.headers, now,
+                    cache_status(hit=True, ttl=d.ttl, collapsed=True)):
+                cache.store.count("hits")
+                return
+        self.request_time = time.time()
+        conn.forward(self.phase.pool, self.request_head)
+
+    def release(self) -> None:
+        """Stop waiting: forward the request to the backend."""
+        conn = self._take_conn()
+        if conn is not None:
+            self.request_time = time.time()
+            conn.forward(self.phase.pool, self.request_head)
+
+    def _take_conn(self) -> Any:
+        conn, self.wait_conn = self.wait_conn, None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        return conn
+
+    async def answer_async(self, conn: Any, entry: CacheEntry, status_value: bytes) -> None:
+        """A hit with a large body: read it in the store's threads, then answer."""
+        cache = self.phase.cache
+        hit = policy.respond_from_cache(entry, self.method, self.headers, time.time(),
+                                        status_value)
+        body = await cache.store.read_body_async(entry, hit.body_start, hit.body_end)
+        if body is None:
+            conn.forward(self.phase.pool, self.request_head)
+            return
+        head = hit.head
+        if b"\r\ndate:" not in head.lower():
+            head += b"Date: " + policy.format_http_date(time.time()) + _CRLF
+        cache.store.count("hits")
+        conn.respond(head, body, hit.status)
