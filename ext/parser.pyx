@@ -90,6 +90,30 @@ cdef inline bint _is_ows(char c) noexcept nogil:
     return c == 32 or c == 9
 
 
+cdef inline bint _next_element(const char *v, size_t vl, size_t *pos,
+                               size_t *start, size_t *end) noexcept nogil:
+    """The next non-empty element of a comma list (RFC 9110 5.6.1) from
+    *pos, without OWS: its bounds in *start, *end.  False at the end."""
+    cdef size_t j = pos[0], a, k
+    while j <= vl:
+        a = j
+        while j < vl and v[j] != b',':
+            j += 1
+        k = j
+        while a < k and _is_ows(v[a]):
+            a += 1
+        while k > a and _is_ows(v[k - 1]):
+            k -= 1
+        j += 1
+        if k > a:
+            pos[0] = j
+            start[0] = a
+            end[0] = k
+            return 1
+    pos[0] = j
+    return 0
+
+
 cdef int _classify(const char *n, size_t l) noexcept nogil:
     """The HeaderId of a field name."""
     cdef unsigned char c0
@@ -435,46 +459,26 @@ cdef class HeadParser:
             elif h == H_TRANSFER_ENCODING:
                 has_te = 1
                 j = 0
-                while j <= vl:
-                    start = j
-                    while j < vl and v[j] != b',':
-                        j += 1
-                    k = j
-                    while start < k and _is_ows(v[start]):
-                        start += 1
-                    while k > start and _is_ows(v[k - 1]):
-                        k -= 1
-                    if k > start:
-                        te_count += 1
-                        te_chunked = _ieq(v + start, k - start, b"chunked", 7)
-                    j += 1
+                while _next_element(v, vl, &j, &start, &k):
+                    te_count += 1
+                    te_chunked = _ieq(v + start, k - start, b"chunked", 7)
             elif h == H_CONNECTION:
                 j = 0
-                while j <= vl:
-                    start = j
-                    while j < vl and v[j] != b',':
-                        j += 1
-                    k = j
-                    while start < k and _is_ows(v[start]):
-                        start += 1
-                    while k > start and _is_ows(v[k - 1]):
-                        k -= 1
-                    if k > start:
-                        for ndig in range(<int>(k - start)):
-                            if not _tchar[<unsigned char>v[start + ndig]]:
-                                return self._fail(400 if is_request else 502, b"invalid Connection token")
-                        if self.ntokens == MAX_CONN_TOKENS:
-                            return self._fail(400 if is_request else 502, b"too many Connection tokens")
-                        self.tok[self.ntokens] = v + start
-                        self.tok_len[self.ntokens] = k - start
-                        self.ntokens += 1
-                        if _ieq(v + start, k - start, b"close", 5):
-                            self.conn_close = 1
-                        elif _ieq(v + start, k - start, b"keep-alive", 10):
-                            tok_keepalive = 1
-                        elif _ieq(v + start, k - start, b"upgrade", 7):
-                            tok_upgrade = 1
-                    j += 1
+                while _next_element(v, vl, &j, &start, &k):
+                    for ndig in range(<int>(k - start)):
+                        if not _tchar[<unsigned char>v[start + ndig]]:
+                            return self._fail(400 if is_request else 502, b"invalid Connection token")
+                    if self.ntokens == MAX_CONN_TOKENS:
+                        return self._fail(400 if is_request else 502, b"too many Connection tokens")
+                    self.tok[self.ntokens] = v + start
+                    self.tok_len[self.ntokens] = k - start
+                    self.ntokens += 1
+                    if _ieq(v + start, k - start, b"close", 5):
+                        self.conn_close = 1
+                    elif _ieq(v + start, k - start, b"keep-alive", 10):
+                        tok_keepalive = 1
+                    elif _ieq(v + start, k - start, b"upgrade", 7):
+                        tok_upgrade = 1
             elif h == H_UPGRADE:
                 has_upgrade_field = 1
             elif is_request and h == H_HOST:
@@ -525,20 +529,10 @@ cdef class HeadParser:
             v = self.fields[i].value
             vl = self.fields[i].value_len
             j = 0
-            while j <= vl:
-                start = j
-                while j < vl and v[j] != b',':
-                    j += 1
-                k = j
-                while start < k and _is_ows(v[start]):
-                    start += 1
-                while k > start and _is_ows(v[k - 1]):
-                    k -= 1
-                if k > start:
-                    if not _ieq(v + start, k - start, b"100-continue", 12):
-                        return self._fail(417, b"unsupported expectation")
-                    self.expect_continue = self.minor == 1
-                j += 1
+            while _next_element(v, vl, &j, &start, &k):
+                if not _ieq(v + start, k - start, b"100-continue", 12):
+                    return self._fail(417, b"unsupported expectation")
+                self.expect_continue = self.minor == 1
         return 0
 
     cdef int parse_request(self, const char *buf, size_t n, size_t last_len,
