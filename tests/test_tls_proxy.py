@@ -218,3 +218,52 @@ backends = ["http://127.0.0.1:5000"]
     assert out.returncode == 1
     assert "listen[0].tls" in out.stderr and "a.crt" in out.stderr
     assert "does not match" in out.stderr or "match" in out.stderr
+
+
+def _health_state(proxy, url):
+    from edgeproxy.config import load_config
+    from edgeproxy.health.status import read_state, state_path
+    data = read_state(state_path(load_config(proxy.config_path)))
+    for pool in (data or {}).get("pools", []):
+        for b in pool["backends"]:
+            if b["url"] == url:
+                return b
+    return None
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["verified", "unverified"])
+def test_active_health_checks_over_tls(tmp_path, ca, tls_origin, proxy_factory, trusted):
+    """Probes of an https backend use the pool's TLS settings: a backend
+    whose certificate does not verify is taken out, like one that fails."""
+    ca_path = (ca if trusted else CA("another root")).write(str(tmp_path), "pool-ca")
+    p = proxy_factory(f'''[[route]]
+path = "/"
+pool = "secure"
+[pool.secure]
+backends = ["{tls_origin.url}"]
+tls.ca = "{ca_path}"
+tls.server_name = "backend.test"
+health.path = "/size/0"
+health.interval = 0.2
+health.timeout = 1.0
+health.rise = 1
+health.fall = 1
+''')
+    deadline = time.monotonic() + 10
+    want = "up" if trusted else "down"
+    while time.monotonic() < deadline:
+        b = _health_state(p, tls_origin.url)
+        if b and b.get("state") == want and b.get("last_check"):
+            break
+        time.sleep(0.1)
+    assert b and b["state"] == want, b
+    probes = [r for r in tls_origin.requests if r.target == "/size/0"]
+    if trusted:
+        assert probes and probes[0].header("host") == "backend.test"
+        with Client(p.port) as c:
+            assert c.request("GET", "/size/4").status == 200
+    else:
+        assert not probes          # the handshake failed: nothing was sent
+        with Client(p.port) as c:
+            r = c.request("GET", "/size/4")
+        assert r.status == 503 and r.header("retry-after")
