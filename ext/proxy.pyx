@@ -21,7 +21,7 @@ import os
 
 cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, realloc, free
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memchr
@@ -792,6 +792,20 @@ cdef class ClientConn:
             owner = _rbuf
             self._feed(owner, _rbuf_ptr, <size_t>n)
 
+    def data_received(self, bytes data):
+        """The standard asyncio loop's path (it calls get_buffer only on
+        BufferedProtocol subclasses, which a compiled class cannot be)."""
+        cdef object owner
+        if self.state >= C_LINGER:
+            return
+        if self.pending is not None:
+            self.pending.extend(data)
+            owner = self.pending
+            self.pending = None
+            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        else:
+            self._feed(data, PyBytes_AS_STRING(data), len(data))
+
     def eof_received(self):
         self.eof = 1
         if self.state == C_LINGER:
@@ -833,7 +847,7 @@ cdef class ClientConn:
 
     cdef void _stash(self, object owner, const char *base, size_t off, size_t n):
         """Keep base[off:n] for later, without sharing the owner's memory."""
-        if owner is not _rbuf and off == 0 and isinstance(owner, bytearray):
+        if off == 0 and type(owner) is bytearray and owner is not _rbuf:
             self.pending = <bytearray>owner
         else:
             self.pending = bytearray(base[off:n])
@@ -1648,6 +1662,23 @@ cdef class UpstreamConn:
             owner = _rbuf
             self._feed(owner, _rbuf_ptr, <size_t>n)
 
+    def data_received(self, bytes data):
+        """The standard asyncio loop's path (see ClientConn.data_received)."""
+        cdef object owner
+        if self.client is None or self.state == U_IDLE:
+            self.close()
+            return
+        self.got_bytes = 1
+        if not self.paused:
+            self.deadline = _now + self.client.cfg.t_read
+        if self.pending is not None:
+            self.pending.extend(data)
+            owner = self.pending
+            self.pending = None
+            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        else:
+            self._feed(data, PyBytes_AS_STRING(data), len(data))
+
     def eof_received(self):
         return False
 
@@ -1723,7 +1754,7 @@ cdef class UpstreamConn:
                                            c.cfg.resp_max_head, c.cfg.resp_max_fields)
                 if r == 0:
                     self.pending_seen = n - off
-                    if owner is not _rbuf and off == 0:
+                    if off == 0 and type(owner) is bytearray and owner is not _rbuf:
                         self.pending = <bytearray>owner
                     else:
                         self.pending = bytearray(base[off:n])

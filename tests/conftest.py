@@ -28,7 +28,9 @@ def proxy_factory(tmp_path):
         p.stop()
 
 
-@pytest.fixture
-def proxy(origin, proxy_factory):
-    """A proxy with one route to the origin and short timeouts."""
-    return proxy_factory(simple_config(origin.url, "[timeout]\nread = 2.0\nheader = 1.0\nkeepalive = 2.0\n"))
+@pytest.fixture(params=["uvloop", "asyncio"])
+def proxy(request, origin, proxy_factory):
+    """A proxy with one route to the origin and short timeouts, on uvloop
+    and on the standard asyncio loop (EDGEPROXY_LOOP)."""
+    return proxy_factory(simple_config(origin.url, "[timeout]\nread = 2.0\nheader = 1.0\nkeepalive = 2.0\n"),
+                         env={"EDGEPROXY_LOOP": request.param})

@@ -15,11 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from bench import procfs
+from bench.cases import CACHE, PLAIN, TLS
+from bench.certs import make_run_cert
+from bench.cli import _case_names
+from bench.contenders import CONTENDERS, Setup
 from bench.origin import (
     FILES,
     UPLOAD_PATH,
@@ -261,3 +266,79 @@ def test_unknown_case_is_refused_by_name() -> None:
                           env=_env(), capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "unknown case get-2k" in done.stderr
+
+
+def test_case_groups_expand_in_registry_order() -> None:
+    assert _case_names("tls") == ["https-1k", "https-handshake"]
+    assert _case_names("cache,get-1k") == ["cache-hit-1k", "cache-hit-100k", "get-1k"]
+    assert "idle-10k" in _case_names("core") and "https-1k" not in _case_names("core")
+
+
+def test_configs_render_for_every_setup_with_the_run_certificate(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    cert = make_run_cert(tmp_path)
+    loaded = x509.load_pem_x509_certificate(cert.cert.read_bytes())
+    assert isinstance(loaded.public_key(), ec.EllipticCurvePublicKey)
+    assert loaded.public_key().curve.name == "secp256r1"
+    assert cert.key.stat().st_mode & 0o077 == 0 and cert.combined.stat().st_mode & 0o077 == 0
+    assert b"PRIVATE KEY" in cert.combined.read_bytes()
+    for setup in (PLAIN, TLS, CACHE):
+        s = Setup(tmp_path, free_port(), free_port(), 1024, NO_PIN, setup, cert)
+        servers = {name: c.server(s) for name, c in CONTENDERS.items()}
+        assert (servers["nginx"].client_tls is not None) == (setup == TLS)
+        nginx = (tmp_path / f"nginx-proxy-{setup}.conf").read_text()
+        haproxy = (tmp_path / f"haproxy-{setup}.cfg").read_text()
+        edge = tomllib.loads((tmp_path / f"edgeproxy-{setup}-{s.port}.toml").read_text())
+        assert edge["server"]["workers"] == 1
+        assert (f"{s.port} backlog=4096 ssl;" in nginx) == (setup == TLS)
+        assert (f"ssl crt {cert.combined}" in haproxy) == (setup == TLS)
+        assert ("tls" in edge["listen"][0]) == (setup == TLS)
+        assert ("proxy_cache bench_cache;" in nginx) == (setup == CACHE)
+        assert ("cache-use bench_cache" in haproxy) == (setup == CACHE)
+        assert any(r.get("cache") for r in edge["route"]) == (setup == CACHE)
+        if setup == TLS:
+            assert f"ssl_ciphers {cert.ciphers};" in nginx and f"ciphers {cert.ciphers}" in haproxy
+            assert edge["listen"][0]["tls"]["certs"] == [{"cert": str(cert.cert),
+                                                          "key": str(cert.key)}]
+        if shutil.which("haproxy"):
+            done = subprocess.run(["haproxy", "-c", "-f", str(tmp_path / f"haproxy-{setup}.cfg")],
+                                  check=False, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stdout + done.stderr
+        if nginx_binary():
+            done = subprocess.run([nginx_binary(), "-t", "-p", str(tmp_path), "-c",
+                                   str(tmp_path / f"nginx-proxy-{setup}.conf"),
+                                   "-e", str(tmp_path / "nginx-t.log")],
+                                  check=False, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+
+
+@needs_tools
+def test_https_and_cache_cases_measure_verified_hits(tmp_path: Path) -> None:
+    contenders = _contenders()
+    argv = [sys.executable, "-m", "bench", "--cases", "https-1k,cache-hit-1k", "--duration", "1",
+            "--rounds", "1", "--warmup", "0", "--contenders", contenders,
+            "--results-dir", str(tmp_path)]
+    done = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    names = contenders.split(",")
+    for name in names:
+        instances = {i["setup"]: i for i in doc["contenders"][name]["instances"]}
+        assert sorted(instances) == [CACHE, TLS]
+        assert instances[TLS]["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
+        assert f"[cache-hit-1k cache check] {name}" in done.stderr
+    rows = {(r["case"], r["contender"]): r for r in doc["results"]}
+    for case in ("https-1k", "cache-hit-1k"):
+        for name in names:
+            row = rows[(case, name)]
+            assert row["errors"] == [] and row["median"]["req_s"] > 0, row
+            assert row["median"]["http_errors"] == 0 and row["median"]["socket_errors"] == 0
+    for name in names:  # the nginx origin counts what got past the caches: nothing
+        assert rows[("cache-hit-1k", name)]["median"]["origin_requests"] == 0
+    pids = doc["settings"]["origin_pids"]
+    pids += [p for c in doc["contenders"].values() for p in c["pids"]]
+    assert pids and all(_gone(p) for p in pids)
+    assert not Path(doc["settings"]["workdir"]).exists()  # the certificate's key with it

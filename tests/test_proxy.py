@@ -308,3 +308,40 @@ def test_slow_backend_upload_does_not_buffer(proxy, origin):
         r = c.read_response()
     assert r.status == 200
     assert proxy.rss_peak_kib() < 100 * 1024
+
+
+def test_response_head_in_pieces(proxy_factory, tmp_path):
+    """A backend that sends its head a few bytes at a time (both loops)."""
+    import asyncio
+    import threading
+
+    from harness import simple_config
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Slow: yes\r\nContent-Length: 5\r\n\r\nhello"
+
+    async def slow(r, w):
+        while True:
+            try:
+                await r.readuntil(b"\r\n\r\n")
+            except Exception:
+                return
+            for i in range(0, len(head), 3):
+                w.write(head[i:i + 3])
+                await w.drain()
+                await asyncio.sleep(0.002)
+
+    loop = asyncio.new_event_loop()
+    srv = loop.run_until_complete(asyncio.start_server(slow, "127.0.0.1", 0))
+    port = srv.sockets[0].getsockname()[1]
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        for kind in ("uvloop", "asyncio"):
+            p = proxy_factory(simple_config(f"http://127.0.0.1:{port}"), env={"EDGEPROXY_LOOP": kind})
+            with Client(p.port) as c:
+                for _ in range(3):
+                    r = c.request("GET", "/")
+                    assert r.status == 200 and r.body == b"hello" and r.header("x-slow") == "yes"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)

@@ -36,7 +36,7 @@ from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import SlotLabels
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
-from edgeproxy.server.worker import Worker, bind_socket, build_tls
+from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
 from edgeproxy.tls import TLSConfigError
 
 log = logging.getLogger("edgeproxy.supervisor")
@@ -516,6 +516,7 @@ class Supervisor:
             return self.loop.run_until_complete(self._main())
         finally:
             self._stop_health()
+            _finish_tasks(self.loop)
             self.loop.close()
 
     async def _main(self) -> int:

@@ -34,6 +34,14 @@ log = logging.getLogger("edgeproxy.server")
 DRAIN_IDLE_CLOSE = 1.0
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop, unless EDGEPROXY_LOOP=asyncio asks for the standard loop (the
+    tests run the data plane on both, since transports differ in detail)."""
+    if os.environ.get("EDGEPROXY_LOOP", "uvloop") == "asyncio":
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def bind_socket(lc: ListenConfig) -> socket.socket:
     """A listening socket for one [[listen]] entry (bound by the parent, so
     every worker shares it)."""
@@ -94,7 +102,7 @@ class Worker:
         self.monitor = monitor
         self.checker: HealthChecker | None = None
         self.state_writer: StateWriter | None = None
-        self.loop = uvloop.new_event_loop()
+        self.loop = new_event_loop()
         self.servers: list[asyncio.AbstractServer] = []
         self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
                            if config.log.access_log else None)
