@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.origin import UPLOAD_PATH, MiB
+from bench.origin import CACHED_PREFIX, UPLOAD_PATH, MiB
+
+# How the contenders are set up for a case; a run restarts them when it changes.
+PLAIN = "plain"   # plain HTTP listener, no cache
+TLS = "tls"       # HTTPS listener on the run's certificate
+CACHE = "cache"   # plain HTTP listener, responses under CACHED_PREFIX cached
+
+# --cases also takes these group names; a run without --cases runs "core".
+GROUPS = {"core": PLAIN, "tls": TLS, "cache": CACHE}
 
 
 @dataclass(frozen=True)
@@ -15,16 +23,41 @@ class Case:
     body_bytes: int = 0             # > 0: every request is a POST of this many bytes
     idle: bool = False              # memory case: hold `connections` idle keep-alive connections
     quick: bool = False             # part of --quick
+    setup: str = PLAIN              # PLAIN, TLS or CACHE
 
     @property
     def method(self) -> str:
         return "POST" if self.body_bytes else "GET"
 
+    @property
+    def tls(self) -> bool:
+        return self.setup == TLS
+
+    @property
+    def cached(self) -> bool:
+        return self.setup == CACHE
+
+    @property
+    def group(self) -> str:
+        return next(g for g, setup in GROUPS.items() if setup == self.setup)
+
+    @property
+    def per_handshake(self) -> bool:
+        """Every request is a new TLS connection: req/s are handshakes/s."""
+        return self.tls and self.close
+
     def describe(self) -> str:
         if self.idle:
             return f"{self.connections} idle keep-alive connections after one GET {self.path} each"
         conn = "Connection: close" if self.close else "keep-alive"
-        return f"{self.method} {self.path}, {self.connections} connections, {conn}"
+        text = f"{self.method} {self.path}, {self.connections} connections, {conn}"
+        if self.per_handshake:
+            return f"{text}, HTTPS: one TLS handshake (resumed by wrk) per request"
+        if self.tls:
+            return f"{text}, HTTPS"
+        if self.cached:
+            return f"{text}, cache hits (warmed and checked first)"
+        return text
 
 
 CASES: dict[str, Case] = {case.name: case for case in (
@@ -35,4 +68,8 @@ CASES: dict[str, Case] = {case.name: case for case in (
     Case("get-1k-close", "/1k.bin", close=True),
     Case("post-1m", UPLOAD_PATH, body_bytes=MiB),
     Case("idle-10k", "/1k.bin", connections=10_000, idle=True),
+    Case("https-1k", "/1k.bin", setup=TLS),
+    Case("https-handshake", "/1k.bin", close=True, setup=TLS),
+    Case("cache-hit-1k", f"{CACHED_PREFIX}1k.bin", setup=CACHE),
+    Case("cache-hit-100k", f"{CACHED_PREFIX}100k.bin", setup=CACHE),
 )}

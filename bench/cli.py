@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bench.cases import CASES
+from bench.cases import CASES, GROUPS, PLAIN
 from bench.contenders import CONTENDERS
 from bench.report import RESULTS_DIR, render_table, write_chart, write_json
 from bench.runner import Settings, StopRequest, run, say
@@ -31,6 +31,15 @@ def _names(text: str, known: dict, what: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _case_names(text: str) -> list[str]:
+    """Case names and group names (core, tls, cache, all), groups expanded."""
+    groups = {g: [c.name for c in CASES.values() if c.setup == setup]
+              for g, setup in GROUPS.items()}
+    groups["all"] = list(CASES)
+    names = _names(text, {**CASES, **groups}, "case")
+    return list(dict.fromkeys(n for name in names for n in groups.get(name, [name])))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -38,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
                     "(docs/bench.md explains the columns).")
     p.add_argument("--quick", action="store_true",
                    help=f"get-1k and get-100k, 1 round of {QUICK_DURATION_S} s (under a minute)")
-    p.add_argument("--cases", type=lambda t: _names(t, CASES, "case"),
-                   help=f"comma-separated, from: {', '.join(CASES)} (default: all)")
+    p.add_argument("--cases", type=_case_names,
+                   help=f"comma-separated, from: {', '.join(CASES)}; or the groups "
+                        f"{', '.join(GROUPS)}, all (default: core)")
     p.add_argument("--contenders", type=lambda t: _names(t, CONTENDERS, "contender"),
                    default=list(CONTENDERS),
                    help="comma-separated (default: nginx,haproxy,edgeproxy)")
@@ -72,7 +82,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     elif args.quick:
         cases = [c for c in CASES.values() if c.quick]
     else:
-        cases = list(CASES.values())
+        cases = [c for c in CASES.values() if c.setup == PLAIN]  # the core group
     duration = args.duration or (QUICK_DURATION_S if args.quick else DEFAULT_DURATION_S)
     rounds = args.rounds or (1 if args.quick else DEFAULT_ROUNDS)
     if duration < 1 or rounds < 1 or args.warmup < 0:

@@ -25,6 +25,10 @@ MiB = 1024 * KiB
 FILES = {"/1k.bin": KiB, "/100k.bin": 100 * KiB, "/1m.bin": MiB}
 UPLOAD_PATH = "/upload"
 UPLOAD_ANSWER = b"ok\n"
+# The FILES again under this prefix, answered with CACHE_CONTROL: what the cache cases proxy.
+CACHED_PREFIX = "/cached/"
+CACHE_CONTROL = "public, max-age=600"
+CACHED_LOG = "origin-cached.log"   # in the workdir: one line per request under CACHED_PREFIX
 
 NGINX = "/usr/sbin/nginx"
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
@@ -74,7 +78,8 @@ def nginx_origin(workdir: Path, port: int, nofile: int, pinning: Pinning) -> Ser
     conf = workdir / "origin.conf"
     conf.write_text(fill("nginx-origin.conf", USER=nginx_user_line(), LOAD_MODULES=modules,
                          NOFILE=nofile, WORKER_CONNECTIONS=nofile - 64, WORKDIR=workdir, PORT=port,
-                         DOCROOT=docroot, UPLOAD_HANDLER=handler, EXTRA_SERVERS=extra))
+                         DOCROOT=docroot, UPLOAD_HANDLER=handler, EXTRA_SERVERS=extra,
+                         CACHED_PREFIX=CACHED_PREFIX, CACHED_LOG=workdir / CACHED_LOG))
     argv = [nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "origin-error.log")]
     return Server("origin (nginx)", pinning.for_load(argv), port, workdir / "origin.log")
 
@@ -85,20 +90,34 @@ def asyncio_origin(workdir: Path, port: int, pinning: Pinning, python: str, repo
                   cwd=str(repo))
 
 
+def cached_requests_seen(workdir: Path) -> int | None:
+    """How many requests under CACHED_PREFIX the origin has answered so far
+    (None: this origin does not count them, as the asyncio fallback)."""
+    try:
+        with open(workdir / CACHED_LOG, "rb") as log:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: log.read(1 << 16), b""))
+    except OSError:
+        return None
+
+
 def verify_origin(server: Server) -> None:
-    """Wait for the origin, then check every file and a full 1 MiB upload."""
+    """Wait for the origin, then check every file (plain and cacheable) and a full 1 MiB upload."""
     wait_until_serving(server, "/1k.bin", FILES["/1k.bin"])
     for path, size in FILES.items():
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            body = response.read()
-        finally:
-            conn.close()
-        if response.status != 200 or body != file_body(size):
-            raise StartError(f"{server.name}: GET {path} answered {response.status} "
-                             f"with {len(body)} bytes, expected 200 with {size}")
+        for url, cache_control in ((path, None), (CACHED_PREFIX + path[1:], CACHE_CONTROL)):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            try:
+                conn.request("GET", url)
+                response = conn.getresponse()
+                body = response.read()
+            finally:
+                conn.close()
+            if response.status != 200 or body != file_body(size):
+                raise StartError(f"{server.name}: GET {url} answered {response.status} "
+                                 f"with {len(body)} bytes, expected 200 with {size}")
+            if response.getheader("Cache-Control") != cache_control:
+                raise StartError(f"{server.name}: GET {url} answered Cache-Control: "
+                                 f"{response.getheader('Cache-Control')}, expected {cache_control}")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
         conn.request("POST", UPLOAD_PATH, body=file_body(MiB),
@@ -173,8 +192,10 @@ class _OriginProtocol(asyncio.Protocol):
             status, body = b"200 OK", self._answers[path.decode("latin-1")]
         else:
             status, body = b"404 Not Found", b"not found\n"
+        cacheable = status == b"200 OK" and path.startswith(CACHED_PREFIX.encode())
         head = (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/octet-stream\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+                + (b"Cache-Control: " + CACHE_CONTROL.encode() + b"\r\n" if cacheable else b"")
+                + b"Content-Length: " + str(len(body)).encode() + b"\r\n"
                 + (b"Connection: close\r\n" if close else b"") + b"\r\n")
         self._transport.write(head if method == b"HEAD" else head + body)
         if close:
@@ -183,6 +204,7 @@ class _OriginProtocol(asyncio.Protocol):
 
 async def serve(port: int) -> None:
     answers = {path: file_body(size) for path, size in FILES.items()}
+    answers.update({CACHED_PREFIX + path[1:]: body for path, body in answers.items()})
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _OriginProtocol(answers), "127.0.0.1", port,
                                       backlog=4096, reuse_address=True)

@@ -5,6 +5,8 @@ import json
 import time
 from pathlib import Path
 
+from bench.cases import CASES
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -44,7 +46,7 @@ def render_table(doc: dict) -> str:
         + (f" -> {load['end'][0]:.2f}" if load["end"] else ""),
         "",
     ]
-    header = (f"{'case':<14}{'contender':<11}{'req/s':>10}{'+-':>5}{'MiB/s':>9}{'p50 ms':>9}"
+    header = (f"{'case':<16}{'contender':<11}{'req/s':>10}{'+-':>5}{'MiB/s':>9}{'p50 ms':>9}"
               f"{'p99 ms':>9}{'p99.9 ms':>10}{'err h/s':>9}{'CPU us/req':>12}{'+-':>5}"
               f"{'busy':>6}{'peak RSS MiB':>14}")
     if s["syscalls"]:
@@ -57,10 +59,10 @@ def render_table(doc: dict) -> str:
         previous = row["case"]
         if m is None:
             failure = "; ".join(row["errors"])[:100]
-            lines.append(f"{case:<14}{row['contender']:<11}  failed: {failure}")
+            lines.append(f"{case:<16}{row['contender']:<11}  failed: {failure}")
             continue
         lat = m["latency_us"]
-        line = (f"{case:<14}{row['contender']:<11}{m['req_s']:>10,.0f}"
+        line = (f"{case:<16}{row['contender']:<11}{m['req_s']:>10,.0f}"
                 f"{_pct(m['req_s_spread']):>5}"
                 f"{m['mib_s']:>9.1f}{_ms(lat['p50']):>9}{_ms(lat['p99']):>9}{_ms(lat['p99_9']):>10}"
                 f"{str(m['http_errors']) + '/' + str(m['socket_errors']):>9}"
@@ -71,13 +73,14 @@ def render_table(doc: dict) -> str:
         if s["syscalls"]:
             line += f"{_num(row['syscalls_per_request'], '.1f'):>9}"
         lines.append(line)
+    lines += _case_footnotes(doc)
     if doc["ratios"]:
         lines += ["", (f"{s['subject']} / baseline, median of the per-round pairs "
                        "(req/s: above 1 is faster; CPU/request: below 1 is cheaper)"),
-                  f"{'case':<14}{'baseline':<11}{'req/s':>10}{'range':>14}{'CPU/req':>10}{'range':>14}"]
+                  f"{'case':<16}{'baseline':<11}{'req/s':>10}{'range':>14}{'CPU/req':>10}{'range':>14}"]
         for r in doc["ratios"]:
             rr, cr = r["req_s_range"], r["cpu_per_request_range"]
-            lines.append(f"{r['case']:<14}{r['baseline']:<11}{_num(r['req_s'], '.2f'):>9}x"
+            lines.append(f"{r['case']:<16}{r['baseline']:<11}{_num(r['req_s'], '.2f'):>9}x"
                          f"{(f'{rr[0]:.2f}-{rr[1]:.2f}' if rr else '-'):>14}"
                          f"{_num(r['cpu_per_request'], '.2f'):>9}x"
                          f"{(f'{cr[0]:.2f}-{cr[1]:.2f}' if cr else '-'):>14}")
@@ -85,13 +88,13 @@ def render_table(doc: dict) -> str:
         lines += ["", (f"no ratios: they need {s['subject']} and another contender measured "
                        "in the same rounds (--subject picks the first one)")]
     if doc["idle"]:
-        lines += ["", (f"{'case':<14}{'contender':<11}{'open':>13}{'RSS before MiB':>16}"
+        lines += ["", (f"{'case':<16}{'contender':<11}{'open':>13}{'RSS before MiB':>16}"
                        f"{'after MiB':>11}{'growth MiB':>12}{'bytes/conn':>12}")]
         for row in doc["idle"]:
             if row["error"]:
-                lines.append(f"{row['case']:<14}{row['contender']:<11}  {row['error'][:100]}")
+                lines.append(f"{row['case']:<16}{row['contender']:<11}  {row['error'][:100]}")
                 continue
-            lines.append(f"{row['case']:<14}{row['contender']:<11}"
+            lines.append(f"{row['case']:<16}{row['contender']:<11}"
                          f"{str(row['still_open']) + '/' + str(row['wanted']):>13}"
                          f"{row['rss_before_kib'] / 1024:>16.1f}"
                          f"{row['rss_after_kib'] / 1024:>11.1f}{row['growth_kib'] / 1024:>12.1f}"
@@ -105,6 +108,27 @@ def render_table(doc: dict) -> str:
         if doc["interrupted"]:
             lines.append("note: the run was interrupted; the results are partial")
     return "\n".join(lines)
+
+
+def _case_footnotes(doc: dict) -> list[str]:
+    """What the HTTPS handshake and cache rows mean, and how many requests got past the caches."""
+    lines = []
+    measured = list(dict.fromkeys(r["case"] for r in doc["results"]))
+    for name in measured:
+        case = CASES.get(name)
+        if case is None:
+            continue
+        if case.per_handshake:
+            lines.append(f"{name}: every request is a new TCP and TLS connection: req/s = "
+                         "handshakes/s, CPU us/req = CPU per handshake (wrk resumes the session: "
+                         "see contenders.*.instances[].tls in the JSON)")
+        if case.cached:
+            past = [f"{r['contender']} {_num(r['median']['origin_requests'], 'd')}"
+                    for r in doc["results"] if r["case"] == name and r["median"]]
+            if past:
+                lines.append(f"{name}: requests that reached the origin during the rounds "
+                             f"(- : not counted): {', '.join(past)}")
+    return [""] + lines if lines else []
 
 
 def write_chart(doc: dict, path: Path) -> str | None:

@@ -6,6 +6,7 @@ saves and plots); its fields are described in docs/bench.md.
 from __future__ import annotations
 
 import datetime
+import http.client
 import os
 import resource
 import shutil
@@ -17,28 +18,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import procfs
-from bench.cases import Case
+from bench.cases import PLAIN, TLS, Case
+from bench.certs import CertError, RunCert, make_run_cert
 from bench.contenders import CONTENDERS, REPO, Setup
 from bench.idle import OPENING_AT_ONCE, hold_idle_connections
 from bench.machine import commit_stamp, load_average, machine_facts
-from bench.origin import FILES, asyncio_origin, nginx_binary, nginx_origin, verify_origin
+from bench.origin import (
+    FILES,
+    asyncio_origin,
+    cached_requests_seen,
+    nginx_binary,
+    nginx_origin,
+    verify_origin,
+)
 from bench.servers import (
     Pinning,
     Server,
     StartedServers,
     StartError,
     free_port,
+    http_get,
     parse_cpu_list,
+    tls_session_resumed,
     wait_until_serving,
 )
 from bench.syscalls import SyscallCount, perf_unusable
 from bench.wrk import WrkError, WrkResult, run_round
 
-SCHEMA = 1
+SCHEMA = 2                    # 2: setups (TLS, cache), origin_requests, contenders' instances
 WANTED_OPEN_FILES = 65536
 IDLE_SECONDS_EST = 5          # rough time per contender of an idle case, for the estimate
 START_SECONDS_EST = 2
 ROUND_OVERHEAD_EST = 0.2      # starting wrk, reading /proc
+HIT_CHECK_TRIES = 10          # GETs (0.1 s apart) for a cached path to become a hit
 
 
 @dataclass(frozen=True)
@@ -59,12 +71,22 @@ class Settings:
         """The load cases preceded by a warm-up: the first, and any that opens more
         connections than all before it (the pools grow then); the other cases find
         the proxies warm already, and the median over rounds absorbs the rest."""
-        warm, most = set(), 0
+        warm, most, setup = set(), 0, None
         for case in self.cases:
+            if case.setup != setup:  # the contenders are started afresh for it
+                most, setup = 0, case.setup
             if not case.idle and case.connections > most and self.warmup_s:
                 warm.add(case.name)
                 most = case.connections
         return warm
+
+    def setups(self) -> list[str]:
+        """The contenders' setups in the order the cases need them (a restart between)."""
+        found: list[str] = []
+        for case in self.cases:
+            if not found or found[-1] != case.setup:
+                found.append(case.setup)
+        return found
 
     def estimated_seconds(self) -> int:
         load = [c for c in self.cases if not c.idle]
@@ -72,7 +94,7 @@ class Settings:
         per_contender = (len(load) * rounds * (self.duration_s + ROUND_OVERHEAD_EST)
                          + len(self.warm_up_before()) * self.warmup_s
                          + sum(1 for c in self.cases if c.idle) * IDLE_SECONDS_EST
-                         + START_SECONDS_EST)
+                         + START_SECONDS_EST * len(self.setups()))
         return round(len(self.contenders) * per_contender)
 
 
@@ -132,7 +154,8 @@ def _spread(values: list[float | None]) -> float | None:
 
 
 def round_figures(wrk: WrkResult, body_bytes: int, cpu_ticks: int, origin_ticks: int,
-                  peak_rss_kib: int, syscalls: int | None) -> dict[str, object]:
+                  peak_rss_kib: int, syscalls: int | None,
+                  origin_requests: int | None = None) -> dict[str, object]:
     """The numbers kept for one contender in one round."""
     cpu_s = cpu_ticks / procfs.CLOCK_TICKS_PER_SECOND
     moved = wrk.bytes + wrk.requests * body_bytes  # answers received + request bodies sent
@@ -153,6 +176,7 @@ def round_figures(wrk: WrkResult, body_bytes: int, cpu_ticks: int, origin_ticks:
         "cpu_busy": cpu_s / wrk.duration_s if wrk.duration_s else None,
         "peak_rss_kib": peak_rss_kib,
         "origin_cpu_s": origin_ticks / procfs.CLOCK_TICKS_PER_SECOND,
+        "origin_requests": origin_requests,  # cache cases: requests that got past the cache
         "syscalls": syscalls,
         "syscalls_per_request": per_request(syscalls) if syscalls is not None else None,
     }
@@ -175,7 +199,13 @@ def summarize(rounds: list[dict[str, object]]) -> dict[str, object]:
         "cpu_busy": _median(col("cpu_busy")),
         "peak_rss_kib": max(col("peak_rss_kib")),        # type: ignore[type-var]
         "origin_cpu_s": _median(col("origin_cpu_s")),
+        "origin_requests": _sum_known([r.get("origin_requests") for r in rounds]),
     }
+
+
+def _sum_known(values: list[object]) -> int | None:
+    known = [v for v in values if isinstance(v, int)]
+    return sum(known) if known else None
 
 
 def paired_ratios(case: str, subject: str, baseline: str,
@@ -207,7 +237,10 @@ class Run:
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self.servers: dict[str, Server] = {}
+        self.servers: dict[str, Server] = {}     # the contenders running now
+        self.setup: str | None = None            # the setup they run with
+        self.not_started: dict[str, str] = {}    # contender -> why it is not running in it
+        self.cert: RunCert | None = None
         self.origin: Server | None = None
         self.workdir = Path(tempfile.mkdtemp(prefix="edgeproxy-bench-"))
         self.workdir.chmod(0o755)  # nginx workers run as another user and read the docroot
@@ -229,8 +262,10 @@ class Run:
                 "warmup_s": settings.warmup_s, "pinning": settings.pinning.describe(),
                 "syscalls": settings.syscalls, "subject": settings.subject,
                 "origin": None, "origin_pids": [], "open_files_limit": None,
+                "workdir": str(self.workdir),  # removed at the end unless --keep-workdir
             },
             "cases": {c.name: c.describe() for c in settings.cases},
+            "tls": None,
             "contenders": {},
             "results": [],
             "idle": [],
@@ -246,8 +281,11 @@ class Run:
 
     def _fail(self, name: str, detail: str) -> None:
         say(f"!! {name}: {detail}")
-        self.doc["contenders"][name].update(status="failed", detail=detail)  # type: ignore[index]
+        entry = self.doc["contenders"][name]  # type: ignore[index]
+        entry["detail"] = "; ".join(filter(None, [entry["detail"], f"[{self.setup}] {detail}"]))
+        entry["status"] = "failed"
         self.servers.pop(name, None)
+        self.not_started[name] = detail
 
     def _running(self) -> list[str]:
         return [n for n in self.s.contenders if n in self.servers]
@@ -265,13 +303,15 @@ class Run:
         try:
             with self.started as started:
                 self._start_origin(started, nofile)
-                self._start_contenders(started, nofile)
-                if not self.servers:
-                    raise StartError("no contender could be started")
                 for case in self.s.cases:
                     StopRequest.check()
+                    if case.setup != self.setup:
+                        self._start_contenders(case.setup)
+                        if not self.servers and self.setup == self.s.setups()[0]:
+                            raise StartError("no contender could be started")
                     if not self._running():
-                        break
+                        self.note(f"{case.name} skipped: no contender is running")
+                        continue
                     if case.idle:
                         self._idle_case(case)
                     else:
@@ -305,35 +345,74 @@ class Run:
         self.doc["settings"]["origin_pids"] = origin.pids()  # type: ignore[index]
         say(f"origin ({kind}) serving on 127.0.0.1:{origin.port}")
 
-    def _start_contenders(self, started: StartedServers, nofile: int) -> None:
+    def _start_contenders(self, setup: str) -> None:
+        """Stop the contenders of the previous setup (if any), start them all with this one."""
+        for server in self.servers.values():
+            self.started.stop(server)
+        self.servers, self.not_started, self.setup = {}, {}, setup
+        if setup == TLS and self.cert is None:
+            try:
+                self.cert = make_run_cert(self.workdir)
+            except CertError as exc:
+                self.note(f"no HTTPS cases: {exc}")
+                self.not_started = {name: str(exc) for name in self.s.contenders}
+                return
+            self.doc["tls"] = {"certificate": "ECDSA P-256, self-signed, made for this run",  # type: ignore[index]
+                               "tls12_ciphers": self.cert.ciphers}
+        if setup != PLAIN:
+            say(f"contenders restarted for the {setup} cases")
         for name in self.s.contenders:
             contender = CONTENDERS[name]
-            entry: dict[str, object] = {"status": "ok", "detail": "", "command": None,
-                                        "pids": []}
-            self.doc["contenders"][name] = entry  # type: ignore[index]
+            entry: dict[str, object] = self.doc["contenders"].setdefault(  # type: ignore[union-attr]
+                name, {"status": "ok", "detail": "", "command": None, "pids": [],
+                       "instances": []})
             missing = contender.missing()
             if missing:
-                entry.update(status="missing", detail=missing)
-                say(f"!! {name}: skipped: {missing}")
+                if entry["status"] != "missing":
+                    entry.update(status="missing", detail=missing)
+                    say(f"!! {name}: skipped: {missing}")
+                self.not_started[name] = missing
                 continue
-            server = self._new_server(name)
-            entry["command"] = server.argv
+            server = self._new_server(name, setup)
+            instance: dict[str, object] = {"setup": setup, "command": server.argv, "pids": [],
+                                           "tls": None}
+            entry["instances"].append(instance)  # type: ignore[union-attr]
+            entry["command"] = entry["command"] or server.argv
             try:
-                started.start(server)
+                self.started.start(server)
                 wait_until_serving(server, "/1k.bin", FILES["/1k.bin"])
-            except StartError as exc:
-                self.servers[name] = server
+                if setup == TLS:  # what a client negotiates, with the certificate checked
+                    version, cipher = http_get(server, "/1k.bin").tls or ("", "")
+                    instance["tls"] = {"version": version, "cipher": cipher,
+                                       "resumes": tls_session_resumed(server, "/1k.bin")}
+            except (StartError, OSError) as exc:  # OSError: ssl.SSLError too
+                instance["pids"] = server.pids()
+                entry["pids"] += instance["pids"]  # type: ignore[operator]
                 self._fail(name, f"did not start: {exc}")
+                self.started.stop(server)
                 continue
             self.servers[name] = server
             entry["open_files_limit"] = server.open_files_limit()
-            entry["pids"] = server.pids()
-            say(f"{name} serving on 127.0.0.1:{server.port} (pids {server.pids()})")
+            instance["pids"] = server.pids()
+            entry["pids"] += instance["pids"]  # type: ignore[operator]
+            tls = instance["tls"]
+            shown = (f", {tls['version']} {tls['cipher']}, sessions "  # type: ignore[index]
+                     f"{'resumed' if tls['resumes'] else 'NOT resumed'}") if tls else ""  # type: ignore[index]
+            say(f"{name} serving on 127.0.0.1:{server.port} "
+                f"({setup}{shown}; pids {server.pids()})")
+        if setup == TLS:
+            resuming = {name: i["tls"]["resumes"]  # type: ignore[index]
+                        for name, c in self.doc["contenders"].items()  # type: ignore[union-attr]
+                        if name in self.servers and (i := c["instances"][-1])["tls"]}
+            if len(set(resuming.values())) > 1:
+                self.note("TLS session resumption differs (" + ", ".join(
+                    f"{n}: {'yes' if r else 'no'}" for n, r in resuming.items()) + "): wrk "
+                    "resumes where it can, so https-handshake compares unlike handshakes")
 
-    def _new_server(self, name: str) -> Server:
+    def _new_server(self, name: str, setup: str) -> Server:
         assert self.origin is not None
         return CONTENDERS[name].server(Setup(self.workdir, free_port(), self.origin.port,
-                                             self.nofile, self.s.pinning))
+                                             self.nofile, self.s.pinning, setup, self.cert))
 
     def _check_alive(self, name: str, when: str) -> bool:
         server = self.servers.get(name)
@@ -366,20 +445,43 @@ class Run:
             counter = SyscallCount(server.pids(), self.workdir / f"perf-{name}-{case.name}.txt",
                                    self.s.pinning)
             time.sleep(0.2)  # let perf attach before the load starts
+        seen0 = cached_requests_seen(self.workdir) if case.cached else None
         cpu0, origin0 = server.cpu_ticks(), origin.cpu_ticks()
         try:
             wrk = run_round(case, server.port, duration_s, self.workdir, self.s.pinning)
         finally:
             syscalls = counter.stop() if counter else None
         cpu1, origin1 = server.cpu_ticks(), origin.cpu_ticks()
+        seen1 = cached_requests_seen(self.workdir) if case.cached else None
+        past_cache = seen1 - seen0 if seen0 is not None and seen1 is not None else None
         return round_figures(wrk, case.body_bytes, cpu1 - cpu0, origin1 - origin0,
-                             server.peak_rss_kib(), syscalls)
+                             server.peak_rss_kib(), syscalls, past_cache)
+
+    def _check_cache_hit(self, name: str, case: Case) -> str | None:
+        """After the warm-up, GET the case's path until the contender says it answered
+        from its cache; None if it did, else what went wrong."""
+        server, contender = self.servers[name], CONTENDERS[name]
+        shown = "no answer"
+        for _ in range(HIT_CHECK_TRIES):
+            try:
+                got = http_get(server, case.path, timeout=5)
+            except (OSError, http.client.HTTPException) as exc:
+                shown = f"GET {case.path}: {exc}"
+            else:
+                hit, header = contender.cache_status(got.headers)
+                if got.status == 200 and hit:
+                    say(f"[{case.name} cache check] {name:<10} hit ({header})")
+                    return None
+                shown = f"GET {case.path} answered {got.status} with {header}"
+            time.sleep(0.1)  # a store may complete just after the answer
+        return f"not answered from its cache after {HIT_CHECK_TRIES} GETs: {shown}"
 
     def _load_case(self, case: Case) -> None:
         for name in self._running():
             self._check_fd_room(case, name, self.servers[name])
         by_round: dict[tuple[str, int], dict[str, object]] = {}
-        errors: dict[str, list[str]] = {}
+        errors: dict[str, list[str]] = {name: [f"not running ({self.setup}): {why}"]
+                                         for name, why in self.not_started.items()}
         if case.name in self.s.warm_up_before():
             for name in self._running():
                 StopRequest.check()
@@ -390,8 +492,16 @@ class Run:
                 except WrkError as exc:
                     errors.setdefault(name, []).append(f"warm-up: {exc}")
                 self._check_alive(name, f"during the {case.name} warm-up")
+        measured = self._running()
+        if case.cached:  # rounds of misses would measure something else: leave such a one out
+            for name in self._running():
+                problem = self._check_cache_hit(name, case)
+                if problem:
+                    say(f"!! [{case.name}] {name}: {problem}; left out of this case")
+                    errors.setdefault(name, []).append(f"cache check: {problem}")
+                    measured.remove(name)
         for r in range(self.s.rounds):
-            for name in rotation(self._running(), r):
+            for name in rotation([n for n in measured if n in self.servers], r):
                 StopRequest.check()
                 tag = f"[{case.name} round {r + 1}/{self.s.rounds}] {name:<10}"
                 try:
@@ -402,10 +512,11 @@ class Run:
                 else:
                     by_round[(name, r)] = figures
                     say(f"{tag} {progress_figures(figures)}")
+                    self._check_past_cache(case, name, figures)
                 self._check_alive(name, f"during {case.name} round {r + 1}")
         syscalls: dict[str, float | None] = {}
         if self.s.syscalls:
-            for name in self._running():
+            for name in [n for n in measured if n in self.servers]:
                 StopRequest.check()
                 try:
                     figures = self._one_round(name, case, self.s.duration_s, count_syscalls=True)
@@ -433,6 +544,12 @@ class Run:
             if ratio:
                 self.doc["ratios"].append(ratio)  # type: ignore[union-attr]
 
+    def _check_past_cache(self, case: Case, name: str, figures: dict[str, object]) -> None:
+        past, done = figures["origin_requests"], figures["requests"]
+        if case.cached and isinstance(past, int) and past > 0.001 * done:  # type: ignore[operator]
+            self.note(f"{case.name} {name}: {past} of {done} requests reached the origin "
+                      "in a round: not all were cache hits")
+
     def _idle_case(self, case: Case) -> None:
         """Each contender afresh (a new process), so memory kept from the load cases
         does not hide the growth; the load-case instance stays up meanwhile."""
@@ -442,7 +559,7 @@ class Run:
         for name in self._running():
             StopRequest.check()
             say(f"[{case.name}] {name}: fresh instance, opening {case.connections} connections")
-            server = self._new_server(name)
+            server = self._new_server(name, case.setup)
             try:
                 self.started.start(server)
                 wait_until_serving(server, "/1k.bin", FILES["/1k.bin"])

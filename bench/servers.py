@@ -6,6 +6,7 @@ import http.client
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -64,11 +65,13 @@ class Server:
     """One started server process (and the children it forks), known by PID."""
 
     def __init__(self, name: str, argv: list[str], port: int, log_path: Path,
-                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: str | None = None,
+                 client_tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.argv = argv
         self.port = port
         self.log_path = log_path
+        self.client_tls = client_tls   # set: the server speaks HTTPS; this context checks it
         self._env = env
         self._cwd = cwd
         self._popen: subprocess.Popen[bytes] | None = None
@@ -186,14 +189,51 @@ class StartedServers:
         self.stop_all()
 
 
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+@dataclass(frozen=True)
+class Fetched:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+    tls: tuple[str, str] | None     # (protocol version, cipher) over HTTPS
+
+
+def http_get(server: Server, path: str, timeout: float = 2.0) -> Fetched:
+    """One GET on a new connection (HTTPS when the server has client_tls)."""
+    if server.client_tls is None:
+        conn: http.client.HTTPConnection = http.client.HTTPConnection(
+            "127.0.0.1", server.port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=timeout,
+                                           context=server.client_tls)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
-        return response.status, response.read()
+        body = response.read()
+        tls = None
+        if isinstance(conn.sock, ssl.SSLSocket):
+            tls = (conn.sock.version() or "", conn.sock.cipher()[0])  # type: ignore[index]
+        return Fetched(response.status, response.headers, body, tls)
     finally:
         conn.close()
+
+
+def tls_session_resumed(server: Server, path: str, timeout: float = 5.0) -> bool:
+    """Whether a second connection resumes the session of a first (tickets or a
+    session cache), as wrk's reconnections do."""
+    assert server.client_tls is not None
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    session = None
+    for attempt in range(2):
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+        with server.client_tls.wrap_socket(raw, server_hostname="127.0.0.1",
+                                           session=session) as tls:
+            if attempt:
+                return tls.session_reused
+            tls.sendall(request)
+            while tls.recv(65536):  # to the end: TLS 1.3 tickets come after the handshake
+                pass
+            session = tls.session
+    return False
 
 
 def wait_until_serving(server: Server, path: str, expect_length: int,
@@ -206,11 +246,13 @@ def wait_until_serving(server: Server, path: str, expect_length: int,
             raise StartError(f"{server.name} exited with status {server.exit_status()} "
                              f"before serving; its log ends with:\n{server.log_tail()}")
         try:
-            status, body = http_get(server.port, path)
-            if status == 200 and len(body) == expect_length:
+            got = http_get(server, path)
+            if got.status == 200 and len(got.body) == expect_length:
                 return
-            last = (f"GET {path} answered {status} with {len(body)} bytes, "
+            last = (f"GET {path} answered {got.status} with {len(got.body)} bytes, "
                     f"expected 200 with {expect_length}")
+        except ssl.SSLCertVerificationError as exc:  # a wrong certificate: no use waiting
+            raise StartError(f"{server.name}: its certificate did not verify: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:
             last = f"GET {path}: {exc}"
         time.sleep(0.1)

@@ -53,7 +53,7 @@ def run_round(case: Case, port: int, duration_s: int, workdir: Path, pinning: Pi
             f"--timeout={TIMEOUT_S}s", "-s", str(write_script(case, workdir))]
     if case.close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://127.0.0.1:{port}{case.path}")
+    argv.append(f"{'https' if case.tls else 'http'}://127.0.0.1:{port}{case.path}")
     proc = subprocess.Popen(pinning.for_load(argv), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True,
