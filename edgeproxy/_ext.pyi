@@ -1,0 +1,131 @@
+"""Type stubs of the compiled core (ext/, built as edgeproxy._ext)."""
+from typing import Any, Iterable
+
+# -- parser (docs/parser-contract.md) --
+
+BODY_NONE: int
+BODY_LENGTH: int
+BODY_CHUNKED: int
+BODY_CLOSE: int
+
+class HTTPError(Exception):
+    status: int
+    message: str
+    def __init__(self, status: int, message: str) -> None: ...
+
+class ParseError(HTTPError): ...
+
+class Request:
+    method: bytes
+    target: bytes
+    version: int
+    headers: list[tuple[bytes, bytes]]
+    head_length: int
+    host: bytes | None
+    body: int
+    content_length: int
+    keep_alive: bool
+    expect_continue: bool
+    upgrade: bool
+    connection_tokens: list[bytes]
+
+class Response:
+    status: int
+    reason: bytes
+    version: int
+    headers: list[tuple[bytes, bytes]]
+    head_length: int
+    body: int
+    content_length: int
+    keep_alive: bool
+    upgrade: bool
+
+def parse_request(data: bytes, *, max_line: int = ..., max_head: int = ...,
+                  max_fields: int = ...) -> Request | None: ...
+def parse_response(data: bytes, *, method: bytes = ..., max_head: int = ...,
+                   max_fields: int = ...) -> Response | None: ...
+
+class ChunkedDecoder:
+    done: bool
+    def __init__(self, *, max_line: int = ..., max_trailer: int = ...) -> None: ...
+    def feed(self, data: bytes) -> tuple[list[bytes], int]: ...
+
+# -- the data plane (built by edgeproxy.proxy.build) --
+
+class ProxySettings:
+    def __init__(self, *, max_line: int = ..., max_head: int = ..., max_fields: int = ...,
+                 max_body: int = ..., resp_max_head: int = ..., resp_max_fields: int = ...,
+                 t_connect: float = ..., t_read: float = ..., t_send: float = ...,
+                 t_header: float = ..., t_keepalive: float = ..., server_header: str = ...,
+                 hide: Iterable[str] = ..., access_log: Any = ...) -> None: ...
+
+class SharedMemory:
+    def __init__(self, buffer: Any) -> None: ...
+
+class Backend:
+    host: str
+    port: int
+    scheme: str
+    name: str
+    weight: int
+    up: bool
+    requests: int
+    active: int
+    def __init__(self, host: str, port: int, *, scheme: str = ..., weight: int = ...,
+                 idle_max: int = ..., idle_timeout: float = ..., t_connect: float = ...,
+                 ssl: Any = ..., server_hostname: str | None = ..., backup: bool = ...) -> None: ...
+    @property
+    def idle_count(self) -> int: ...
+    def attach_health(self, mem: SharedMemory, offset: int) -> None: ...
+    def healthy(self) -> bool: ...
+    def available(self) -> bool: ...
+
+class Pool:
+    name: str
+    backends: list[Backend]
+    def __init__(self, name: str, backends: Iterable[Backend], *, balance: str = ...,
+                 hash_key: str = ..., retries: int = ..., max_conns: int = ...,
+                 queue_timeout: float = ..., slow_start: float = ..., failures: int = ...,
+                 eject: float = ...) -> None: ...
+    def set_backends(self, backends: Iterable[Backend]) -> None: ...
+    def pick_backend(self, key: Any = ..., avoid: Iterable[Backend] = ...) -> Backend | None: ...
+    @property
+    def queued(self) -> int: ...
+
+class Route:
+    def __init__(self, host: str | None, path: str, pool: Pool, index: int = ...,
+                 cache: Any = ...) -> None: ...
+
+class Router:
+    def __init__(self, routes: Iterable[Route]) -> None: ...
+    def route_for(self, host: str | bytes, path: str | bytes) -> str | None: ...
+
+class Listener:
+    def __init__(self, cfg: ProxySettings, router: Router, proto: str = ...,
+                 resp_extra: bytes = ..., redirect_port: int = ...,
+                 subject_header: str | None = ..., subject_of: Any = ...) -> None: ...
+    def __call__(self) -> ClientConn: ...
+
+class ClientConn:
+    state: int
+    deadline: float
+    def forward(self, pool: Pool, head: bytes) -> None: ...
+    def respond(self, head: bytes, body: bytes, status: int) -> None: ...
+
+class UpstreamConn:
+    state: int
+    deadline: float
+
+def set_clock(now: float, date_line: bytes | None = ...) -> None: ...
+def set_draining(on: bool) -> None: ...
+def stats() -> dict[str, int]: ...
+def expire_timeouts() -> None: ...
+def close_idle_clients(min_idle: float = ...) -> None: ...
+def set_request_id_prefix(prefix: bytes) -> None: ...
+def metrics_layout() -> dict[str, Any]: ...
+def attach_metrics(region: Any, offset: int) -> None: ...
+def set_pools(pools: Iterable[Pool]) -> None: ...
+def pools_tick() -> None: ...
+def retry_budget() -> dict[str, Any]: ...
+def hash_key(value: bytes) -> int: ...
+def clock() -> float: ...
