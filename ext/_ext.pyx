@@ -11,4 +11,5 @@ from includes.pico cimport phr_header, phr_parse_headers_t
 include "parser.pyx"
 include "chunked.pyx"
 include "balance.pyx"
+include "hotcache.pyx"
 include "proxy.pyx"

@@ -24,6 +24,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, realloc, free
 from libc.stdio cimport snprintf
+from libc.math cimport floor
 from libc.string cimport memcpy, memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -244,6 +245,8 @@ cdef class Scratch:
 
 
 cdef Scratch _out = Scratch()
+cdef long long DELTA_SECONDS_MAX = 2147483648   # RFC 9111 §1.2.2 (policy.DELTA_SECONDS_MAX)
+cdef Scratch _hot_key = Scratch()    # the cache key of a request, built by ClientConn._serve_hot
 
 
 def set_clock(double now, bytes date_line=None):
@@ -268,7 +271,7 @@ def stats():
         if (<UpstreamConn>u).state == U_IDLE:
             idle += 1
     return {"client_connections": len(_conns), "upstream_connections": len(_upconns),
-            "upstream_idle": idle, "requests": _total_requests}
+            "upstream_idle": idle, "requests": _total_requests, "hot_hits": _hot_hits}
 
 
 def expire_timeouts():
@@ -517,6 +520,7 @@ cdef class Route:
     cdef public Pool pool
     cdef public int index            # its row in the metrics slot (1..M_ROUTE_MAX-1; 0 = no route)
     cdef public object cache         # the cache phase (edgeproxy.cache.phase.CachePhase) or None
+    cdef public HotIndex hot         # the worker's hot index of cache hits (ext/hotcache.pyx) or None
 
     def __init__(self, host, path, pool, index=0, cache=None):
         self.index = index if 0 <= index < M_ROUTE_MAX else M_ROUTE_MAX - 1
@@ -988,6 +992,8 @@ cdef class ClientConn:
         self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
         self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
         if route.cache is not None and hp.has_host:
+            if route.hot is not None and self._serve_hot(route.hot, hp):
+                return -1
             return self._start_cached(route, hp)
         self.pool = pool
         _budget_note_request()
@@ -1066,6 +1072,133 @@ cdef class ClientConn:
         if fwd is None:
             return 0             # held: answered or forwarded later
         return self._send_to_pool(route.pool, <bytes>fwd)
+
+    cdef bint _serve_hot(self, HotIndex hot, HeadParser hp) except -1:
+        """Answer from the hot index when the request cannot change the
+        answer the cache phase would give (GET/HEAD, no body, none of the
+        fields the phase looks at) and the entry is fresh for more than
+        hot.margin; 0 leaves the request to the phase."""
+        global _hot_hits
+        cdef size_t i, nl, hl, tl
+        cdef const char *nm
+        cdef const char *host = hp.host
+        cdef const char *proto
+        cdef size_t pl
+        cdef unsigned long long h
+        cdef HotEntry e
+        cdef double now, ttl, age
+        cdef long long age_i
+        cdef bint keep, send_body
+        cdef Scratch k = _hot_key
+        cdef Scratch o
+        cdef bytes proto_b = self.lst.proto
+        cdef bytes conn_line, head
+        if hp.body != B_NONE or hp.upgrade or hp.expect_continue:
+            return 0
+        if hot.gen != NULL and hot.gen[0] != hot.synced:
+            return 0             # another process changed the store: the phase syncs first
+        if not ((hp.method_len == 3 and memcmp(hp.method, b"GET", 3) == 0)
+                or (hp.method_len == 4 and memcmp(hp.method, b"HEAD", 4) == 0)):
+            return 0
+        for i in range(hp.nfields):
+            if hp.hid[i] != H_OTHER:
+                continue
+            nm = hp.fields[i].name
+            nl = hp.fields[i].name_len
+            if nl == 5:
+                if _ieq(nm, nl, b"range", 5):
+                    return 0
+            elif nl == 6:
+                if _ieq(nm, nl, b"pragma", 6):
+                    return 0
+            elif nl == 8:
+                if _ieq(nm, nl, b"if-range", 8) or _ieq(nm, nl, b"if-match", 8):
+                    return 0
+            elif nl == 13:
+                if _ieq(nm, nl, b"if-none-match", 13) or _ieq(nm, nl, b"cache-control", 13) \
+                        or _ieq(nm, nl, b"authorization", 13):
+                    return 0
+            elif nl == 17:
+                if _ieq(nm, nl, b"if-modified-since", 17):
+                    return 0
+            elif nl == 19:
+                if _ieq(nm, nl, b"if-unmodified-since", 19):
+                    return 0
+        # the key as keys.cache_key builds it: scheme://host(lower, no default port)target
+        hl = hp.host_len
+        proto = proto_b
+        pl = len(proto_b)
+        if pl == 4 and hl >= 3 and memcmp(host + hl - 3, b":80", 3) == 0:
+            hl -= 3
+        elif pl == 5 and hl >= 4 and memcmp(host + hl - 4, b":443", 4) == 0:
+            hl -= 4
+        k.n = 0
+        k.add(proto, pl)
+        k.add(b"://", 3)
+        if k.n + hl > k.cap:
+            k.grow(hl)
+        for i in range(hl):
+            k.p[k.n + i] = <char>_lower[<unsigned char>host[i]]
+        k.n += hl
+        if hp.target_add_slash or hp.target_len == 0:
+            k.add(b"/", 1)
+        k.add(hp.target, hp.target_len)
+        h = _fnv(FNV_BASIS, k.p, k.n)
+        e = hot.find(h, k.p, k.n)
+        if e is None:
+            return 0
+        now = _wall()
+        ttl = e.expires - now
+        if ttl <= hot.margin:
+            hot.drop(e.key)          # the phase revalidates or refetches it
+            return 0
+        # answer as ClientConn.respond after CachePhase.on_request would
+        self.req_done = 1
+        self.state = C_WAIT
+        self.cache = None
+        self.tee = 0
+        self.upq = None
+        keep = self.req_keep_alive and not self.eof and not _draining
+        age = e.age_base + now
+        age_i = <long long>age if age > 0 else 0
+        if age_i > DELTA_SECONDS_MAX:
+            age_i = DELTA_SECONDS_MAX
+        if keep:
+            conn_line = b"Connection: keep-alive\r\n" if self.req_minor == 0 else b""
+        else:
+            conn_line = b"Connection: close\r\n"
+        send_body = not self.req_is_head and len(e.body) > 0
+        o = _out
+        o.n = 0
+        o.addb(e.head)
+        o.add(b"Age: ", 5)
+        o.add_int(age_i)
+        o.add(b"\r\nCache-Status: edgeproxy; hit; ttl=", 36)
+        o.add_int(<long long>floor(ttl))
+        o.add(b"\r\n", 2)
+        if not e.has_date:
+            o.addb(_date_line)
+        o.addb(self.cfg.server_line)
+        o.addb(self.lst.resp_extra)
+        o.addb(conn_line)
+        o.add(b"\r\n", 2)
+        self.resp_head_len = o.n
+        self.resp_status = e.status
+        self.resp_started = 1
+        self.resp_keep = keep
+        self.resp_bytes = len(e.body) if send_body else 0
+        if send_body and len(e.body) <= INLINE_BODY:
+            o.addb(e.body)
+            send_body = 0
+        head = o.take()
+        if send_body:
+            self.transport.writelines((head, e.body))
+        else:
+            self.transport.write(head)
+        hot.hits += 1
+        _hot_hits += 1
+        self._response_done()
+        return 1
 
     def forward(self, Pool pool, bytes head):
         """Forward a request the cache phase held (a collapsed miss released

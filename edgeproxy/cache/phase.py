@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from edgeproxy.cache import policy
-from edgeproxy.cache.entry import CacheEntry
+from edgeproxy.cache.entry import FLAG_HEURISTIC, FLAG_INVALIDATED, FLAG_NO_CACHE, CacheEntry
 from edgeproxy.cache.keys import cache_key
 from edgeproxy.cache.policy import Action, cache_status
 from edgeproxy.cache.refresh import fetch, rewrite_head
@@ -53,12 +53,19 @@ def _status_line(value: bytes) -> bytes:
 
 class EdgeCache:
     """One worker's view of the shared cache: the store, its settings, the
-    misses in flight (for collapsing) and the background refreshes."""
+    misses in flight (for collapsing), the background refreshes, and the
+    hot index (`_ext.HotIndex`, or None) the core serves plain hits from."""
 
-    def __init__(self, store: CacheStore, config: CacheConfig, *, fetch_timeout: float = 30.0):
+    def __init__(self, store: CacheStore, config: CacheConfig, *, fetch_timeout: float = 30.0,
+                 hot: Any = None):
         self.store = store
         self.config = config
         self.fetch_timeout = fetch_timeout
+        self.hot = hot
+        if hot is not None:
+            hot.synced = store.changes_since(-1)[0]
+            if store.changes_map is not None:
+                hot.attach_generation(store.changes_map)
         self.inflight: dict[bytes, Exchange] = {}   # primary key -> the GET miss filling it
         self.refreshing: set[bytes] = set()         # keys revalidated in the background
         self.invalidating: set[bytes] = set()       # keys being deleted: treated as absent
@@ -76,20 +83,69 @@ class EdgeCache:
         return found.entry, found.vary_miss
 
     def answer(self, conn: Any, entry: CacheEntry, method: bytes, headers: Headers,
-               now: float, status_value: bytes) -> bool:
+               now: float, status_value: bytes, *, fresh: bool = False) -> bool:
         """Answer conn from entry (304, 206, 416 or the stored response);
-        False when the body is gone (purged or evicted since the lookup)."""
+        False when the body is gone (purged or evicted since the lookup).
+        `fresh`: entry is a fresh hit; when it was sent whole, offer it to
+        the hot index."""
         hit = policy.respond_from_cache(entry, method, headers, now, status_value)
         body = b""
         if hit.body_end > hit.body_start:
             body = self.store.read_body(entry, hit.body_start, hit.body_end)
             if body is None:
                 return False
+        if fresh and self.hot is not None and hit.status == entry.status \
+                and hit.body_start == 0 and len(body) == entry.body_length:
+            self.offer_hot(entry, body)
         head = hit.head
         if b"\r\ndate:" not in head.lower():
             head += b"Date: " + policy.format_http_date(now) + _CRLF
         conn.respond(head, body, hit.status)
         return True
+
+    def offer_hot(self, entry: CacheEntry, body: bytes) -> None:
+        """Give the hot index a copy of entry when the core may answer from it
+        without asking the phase: its answer must not depend on the request
+        (no Vary) nor need a revalidation (no-cache, a soft purge), and its
+        freshness must be explicit. The core serves it only while fresh."""
+        hot = self.hot
+        if hot is None:
+            return
+        if entry.vary or entry.variant or entry.flags & (FLAG_NO_CACHE | FLAG_INVALIDATED
+                                                         | FLAG_HEURISTIC) \
+                or entry.lifetime <= 0 or entry.key in self.invalidating:
+            hot.drop(entry.key)
+            return
+        initial_age = policy.corrected_initial_age(entry)
+        hot.offer(entry.key, policy.hit_head(entry), bytes(body), entry.status,
+                  initial_age - entry.response_time,
+                  entry.response_time + entry.lifetime - initial_age)
+
+    def drop_hot(self, key: bytes) -> None:
+        if self.hot is not None:
+            self.hot.drop(key)
+
+    def sync_hot(self) -> None:
+        """Called by the worker's ticker, and by the phase when the store
+        changed: count the hot index's hits in the store, and drop what other
+        processes (another worker, `edgeproxy cache purge`) changed."""
+        hot = self.hot
+        if hot is None:
+            return
+        n = hot.take_hits()
+        if n:
+            self.store.count("hits", n)
+        try:
+            hot.synced, keys = self.store.changes_since(hot.synced)
+        except CacheError as exc:
+            log.warning("%s", exc)
+            hot.clear()
+            return
+        if keys is None:
+            hot.clear()
+        else:
+            for key in keys:
+                hot.drop(key)
 
     def invalidate(self, keys: list[bytes]) -> None:
         """Delete keys (every variant) off the loop; until that is done this
@@ -103,6 +159,7 @@ class EdgeCache:
                 self.invalidating.discard(key)
         for key in keys:
             self.invalidating.add(key)
+            self.drop_hot(key)
             self.spawn(delete(key))
 
     def refresh_in_background(self, pool: Any, key: bytes, entry: CacheEntry,
@@ -133,6 +190,7 @@ class EdgeCache:
                                            heuristic=self.config.heuristic)
                 if updated is not None:
                     await self.store.update_entry_async(updated)
+                    self.drop_hot(key)
                     self.store.count("revalidated")
                 return
             if status >= 500:
@@ -143,6 +201,7 @@ class EdgeCache:
                                           heuristic=self.config.heuristic)
             if why is not None:
                 await self.store.delete_async(key)
+                self.drop_hot(key)
                 return
             fresh = policy.new_entry(key, headers, status, reason, rheaders, request_time, now,
                                      heuristic=self.config.heuristic)
@@ -151,6 +210,7 @@ class EdgeCache:
                 await writer.commit_async()
             else:
                 await writer.abort_async()
+            self.drop_hot(key)
         except Exception:
             log.exception("cache: background revalidation of %s failed",
                           key[:200].decode("latin-1"))
@@ -160,6 +220,9 @@ class EdgeCache:
     def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        if self.hot is not None:
+            self.hot.detach_generation()
+            self.hot.clear()
         self.store.close()
 
 
@@ -173,6 +236,8 @@ class CachePhase:
     def on_request(self, conn: Any, scheme: bytes, method: bytes, host: bytes, target: bytes,
                    headers: Headers, head: bytes, has_body: bool) -> Exchange | None:
         cache = self.cache
+        if cache.hot is not None and cache.hot.generation_changed():
+            cache.sync_hot()
         if method != b"GET" and method != b"HEAD":
             if method in _UNCACHED_METHODS:
                 return None
@@ -197,7 +262,8 @@ class CachePhase:
                 ex.head = None
                 cache.spawn(ex.answer_async(conn, entry, cache_status(hit=True, ttl=d.ttl)))
                 return ex
-            if cache.answer(conn, entry, method, headers, now, cache_status(hit=True, ttl=d.ttl)):
+            if cache.answer(conn, entry, method, headers, now, cache_status(hit=True, ttl=d.ttl),
+                            fresh=d.action == Action.FRESH):
                 store.count("hits")
                 if d.action != Action.FRESH:
                     store.count("stale")
@@ -277,6 +343,7 @@ class Exchange:
                                        heuristic=cache.config.heuristic)
             if updated is not None:
                 cache.spawn(cache.store.update_entry_async(updated))
+                cache.drop_hot(self.key)
                 cache.store.count("revalidated")
                 ttl = updated.lifetime - policy.current_age(updated, now)
                 if cache.answer(conn, updated, self.method, self.headers, now,
@@ -359,7 +426,11 @@ class Exchange:
     async def _write_out(self) -> None:
         """Write the body into the store off the event loop, then commit (or abort)."""
         writer = self.writer
+        cache = self.phase.cache
         stored = False
+        # a copy of a small body, for the hot index
+        kept: list[bytes] | None = [] if cache.hot is not None else None
+        kept_size = 0
         try:
             while True:
                 await self.wakeup.wait()
@@ -367,13 +438,25 @@ class Exchange:
                 while self.parts and writer.failed is None:
                     data = b"".join(self.parts)
                     self.parts.clear()
+                    if kept is not None:
+                        kept_size += len(data)
+                        if kept_size <= cache.hot.body_max:
+                            kept.append(data)
+                        else:
+                            kept = None
                     await writer.write_async(data)
                 if self.ended is not None:
                     break
             if self.ended == "done" and writer.failed is None:
                 stored = await writer.commit_async()
                 if stored:
-                    self.phase.cache.store.count("stores")
+                    cache.store.count("stores")
+                    cache.drop_hot(self.key)
+                    if kept is not None and self.method == b"GET":
+                        entry = writer.entry
+                        now = time.time()
+                        if entry.lifetime - policy.current_age(entry, now) > 0:
+                            cache.offer_hot(entry, b"".join(kept))
             else:
                 await writer.abort_async()
         except asyncio.CancelledError:
@@ -416,7 +499,7 @@ class Exchange:
             d = policy.lookup_decision(entry, self.headers, now)
             if d.action == Action.FRESH and cache.answer(
                     conn, entry, self.method, self.headers, now,
-                    cache_status(hit=True, ttl=d.ttl, collapsed=True)):
+                    cache_status(hit=True, ttl=d.ttl, collapsed=True), fresh=True):
                 cache.store.count("hits")
                 return
         self.request_time = time.time()

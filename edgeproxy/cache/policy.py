@@ -25,6 +25,7 @@ __all__ = [
     "byte_range",
     "cache_directives",
     "cache_status",
+    "corrected_initial_age",
     "current_age",
     "format_http_date",
     "freshness_lifetime",
@@ -34,6 +35,7 @@ __all__ = [
     "new_entry",
     "parse_http_date",
     "request_directives",
+    "hit_head",
     "respond_from_cache",
     "response_tags",
     "revalidation_headers",
@@ -385,14 +387,18 @@ def new_entry(key: bytes, request_headers: Headers, status: int, reason: bytes,
 
 # --- age and freshness (RFC 9111 §4.2) -------------------------------------------
 
-def current_age(entry: CacheEntry, now: float) -> float:
-    """RFC 9111 §4.2.3: corrected initial age plus the time spent here."""
+def corrected_initial_age(entry: CacheEntry) -> float:
+    """RFC 9111 §4.2.3: the age the response had when it arrived."""
     apparent_age = max(0.0, entry.response_time - entry.date_value)
     response_delay = entry.response_time - entry.request_time
     corrected_age_value = entry.age_value + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
+    return max(apparent_age, corrected_age_value)
+
+
+def current_age(entry: CacheEntry, now: float) -> float:
+    """RFC 9111 §4.2.3: corrected initial age plus the time spent here."""
     resident_time = now - entry.response_time
-    return corrected_initial_age + resident_time
+    return corrected_initial_age(entry) + resident_time
 
 
 class Action(enum.IntEnum):
@@ -676,12 +682,19 @@ def respond_from_cache(entry: CacheEntry, method: bytes, request_headers: Header
                     + b"Content-Range: bytes %d-%d/%d\r\nContent-Length: %d\r\n"
                     % (start, end - 1, length, end - start) + age + status_field)
             return HitResponse(206, head, start, end)
+    return HitResponse(entry.status, hit_head(entry) + age + status_field, 0, body_end)
+
+
+def hit_head(entry: CacheEntry) -> bytes:
+    """The head of the stored response as a hit sends it whole (to any
+    request that is not conditional and has no Range), up to Content-Length:
+    without Age and Cache-Status, which depend on the time of the request."""
     head = b"HTTP/1.1 %d %s\r\n" % (entry.status, _reason(entry.status, entry.reason)) + entry.head
     if entry.status == 200 and b"accept-ranges:" not in entry.head.lower():
         head += b"Accept-Ranges: bytes\r\n"
     if entry.status != 204 and not 100 <= entry.status < 200:
-        head += b"Content-Length: %d\r\n" % length
-    return HitResponse(entry.status, head + age + status_field, 0, body_end)
+        head += b"Content-Length: %d\r\n" % entry.body_length
+    return head
 
 
 # --- invalidation (RFC 9111 §4.4) ---------------------------------------------------

@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -73,6 +74,19 @@ _CHUNK_KEY = struct.Struct(">QI")
 _LRU_KEY = struct.Struct(">QQ")
 _PENDING = struct.Struct("<Idq")
 _COUNTER = struct.Struct("<q")
+# The change log read by the workers' hot indexes (phase.EdgeCache.sync_hot):
+# every write that replaces, updates or removes entries adds the primary key
+# (b"" for "anything may have changed": purges by prefix or tag) under the
+# next generation number, in a ring of CHANGE_RING slots of the info db.
+_CHANGES = b"g:changes"
+_PID = struct.Struct("<I")
+CHANGE_RING = 4096
+# The generation is also kept in a small shared file beside the environment,
+# written inside the write transaction (so under LMDB's writer lock): the
+# compiled hit path reads it with one load and leaves requests to the
+# phase until the worker has read the change log (ext/hotcache.pyx).
+CHANGES_FILE = "changes"
+CHANGE_KEY_MAX = 1024
 
 T = TypeVar("T")
 
@@ -171,6 +185,7 @@ class CacheStore:
         self._live: set[int] = set()        # body ids of this process's open writers
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next_upkeep = 0.0
+        self.changes_map: mmap.mmap | None = None   # 8 bytes: the change generation
 
     # --- opening and closing ----------------------------------------------------
 
@@ -219,6 +234,12 @@ class CacheStore:
             env.close()
             raise
         store = cls(env, dbs, path, config, chunk_size, touch_interval)
+        try:
+            store.changes_map = _map_changes_file(os.path.join(path, CHANGES_FILE))
+        except OSError as exc:
+            env.close()
+            raise CacheError(f"cache: cannot open {os.path.join(path, CHANGES_FILE)}: "
+                             f"{exc.strerror}") from None
         _open_paths[path] = os.getpid()
         _stores.add(store)
         try:
@@ -267,6 +288,12 @@ class CacheStore:
             log.warning("%s", exc)
         self._env = None
         env.close()
+        if self.changes_map is not None:
+            try:
+                self.changes_map.close()
+            except BufferError:      # a hot index still reads it; it goes with the process
+                pass
+            self.changes_map = None
         if _open_paths.get(self.path) == os.getpid():
             del _open_paths[self.path]
 
@@ -509,6 +536,7 @@ class CacheStore:
             for tag in entry.tags:
                 txn.put(_tag_key(tag), db_key, db=self._tags)
             added += self._entry_bytes(db_key, len(record), entry) - self._body_bytes(entry)
+            self._log_change(txn, entry.key)
             self._add(txn, "entries", 1)
             self._add(txn, "stores", 1)
             self._apply(txn, counts, touches)
@@ -546,6 +574,44 @@ class CacheStore:
             txn.delete(key, db=self._body)
         self._add(txn, "bytes", -_PENDING.unpack(raw)[2])
 
+    def _log_change(self, txn: lmdb.Transaction, key: bytes) -> None:
+        raw = txn.get(_CHANGES, db=self._info)
+        gen = (_COUNTER.unpack(raw)[0] if raw else 0) + 1
+        txn.put(_CHANGES, _COUNTER.pack(gen), db=self._info)
+        if len(key) > CHANGE_KEY_MAX:
+            key = b""        # keeps the ring small; readers forget everything instead
+        txn.put(b"c:%d" % (gen % CHANGE_RING), _PID.pack(os.getpid()) + key, db=self._info)
+        if self.changes_map is not None:
+            _COUNTER.pack_into(self.changes_map, 0, gen)
+
+    def changes_since(self, generation: int) -> tuple[int, list[bytes] | None]:
+        """The change generation now, and the primary keys other processes
+        replaced, updated or removed after `generation` (None: anything may
+        have changed, forget everything). One read transaction; cheap when
+        nothing changed."""
+        try:
+            with self._environment().begin(db=self._info) as txn:
+                raw = txn.get(_CHANGES)
+                now = _COUNTER.unpack(raw)[0] if raw else 0
+                if now == generation:
+                    return now, []
+                if now < generation or now - generation > CHANGE_RING:
+                    return now, None
+                pid = os.getpid()
+                keys = []
+                for gen in range(generation + 1, now + 1):
+                    value = txn.get(b"c:%d" % (gen % CHANGE_RING))
+                    if value is None or len(value) < _PID.size:
+                        return now, None
+                    if _PID.unpack_from(value)[0] == pid:
+                        continue     # this process's own writes: it dropped those itself
+                    if len(value) == _PID.size:
+                        return now, None
+                    keys.append(value[_PID.size:])
+                return now, keys
+        except lmdb.Error as exc:
+            raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
+
     def update_entry(self, entry: CacheEntry) -> bool:
         """Rewrite the metadata of a stored entry (after `policy.apply_304`)
         keeping its body. False (and nothing written) when the entry was
@@ -568,6 +634,7 @@ class CacheStore:
                 txn.put(_tag_key(tag), db_key, db=self._tags)
             self._add(txn, "bytes", self._entry_bytes(db_key, len(record), entry)
                       - self._entry_bytes(db_key, len(raw), old))
+            self._log_change(txn, entry.key)
             return True
 
         try:
@@ -672,6 +739,7 @@ class CacheStore:
                         self._mark(txn, vkey, vraw)
                         n += 1
             self._add(txn, "purges", n)
+            self._log_change(txn, key)
             return n
 
         return self._write(delete)
@@ -713,8 +781,11 @@ class CacheStore:
             n, resume = self._write(batch)
             total += n
             if resume is None:
-                return total
+                break
             start = resume
+        if total:
+            self._write(lambda txn: self._log_change(txn, b""))
+        return total
 
     def purge_tag(self, tag: bytes, *, soft: bool = False) -> int:
         """Remove (or mark stale) every entry whose response listed `tag` in
@@ -742,6 +813,8 @@ class CacheStore:
                 self._add(txn, "purges", n)
                 return n
             total += self._write(batch)
+        if total:
+            self._write(lambda txn: self._log_change(txn, b""))
         return total
 
     async def delete_async(self, key: bytes, *, soft: bool = False) -> int:
@@ -896,6 +969,16 @@ class CacheStore:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="edgeproxy-cache")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+def _map_changes_file(path: str) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size < _COUNTER.size:
+            os.ftruncate(fd, _COUNTER.size)
+        return mmap.mmap(fd, _COUNTER.size)
+    finally:
+        os.close(fd)
 
 
 def _tag_key(tag: bytes) -> bytes:

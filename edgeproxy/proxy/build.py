@@ -62,7 +62,10 @@ def build_router(config: Config, pools: dict[str, Pool], cache=None) -> Router:
         if r.cache and cache is not None:
             from edgeproxy.cache.phase import CachePhase
             phase = CachePhase(cache, pools[r.pool])
-        routes.append(Route(r.host, r.path, pools[r.pool], i + 1, phase))
+        route = Route(r.host, r.path, pools[r.pool], i + 1, phase)
+        if phase is not None:
+            route.hot = cache.hot
+        routes.append(route)
     return Router(routes)
 
 

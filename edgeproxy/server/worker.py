@@ -32,6 +32,8 @@ log = logging.getLogger("edgeproxy.server")
 # long; one in use gets "Connection: close" on its next response instead, so
 # a request is never cut by the close racing it.
 DRAIN_IDLE_CLOSE = 1.0
+HOT_INDEX_MAX = 64 << 20     # bytes a worker's hot index of cache hits holds at most
+HOT_BODY_MAX = 1 << 20       # larger bodies are served by the cache phase
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -134,6 +136,8 @@ class Worker:
             _ext.set_clock(now, None)
         _ext.expire_timeouts()
         _ext.pools_tick()
+        if self.cache is not None:
+            self.cache.sync_hot()
         if self.slot is not None:
             self.slot.publish(self.backends)
 
@@ -332,8 +336,10 @@ def _open_cache(config: Config):
     except CacheError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
+    # the hot index: plain fresh hits served without entering Python
+    hot = _ext.HotIndex(min(HOT_INDEX_MAX, config.cache.max_size // 16), HOT_BODY_MAX)
     cache = EdgeCache(store, config.cache,
-                      fetch_timeout=config.timeout.connect + config.timeout.read)
+                      fetch_timeout=config.timeout.connect + config.timeout.read, hot=hot)
     cache.spawn(cache.store.maintain_forever())
     return cache
 
