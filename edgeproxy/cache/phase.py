@@ -121,6 +121,12 @@ class EdgeCache:
                   initial_age - entry.response_time,
                   entry.response_time + entry.lifetime - initial_age)
 
+    async def update_entry(self, entry: CacheEntry) -> None:
+        """Rewrite entry's metadata (after a 304) off the loop."""
+        await self.store.update_entry_async(entry)
+        self.drop_hot(entry.key)
+        self.sync_hot()
+
     def drop_hot(self, key: bytes) -> None:
         if self.hot is not None:
             self.hot.drop(key)
@@ -135,6 +141,7 @@ class EdgeCache:
         n = hot.take_hits()
         if n:
             self.store.count("hits", n)
+            self.store.count("hot_hits", n)
         try:
             hot.synced, keys = self.store.changes_since(hot.synced)
         except CacheError as exc:
@@ -153,6 +160,7 @@ class EdgeCache:
         async def delete(key: bytes) -> None:
             try:
                 await self.store.delete_async(key)
+                self.sync_hot()
             except CacheError as exc:
                 log.warning("%s", exc)
             finally:
@@ -191,6 +199,7 @@ class EdgeCache:
                 if updated is not None:
                     await self.store.update_entry_async(updated)
                     self.drop_hot(key)
+                    self.sync_hot()
                     self.store.count("revalidated")
                 return
             if status >= 500:
@@ -211,6 +220,7 @@ class EdgeCache:
             else:
                 await writer.abort_async()
             self.drop_hot(key)
+            self.sync_hot()
         except Exception:
             log.exception("cache: background revalidation of %s failed",
                           key[:200].decode("latin-1"))
@@ -342,7 +352,7 @@ class Exchange:
             updated = policy.apply_304(stale, headers, self.request_time, now,
                                        heuristic=cache.config.heuristic)
             if updated is not None:
-                cache.spawn(cache.store.update_entry_async(updated))
+                cache.spawn(cache.update_entry(updated))
                 cache.drop_hot(self.key)
                 cache.store.count("revalidated")
                 ttl = updated.lifetime - policy.current_age(updated, now)
@@ -452,6 +462,7 @@ class Exchange:
                 if stored:
                     cache.store.count("stores")
                     cache.drop_hot(self.key)
+                    cache.sync_hot()        # our own commit moved the store's generation
                     if kept is not None and self.method == b"GET":
                         entry = writer.entry
                         now = time.time()

@@ -67,7 +67,7 @@ MAX_READERS = 1024           # reader slots: threads x processes reading at once
 _MAX_KEY = 400
 _DB_NAMES = (b"meta", b"body", b"lru", b"tags", b"pending", b"info")
 COUNTERS = ("entries", "bytes", "hits", "misses", "stale", "revalidated", "stores",
-            "store_failures", "evictions", "purges")
+            "store_failures", "evictions", "purges", "hot_hits")
 
 _BODY_ID = struct.Struct(">Q")
 _CHUNK_KEY = struct.Struct(">QI")

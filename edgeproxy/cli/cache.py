@@ -141,7 +141,8 @@ def stats(config_path: str, as_json: bool) -> None:
         ("misses", str(counters["misses"])),
         ("hit ratio", ratio),
     ] + [(name.replace("_", " "), str(counters[name]))
-         for name in ("stale", "revalidated", "stores", "store_failures", "evictions", "purges")]
+         for name in ("stale", "revalidated", "stores", "store_failures", "evictions", "purges",
+                      "hot_hits")]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         click.echo(f"{label + ':':<{width + 1}} {value}")
