@@ -124,13 +124,17 @@ def test_keep_alive_and_pipelining_after_hot_hits(hot, origin):
 
 
 def test_expired_entries_are_not_served_hot(hot, origin):
-    target = "/cache/exp?cc=max-age=1"
-    stored(hot, target)
+    target = "/cache/exp?cc=max-age=3"
+    t0 = time.monotonic()
+    assert get(hot.port, target).header("cache-status").endswith("stored")
+    assert wait_for(lambda: get(hot.port, target).header("cache-status").startswith(
+        "edgeproxy; hit"))
     assert get(hot.port, target).header("cache-status").startswith("edgeproxy; hit")
-    time.sleep(1.2)
+    time.sleep(max(0.0, t0 + 3.2 - time.monotonic()))
     r = get(hot.port, target)
     assert not r.header("cache-status").startswith("edgeproxy; hit"), r.headers
     assert origin.hits["exp"] == 2
+    assert settle(hot, 2)["hot_hits"] >= 1
 
 
 def test_entries_the_phase_must_decide_are_not_offered(hot, origin):
@@ -192,3 +196,20 @@ def test_two_workers_never_serve_what_another_process_changed(origin, proxy_fact
     cli(proxy, "purge", f"http://example.test{target}")
     for _ in range(12):
         assert get(proxy.port, target).body == b"two v2 "
+
+
+def test_hot_index_stays_within_its_budget():
+    ext = pytest.importorskip("edgeproxy._ext")
+    hot = ext.HotIndex(4096, 1000)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 900\r\n"
+    for i in range(10):
+        assert hot.offer(b"http://h/%d" % i, head, b"x" * 900, 200, 0.0, 1e12)
+        assert hot.used <= hot.budget
+    assert len(hot) < 10 and hot.get(b"http://h/9") is not None
+    assert hot.get(b"http://h/0") is None            # the oldest went first
+    assert not hot.offer(b"http://h/big", head, b"x" * 1001, 200, 0.0, 1e12)
+    assert hot.offer(b"http://h/9", head, b"y", 200, 0.0, 1e12)   # replaces
+    assert hot.get(b"http://h/9").body == b"y" and not hot.get(b"http://h/9").has_date
+    assert hot.drop(b"http://h/9") and not hot.drop(b"http://h/9")
+    hot.clear()
+    assert len(hot) == 0 and hot.used == 0
