@@ -213,3 +213,24 @@ def test_hot_index_stays_within_its_budget():
     assert hot.drop(b"http://h/9") and not hot.drop(b"http://h/9")
     hot.clear()
     assert len(hot) == 0 and hot.used == 0
+
+
+def test_hot_hits_are_logged_like_other_requests(origin, proxy_factory, tmp_path):
+    log_path = tmp_path / "access.log"
+    proxy = proxy_factory(cache_config(
+        tmp_path, origin.url, f'\n[log]\naccess_log = "{log_path}"\naccess_format = "json"\n'))
+    target = f"/cache/logged?{FRESH}"
+    stored(proxy, target)
+    with Client(proxy.port) as c:
+        assert c.request("GET", target).body == b"logged v0 "
+        assert c.request("HEAD", target).status == 200
+    assert settle(proxy, 2)["hot_hits"] == 2
+
+    def lines():
+        text = log_path.read_text() if log_path.exists() else ""
+        return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    assert wait_for(lambda: len(lines()) == 3, timeout=8.0), lines()
+    _, get_line, head_line = lines()
+    assert (get_line["method"], get_line["status"], get_line["bytes"]) == ("GET", 200, 10)
+    assert (head_line["method"], head_line["status"], head_line["bytes"]) == ("HEAD", 200, 0)
+    assert get_line["target"] == target and get_line["backend"] == "-"
