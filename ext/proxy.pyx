@@ -693,16 +693,62 @@ cdef list _response_field_list(HeadParser hp, ProxySettings cfg):
 # ---- the client side ------------------------------------------------------
 
 @cython.no_gc_clear
-cdef class ClientConn:
+cdef class Stream:
+    """What both sides of a proxied exchange share: reads land in the
+    worker's receive buffer (uvloop, get_buffer/buffer_updated) or arrive as
+    bytes (the standard asyncio loop, data_received); bytes a read leaves
+    unparsed wait in `pending`.  Subclasses say whether they take a read
+    (_reading) and parse it (_feed)."""
+    cdef:
+        object transport
+        bytearray pending
+        size_t pending_seen      # bytes of pending already seen incomplete
+
+    cdef bint _reading(self):
+        return 1
+
+    cdef void _feed(self, object owner, const char *base, size_t n):
+        pass
+
+    def get_buffer(self, Py_ssize_t hint):
+        return _rbuf
+
+    def buffer_updated(self, Py_ssize_t n):
+        cdef object owner
+        if not self._reading():
+            return
+        if self.pending is not None:
+            self.pending.extend(_rbuf_view[:n])
+            owner = self.pending
+            self.pending = None
+            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        else:
+            owner = _rbuf        # held here: _feed may switch buffers
+            self._feed(owner, _rbuf_ptr, <size_t>n)
+
+    def data_received(self, bytes data):
+        """The standard asyncio loop's path (it calls get_buffer only on
+        BufferedProtocol subclasses, which a compiled class cannot be)."""
+        cdef object owner
+        if not self._reading():
+            return
+        if self.pending is not None:
+            self.pending.extend(data)
+            owner = self.pending
+            self.pending = None
+            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        else:
+            self._feed(data, PyBytes_AS_STRING(data), len(data))
+
+
+@cython.no_gc_clear
+cdef class ClientConn(Stream):
     """A connection from a client: reads requests, forwards them, and owns
     the request's state until its response is complete."""
     cdef:
         Listener lst
         ProxySettings cfg
-        object transport
         public int state
-        bytearray pending
-        size_t pending_seen
         UpstreamConn up
         Backend backend
         list upq
@@ -780,35 +826,8 @@ cdef class ClientConn:
     def connection_lost(self, exc):
         self._teardown()
 
-    def get_buffer(self, Py_ssize_t hint):
-        return _rbuf
-
-    def buffer_updated(self, Py_ssize_t n):
-        cdef object owner
-        if self.state >= C_LINGER:
-            return
-        if self.pending is not None:
-            self.pending.extend(_rbuf_view[:n])
-            owner = self.pending
-            self.pending = None
-            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
-        else:
-            owner = _rbuf
-            self._feed(owner, _rbuf_ptr, <size_t>n)
-
-    def data_received(self, bytes data):
-        """The standard asyncio loop's path (it calls get_buffer only on
-        BufferedProtocol subclasses, which a compiled class cannot be)."""
-        cdef object owner
-        if self.state >= C_LINGER:
-            return
-        if self.pending is not None:
-            self.pending.extend(data)
-            owner = self.pending
-            self.pending = None
-            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
-        else:
-            self._feed(data, PyBytes_AS_STRING(data), len(data))
+    cdef bint _reading(self):
+        return self.state < C_LINGER       # after an error answer, input is discarded
 
     def eof_received(self):
         self.eof = 1
@@ -1715,16 +1734,13 @@ cdef class ClientConn:
 # ---- the backend side -----------------------------------------------------
 
 @cython.no_gc_clear
-cdef class UpstreamConn:
+cdef class UpstreamConn(Stream):
     """A connection to a backend: carries one request at a time and sits in
     its backend's keep-alive pool between them."""
     cdef:
         Backend backend
-        object transport
         ClientConn client
         public int state
-        bytearray pending
-        size_t pending_seen
         int body_kind
         long long body_left
         ChunkState chunk
@@ -1775,42 +1791,14 @@ cdef class UpstreamConn:
         else:
             c.close()
 
-    def get_buffer(self, Py_ssize_t hint):
-        return _rbuf
-
-    def buffer_updated(self, Py_ssize_t n):
-        cdef object owner
+    cdef bint _reading(self):
         if self.client is None or self.state == U_IDLE:
             self.close()         # a backend must not talk out of turn
-            return
+            return 0
         self.got_bytes = 1
         if not self.paused:
             self.deadline = _now + self.client.cfg.t_read
-        if self.pending is not None:
-            self.pending.extend(_rbuf_view[:n])
-            owner = self.pending
-            self.pending = None
-            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
-        else:
-            owner = _rbuf
-            self._feed(owner, _rbuf_ptr, <size_t>n)
-
-    def data_received(self, bytes data):
-        """The standard asyncio loop's path (see ClientConn.data_received)."""
-        cdef object owner
-        if self.client is None or self.state == U_IDLE:
-            self.close()
-            return
-        self.got_bytes = 1
-        if not self.paused:
-            self.deadline = _now + self.client.cfg.t_read
-        if self.pending is not None:
-            self.pending.extend(data)
-            owner = self.pending
-            self.pending = None
-            self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
-        else:
-            self._feed(data, PyBytes_AS_STRING(data), len(data))
+        return 1
 
     def eof_received(self):
         return False
