@@ -159,7 +159,8 @@ def round_figures(wrk: WrkResult, body_bytes: int, cpu_ticks: int, origin_ticks:
     """The numbers kept for one contender in one round."""
     cpu_s = cpu_ticks / procfs.CLOCK_TICKS_PER_SECOND
     moved = wrk.bytes + wrk.requests * body_bytes  # answers received + request bodies sent
-    per_request = (lambda v: v / wrk.requests if wrk.requests else None)
+    def per_request(v):
+        return v / wrk.requests if wrk.requests else None
     return {
         "requests": wrk.requests,
         "duration_s": wrk.duration_s,

@@ -1,5 +1,6 @@
 """Type stubs of the compiled core (ext/, built as edgeproxy._ext)."""
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 # -- parser (docs/parser-contract.md) --
 

@@ -75,7 +75,7 @@ class Origin:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server = None
 
-    def start(self) -> "Origin":
+    def start(self) -> Origin:
         self._thread.start()
         fut = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
         fut.result(5)
@@ -323,7 +323,7 @@ def start_proxy(tmp_path: Path, body: str, *, listeners: int = 1, env: dict | No
         listeners = len(listen_lines)
     ports = [free_port() for _ in range(listeners)]
     extra = listen_lines or [""] * listeners
-    text = "".join(f'[[listen]]\nbind = "127.0.0.1:{p}"\n{x}\n\n' for p, x in zip(ports, extra)) + body
+    text = "".join(f'[[listen]]\nbind = "127.0.0.1:{p}"\n{x}\n\n' for p, x in zip(ports, extra, strict=True)) + body
     cfg = tmp_path / f"edgeproxy-{ports[0]}.toml"
     cfg.write_text(text)
     log_path = tmp_path / f"edgeproxy-{ports[0]}.log"
@@ -340,7 +340,7 @@ def start_proxy(tmp_path: Path, body: str, *, listeners: int = 1, env: dict | No
     except Exception:
         proc.kill()
         proc.wait()
-        raise RuntimeError("proxy did not start:\n" + log_path.read_text(errors="replace"))
+        raise RuntimeError("proxy did not start:\n" + log_path.read_text(errors="replace")) from None
     return Proxy(proc, ports[0], cfg, log_path, ports)
 
 
@@ -472,7 +472,7 @@ class Client:
             return self.sock.recv(1) == b""
         except ConnectionResetError:
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
 

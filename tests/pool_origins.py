@@ -64,7 +64,7 @@ class ResetServer:
         while not self._stop:
             try:
                 c, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -188,7 +188,7 @@ def test_example_in_the_docs_is_valid(tmp_path):
         write(tmp_path / name)
     path = write(tmp_path / "edgeproxy.toml", example)
     config = load_config(path)
-    assert [l.port for l in config.listen] == [80, 443]
+    assert [lc.port for lc in config.listen] == [80, 443]
     assert set(config.pools) == {"api", "web"}
     assert config.limits.body_size == 20 * 1024 * 1024
     assert config.cache.max_size == 4 * 1024 ** 3
@@ -249,7 +249,7 @@ def test_bind_forms():
     config = parse_config(MINIMAL.replace('bind = "127.0.0.1:8080"', 'bind = "[::1]:8080"')
                           + '[[listen]]\nbind = ":8081"\n[[listen]]\nbind = "LocalHost:0"\n'
                           + '[[listen]]\nbind = "0.0.0.0:80"\n')
-    assert [(l.host, l.port) for l in config.listen] == [
+    assert [(lc.host, lc.port) for lc in config.listen] == [
         ("::1", 8080), ("", 8081), ("localhost", 0), ("0.0.0.0", 80)]
     assert config.listen[0].bind == "[::1]:8080"
 
@@ -557,7 +557,7 @@ def test_load_missing_and_binary_files(tmp_path):
 def test_quick_config():
     config = quick_config(["127.0.0.1:8080", "[::1]:8080"],
                           ["http://127.0.0.1:5000", "http://127.0.0.1:5001 weight=2 backup"])
-    assert [(l.host, l.port) for l in config.listen] == [("127.0.0.1", 8080), ("::1", 8080)]
+    assert [(lc.host, lc.port) for lc in config.listen] == [("127.0.0.1", 8080), ("::1", 8080)]
     assert config.routes == (RouteConfig(pool="default", path="/"),)
     pool = config.pools["default"]
     assert pool.name == "default"
@@ -589,4 +589,4 @@ def test_load_config_overrides_merge_into_sections(tmp_path):
     config = load_config(path, server={"workers": 2})
     assert config.server == ServerConfig(workers=2, server_header="x")
     config = load_config(path, listen=[{"bind": ":9999"}])
-    assert [l.port for l in config.listen] == [9999]
+    assert [lc.port for lc in config.listen] == [9999]

@@ -13,11 +13,11 @@ import time
 from collections import Counter
 
 import pytest
+from harness import ROOT, Client
+from pool_origins import PortOrigin, ResetServer
 
 from edgeproxy.config import load_config
 from edgeproxy.health.status import read_state, state_path
-from harness import ROOT, Client
-from pool_origins import PortOrigin, ResetServer
 
 HEALTH = """health.path = "/healthz"
 health.interval = 0.5

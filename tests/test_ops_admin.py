@@ -11,7 +11,6 @@ import signal
 import subprocess
 
 import pytest
-
 from harness import Client, Origin
 from ops_support import admin, metrics, start, status, wait_until, worker_pids
 
@@ -22,10 +21,10 @@ ROUTE = 'route="/",pool="web"'
 
 def test_metrics_sum_the_workers_and_survive_a_dead_one(proxy_factory, tmp_path, origin):
     proxy, port = start(proxy_factory, tmp_path, origin.url, workers=2, admin=True)
-    for i in range(6):
+    for _ in range(6):
         with Client(proxy.port) as c:
             assert c.request("GET", "/size/10").status == 200
-    for i in range(2):
+    for _ in range(2):
         with Client(proxy.port) as c:
             assert c.request("GET", "/status/404").status == 404
     backend = f'pool="web",backend="127.0.0.1:{origin.port}"'
@@ -59,7 +58,7 @@ def test_status_json(proxy_factory, tmp_path, origin):
     proxy, port = start(proxy_factory, tmp_path, origin.url, admin=True)
     with Client(proxy.port) as c:
         c.request("GET", "/size/1")
-        with Client(proxy.port) as c2:
+        with Client(proxy.port):
             st = wait_until(lambda: (s := status(port))["connections"]["client_connections"] == 2
                             and s, what="two open connections")
     assert st["requests"]["total"] == 1 and st["requests"]["by_class"] == {"2xx": 1}

@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-
 from harness import ROOT, Client, free_port
 from ops_support import WebSocket, admin, metrics, start, status, wait_until
 

@@ -8,7 +8,6 @@ import signal
 import threading
 
 import pytest
-
 from harness import Client
 from ops_support import start, status, wait_until, worker_pids
 

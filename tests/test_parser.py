@@ -10,11 +10,24 @@ import subprocess
 import sys
 
 import pytest
-
-from parser_cases import (BAD_CHUNKED, BAD_REQUESTS, BAD_RESPONSES, CHUNKED_TRAILING,
-                          HEAD_RESPONSE, PARSER_IDS, REQUEST_ATTRS, REQUEST_LIMITS,
-                          RESPONSE_ATTRS, VALID_CHUNKED, VALID_REQUESTS, VALID_RESPONSES,
-                          attrs, decode_chunked, load_parser, outcome)
+from parser_cases import (
+    BAD_CHUNKED,
+    BAD_REQUESTS,
+    BAD_RESPONSES,
+    CHUNKED_TRAILING,
+    HEAD_RESPONSE,
+    PARSER_IDS,
+    REQUEST_ATTRS,
+    REQUEST_LIMITS,
+    RESPONSE_ATTRS,
+    VALID_CHUNKED,
+    VALID_REQUESTS,
+    VALID_RESPONSES,
+    attrs,
+    decode_chunked,
+    load_parser,
+    outcome,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

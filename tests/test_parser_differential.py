@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import h11
 import httptools
 import pytest
-
 from parser_cases import PARSER_IDS, load_parser
 
 SEED = 9112          # RFC 9112

@@ -15,9 +15,16 @@ from itertools import pairwise
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from parser_cases import (PARSER_IDS, VALID_CHUNKED, VALID_REQUESTS, VALID_RESPONSES,
-                          decode_chunked, load_parser, outcome, outcome_bytewise)
+from parser_cases import (
+    PARSER_IDS,
+    VALID_CHUNKED,
+    VALID_REQUESTS,
+    VALID_RESPONSES,
+    decode_chunked,
+    load_parser,
+    outcome,
+    outcome_bytewise,
+)
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -10,10 +10,10 @@ import time
 from collections import Counter
 
 import pytest
-
-from edgeproxy import _ext
 from harness import Client, Origin
 from pool_origins import ResetServer
+
+from edgeproxy import _ext
 
 
 def make_pool(weights, balance="round_robin", backups=(), **kw):
@@ -147,7 +147,7 @@ def test_weights_hold_over_3000_requests(origins, proxy_factory):
                                   f"{os_[2].url} weight=3"]))
     assert run_requests(proxy.port, 3000) == {200: 3000}
     counts = [len(o.requests) for o in os_]
-    for n, w in zip(counts, (1, 2, 3)):
+    for n, w in zip(counts, (1, 2, 3), strict=True):
         assert abs(n - 500 * w) <= 0.1 * 500 * w, counts
 
 
@@ -158,7 +158,7 @@ def test_swrr_order_end_to_end(origins, proxy_factory):
         for i in range(7):
             assert c.request("GET", f"/size/{i}").status == 200
     where = {}
-    for name, o in zip("abc", os_):
+    for name, o in zip("abc", os_, strict=True):
         for s in o.requests:
             where[int(s.target.rsplit("/", 1)[1])] = name
     assert "".join(where[i] for i in range(7)) == "aabacaa"

@@ -7,7 +7,6 @@ import socket
 import time
 
 import pytest
-
 from harness import Client, raw_exchange, simple_config
 
 HIDDEN = {"server", "x-powered-by", "x-aspnet-version", "x-aspnetmvc-version", "x-runtime"}
@@ -33,7 +32,7 @@ def test_keepalive_reuses_one_backend_connection(proxy, origin):
 
 
 def test_backend_connections_are_pooled_across_clients(proxy, origin):
-    for i in range(10):
+    for _ in range(10):
         with Client(proxy.port) as c:
             assert c.request("GET", "/size/5").status == 200
     assert origin.connections == 1

@@ -4,8 +4,7 @@ its status, the connection is closed, and the origin sees nothing."""
 from __future__ import annotations
 
 import pytest
-
-from harness import Client, raw_exchange, simple_config
+from harness import raw_exchange, simple_config
 
 H = b"Host: a\r\n"
 

@@ -6,12 +6,18 @@ import logging
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from tlsutil import CA, NOW, cert_pem, key_pem
 
 from edgeproxy.config.model import CertConfig, ListenTLSConfig, PoolTLSConfig
 from edgeproxy.tls import (
-    TLSConfigError, build_server_context, check_listen_tls, check_pool_tls,
-    expiry_warnings, load_ca_file, load_cert_pair)
-from tlsutil import CA, NOW, cert_pem, key_pem
+    TLSConfigError,
+    build_server_context,
+    check_listen_tls,
+    check_pool_tls,
+    expiry_warnings,
+    load_ca_file,
+    load_cert_pair,
+)
 
 
 @pytest.fixture(scope="module")

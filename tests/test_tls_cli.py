@@ -13,11 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID
+from tlsutil import CA, NOW, TLSServer, cn_of, connect
 
 from edgeproxy.cli.cert import cert
 from edgeproxy.config.model import CertConfig, ListenTLSConfig
 from edgeproxy.tls import build_server_context, generate_selfsigned, load_cert_pair
-from tlsutil import CA, NOW, TLSServer, cn_of, connect
 
 
 def run(*args: str):
@@ -42,7 +42,7 @@ def test_selfsigned_writes_usable_pair(tmp_path):
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     key = serialization.load_pem_private_key(key_path.read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
-    days = (c.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).days
+    days = (c.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
     assert 9 <= days <= 10
     # served by the listener and verified, by name and by IP, by a client trusting cert.pem
     cfg = CertConfig(str(cert_path), str(key_path))

@@ -7,10 +7,10 @@ import subprocess
 import warnings
 
 import pytest
+from tlsutil import CA, TLSServer
 
 from edgeproxy.config.model import ListenTLSConfig
 from edgeproxy.tls import build_server_context
-from tlsutil import CA, TLSServer
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="no openssl command on PATH")

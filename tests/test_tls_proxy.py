@@ -13,7 +13,6 @@ import time
 
 import pytest
 from cryptography import x509
-
 from harness import ROOT, Client, Origin, simple_config
 from tlsutil import CA, cn_of
 
@@ -122,7 +121,7 @@ tls.server_name = "backend.test"
     with Client(p.port) as c:
         for i in range(20):
             assert c.request("GET", f"/size/{i}").body == b"x" * i
-    for i in range(5):
+    for _ in range(5):
         with Client(p.port) as c:
             assert c.request("GET", "/size/3").status == 200
     assert tls_origin.connections == 1      # one handshake for 25 requests

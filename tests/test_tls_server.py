@@ -9,11 +9,10 @@ import ssl
 import warnings
 
 import pytest
+from tlsutil import CA, NOW, TLSServer, cn_of, connect, insecure_client, trusting_client
 
 from edgeproxy.config.model import CertConfig, ListenTLSConfig
 from edgeproxy.tls import CIPHERS_TLS12, build_server_context, client_subject
-from tlsutil import (
-    CA, NOW, TLSServer, cn_of, connect, insecure_client, trusting_client)
 
 TLS12 = {"maximum_version": ssl.TLSVersion.TLSv1_2}
 

@@ -6,11 +6,15 @@ import json
 import ssl
 
 import pytest
+from tlsutil import CA, TLSServer
 
 from edgeproxy.config.model import ListenTLSConfig, PoolTLSConfig
 from edgeproxy.tls import (
-    TLSConfigError, build_client_context, build_server_context, server_name_for)
-from tlsutil import CA, TLSServer
+    TLSConfigError,
+    build_client_context,
+    build_server_context,
+    server_name_for,
+)
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

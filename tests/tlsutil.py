@@ -19,7 +19,7 @@ from edgeproxy.config.model import CertConfig
 from edgeproxy.tls import client_subject
 from edgeproxy.tls.devcerts import san_entry
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def new_key(kind: str = "ec"):
@@ -67,7 +67,7 @@ class CA:
     """A certificate authority (a root, or an intermediate when parent is given)."""
 
     def __init__(self, cn: str = "edgeproxy test root", kind: str = "ec",
-                 parent: "CA | None" = None):
+                 parent: CA | None = None):
         self.key = new_key(kind)
         self.parent = parent
         issuer_key = parent.key if parent else self.key
@@ -89,7 +89,7 @@ class CA:
             .sign(issuer_key, hashes.SHA256())
         )
 
-    def intermediate(self, cn: str = "edgeproxy test intermediate", kind: str = "ec") -> "CA":
+    def intermediate(self, cn: str = "edgeproxy test intermediate", kind: str = "ec") -> CA:
         return CA(cn, kind, parent=self)
 
     @property

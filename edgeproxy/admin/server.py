@@ -22,7 +22,8 @@ import re
 from pathlib import Path
 from urllib.parse import unquote
 
-from edgeproxy.config.load import Invalid, Reader, backend as parse_backend
+from edgeproxy.config.load import Invalid, Reader
+from edgeproxy.config.load import backend as parse_backend
 
 log = logging.getLogger("edgeproxy.admin")
 
@@ -47,7 +48,7 @@ class AdminServer:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             except asyncio.LimitOverrunError:
                 return await self._reply(writer, 413, {"error": "request head too large"})
-            except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
             lines = head.decode("latin-1").split("\r\n")
             parts = lines[0].split(" ")

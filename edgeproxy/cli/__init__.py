@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib
+import json
 import logging
 import os
-import json
 import signal
 import socket
 import sys

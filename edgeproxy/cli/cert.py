@@ -79,9 +79,9 @@ def selfsigned(hosts: tuple[str, ...], out: str, days: int, force: bool):
     try:
         cert_path, key_path = write_selfsigned(list(hosts), out, days, overwrite=force)
     except FileExistsError as e:
-        raise click.ClickException(f"{e} already exists (use --force to replace it)")
+        raise click.ClickException(f"{e} already exists (use --force to replace it)") from None
     except OSError as e:
-        raise click.ClickException(f"cannot write to {out}: {e.strerror or e}")
+        raise click.ClickException(f"cannot write to {out}: {e.strerror or e}") from None
     click.echo(f"wrote {cert_path}")
     click.echo(f"wrote {key_path} (mode 0600)")
     click.echo(f"self-signed for {', '.join(hosts)}, valid {days} days: for development "
@@ -102,8 +102,8 @@ def inspect(file: str):
             except ValueError:
                 raise TLSConfigError("no certificate in the file (PEM or DER)", file) from None
     except TLSConfigError as e:
-        raise click.ClickException(str(e))
-    now = _dt.datetime.now(_dt.timezone.utc)
+        raise click.ClickException(str(e)) from None
+    now = _dt.datetime.now(_dt.UTC)
     for i, c in enumerate(certs):
         if len(certs) > 1:
             if i:

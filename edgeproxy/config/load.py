@@ -18,18 +18,19 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from edgeproxy.config.model import (
     BackendConfig,
     CacheConfig,
     CertConfig,
     Config,
+    HealthConfig,
     LimitsConfig,
     ListenConfig,
-    HealthConfig,
     ListenTLSConfig,
     LogConfig,
     PassiveConfig,
@@ -230,7 +231,7 @@ def tables_by_name(table: Table) -> Callable:
         out = {}
         for name, item in value.items():
             where = key_path(path, name)
-            out[name] = reader.read(lambda v, p, r: table(v, p, r, name=name), item, where)
+            out[name] = reader.read(lambda v, p, r, name=name: table(v, p, r, name=name), item, where)
         return out
     return read
 

@@ -273,7 +273,7 @@ class OriginServer:
         self.port = 0
 
     @classmethod
-    async def start(cls, host: str = "127.0.0.1", port: int = 0) -> "OriginServer":
+    async def start(cls, host: str = "127.0.0.1", port: int = 0) -> OriginServer:
         origin = cls()
         origin.server = await asyncio.start_server(origin.serve_connection, host, port,
                                                    limit=MAX_HEAD)
@@ -405,7 +405,7 @@ class OriginThread:
                 loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             loop.close()
 
-    def start(self) -> "OriginThread":
+    def start(self) -> OriginThread:
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
@@ -422,7 +422,7 @@ class OriginThread:
                 pass  # the loop is already closed
             self._thread.join(timeout)
 
-    def __enter__(self) -> "OriginThread":
+    def __enter__(self) -> OriginThread:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -88,7 +88,7 @@ class HealthBoard:
                          h.status, h.changes & 0xFFFFFFFF, 0, h.when)
         self.map[off] = 1 if h.up else 0
 
-    def carry_over(self, old_config: Config, old: "HealthBoard") -> None:
+    def carry_over(self, old_config: Config, old: HealthBoard) -> None:
         """Take each backend's health from the board of the previous
         configuration (same pool name, host and port), so a reload neither
         forgets a dead backend nor takes a live one out."""

@@ -23,7 +23,7 @@ async def probe(host: str, port: int, path: str, *, timeout: float, expect: tupl
     try:
         return await asyncio.wait_for(
             _get(host, port, path, expect, host_header, ssl, server_hostname), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return ProbeResult(False, 0, f"timed out after {timeout:g}s")
     except ConnectionRefusedError:
         return ProbeResult(False, 0, "connection refused")

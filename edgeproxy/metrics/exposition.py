@@ -5,8 +5,8 @@ text or as the plain dict the admin /status returns."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from edgeproxy.metrics.region import BACKEND_WIDTH, GAUGES, LAYOUT
 
@@ -60,10 +60,10 @@ class Counts:
             if n:
                 self.backend_requests[key] += n
 
-    def plus(self, other: "Counts") -> "Counts":
+    def plus(self, other: Counts) -> Counts:
         out = Counts(self.requests + other.requests,
                      self.backend_requests + other.backend_requests,
-                     [a + b for a, b in zip(self.duration, other.duration)],
+                     [a + b for a, b in zip(self.duration, other.duration, strict=True)],
                      self.duration_sum_us + other.duration_sum_us,
                      self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
                      self.connections + other.connections)

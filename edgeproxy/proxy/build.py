@@ -81,7 +81,9 @@ def build_listener_factory(settings: ProxySettings, router: Router, listen: List
         subject_of = None
         if listen.tls.client_ca:
             from edgeproxy.tls import client_subject
-            subject_of = lambda transport: client_subject(transport.get_extra_info("ssl_object"))
+
+            def subject_of(transport):
+                return client_subject(transport.get_extra_info("ssl_object"))
         return Listener(settings, router, "https", extra,
                         subject_header=listen.tls.client_subject_header, subject_of=subject_of)
     redirect_port = 0

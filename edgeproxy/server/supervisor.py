@@ -27,15 +27,15 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from edgeproxy.config import ConfigError
 from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import Config, ListenConfig
+from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import SlotLabels
-from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
 from edgeproxy.tls import TLSConfigError
 
@@ -160,7 +160,7 @@ class Supervisor:
 
     def _adopt_sockets(self, config: Config, socks: list[socket.socket]) -> None:
         """Make config's sockets the supervisor's; close the others."""
-        keep = {_bind_key(lc): s for lc, s in zip(config.listen, socks)}
+        keep = {_bind_key(lc): s for lc, s in zip(config.listen, socks, strict=True)}
         for key, sock in self.socks.items():
             if keep.get(key) is not sock:
                 log.info("closing listener %s", key[1] if key[0] == "port0" else f"{key[0]}:{key[1]}")
@@ -299,7 +299,7 @@ class Supervisor:
         started = [self._spawn(gen) for _ in range(worker_count(gen.config))]
         try:
             await asyncio.wait_for(asyncio.gather(*(w.ready for w in started)), READY_TIMEOUT)
-        except (Exception, asyncio.TimeoutError) as exc:
+        except (TimeoutError, Exception) as exc:
             for w in started:
                 if w.pid in self.workers:
                     w.retiring = True

@@ -15,8 +15,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from email.utils import formatdate
-from typing import Callable
 
 import uvloop
 
@@ -165,7 +165,7 @@ class Worker:
         router = build_router(self.config, self.pools, self.cache)
         for op in self.ops:
             self.apply(op)
-        for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks)):
+        for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks, strict=True)):
             ssl_ctx = self.tls[i].context if i in self.tls else None
             factory = build_listener_factory(settings, router, lc, self.config)
             extra = {"ssl": ssl_ctx, "ssl_handshake_timeout": self.config.timeout.header} if ssl_ctx else {}

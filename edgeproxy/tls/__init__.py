@@ -1,10 +1,14 @@
 """TLS for edgeproxy: listener contexts with SNI and reload, backend contexts, cert files."""
 from edgeproxy.tls.certs import (
-    LoadedCert, TLSConfigError, expiry_warnings, load_ca_file, load_cert_pair)
+    LoadedCert,
+    TLSConfigError,
+    expiry_warnings,
+    load_ca_file,
+    load_cert_pair,
+)
 from edgeproxy.tls.contexts import CIPHERS_TLS12
 from edgeproxy.tls.devcerts import generate_selfsigned, write_selfsigned
-from edgeproxy.tls.server import (
-    ServerTLS, build_server_context, check_listen_tls, client_subject)
+from edgeproxy.tls.server import ServerTLS, build_server_context, check_listen_tls, client_subject
 from edgeproxy.tls.upstream import build_client_context, check_pool_tls, server_name_for
 
 __all__ = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -147,8 +147,8 @@ def _spki(public_key) -> bytes:
 
 def _utc(now: _dt.datetime | None) -> _dt.datetime:
     if now is None:
-        return _dt.datetime.now(_dt.timezone.utc)
-    return now if now.tzinfo else now.replace(tzinfo=_dt.timezone.utc)
+        return _dt.datetime.now(_dt.UTC)
+    return now if now.tzinfo else now.replace(tzinfo=_dt.UTC)
 
 
 def fmt_time(t: _dt.datetime) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,7 +29,7 @@ def generate_selfsigned(hosts: Sequence[str], days: int = 30) -> tuple[bytes, by
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64]),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgeproxy development")])
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()

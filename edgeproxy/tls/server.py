@@ -11,7 +11,12 @@ from cryptography import x509
 
 from edgeproxy.config.model import ListenTLSConfig
 from edgeproxy.tls.certs import (
-    LoadedCert, TLSConfigError, expiry_warnings, load_ca_file, load_cert_pair)
+    LoadedCert,
+    TLSConfigError,
+    expiry_warnings,
+    load_ca_file,
+    load_cert_pair,
+)
 from edgeproxy.tls.contexts import load_into_context, new_server_context, tls_version
 
 log = logging.getLogger("edgeproxy.tls")
