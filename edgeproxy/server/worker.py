@@ -149,6 +149,12 @@ class Worker:
     # -- start and stop --
 
     async def start(self) -> None:
+        # The loop shares the GIL with helper threads (cache writes and
+        # upkeep, certificate loading).  Python hands the GIL over every 5 ms
+        # by default, which a waiting loop turns into tail latency; hand it
+        # over every 0.5 ms instead.  With no other thread running it costs
+        # nothing.
+        sys.setswitchinterval(0.0005)
         _ext.set_request_id_prefix(os.urandom(6).hex().encode())
         self._tick()
         settings = build_settings(self.config, self.access_log)
