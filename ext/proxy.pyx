@@ -658,35 +658,50 @@ cdef list _field_list(HeadParser hp):
              hp.fields[i].value[:hp.fields[i].value_len]) for i in range(hp.nfields)]
 
 
-cdef list _response_field_list(HeadParser hp, ProxySettings cfg):
-    """The response fields the client would get (as _build_head_into
-    filters them, plus the framing fields), for the cache phase: what the
-    core hides must not be stored and come back on a hit."""
-    cdef size_t i, nl
-    cdef unsigned char h
-    cdef const char *nm
+# How a backend's response field reaches the client (_response_field_kind).
+cdef enum:
+    RF_DROP = 0       # hop-by-hop, named by Connection, backend identity, configured hidden
+    RF_KEEP           # end to end
+    RF_FRAMING        # Content-Length, Transfer-Encoding: whoever sends the body frames it
+    RF_UPGRADE        # Upgrade: only on a 101
+
+
+cdef int _response_field_kind(HeadParser hp, size_t i, ProxySettings cfg) except -1:
+    """The one rule for which response fields the client gets; forwarded
+    heads and stored cache entries both follow it, so nothing the proxy hides
+    can come back on a cache hit."""
+    cdef unsigned char h = hp.hid[i]
+    cdef const char *nm = hp.fields[i].name
+    cdef size_t nl = hp.fields[i].name_len
     cdef bytes hidden
+    if h == H_OTHER:
+        if hp.ntokens and hp.is_conn_token(nm, nl):
+            return RF_DROP
+        for hidden in cfg.hide:
+            if _ieq(nm, nl, hidden, len(hidden)):
+                return RF_DROP
+        return RF_KEEP
+    if h == H_CONTENT_LENGTH or h == H_TRANSFER_ENCODING:
+        return RF_FRAMING
+    if h == H_UPGRADE:
+        return RF_UPGRADE
+    if h == H_DATE or h == H_HOST or h == H_EXPECT or h == H_X_FORWARDED_FOR \
+            or h == H_FORWARDED or h == H_X_FORWARDED_HOST or h == H_X_FORWARDED_PROTO:
+        return RF_KEEP
+    return RF_DROP       # Connection, Keep-Alive, TE, Trailer, Proxy-Connection, Server, X-Powered-By...
+
+
+cdef list _response_field_list(HeadParser hp, ProxySettings cfg):
+    """The response fields to store in the cache: what the client gets, with
+    the framing fields (the store needs the length)."""
+    cdef size_t i
+    cdef int kind
     cdef list out = []
     for i in range(hp.nfields):
-        h = hp.hid[i]
-        nm = hp.fields[i].name
-        nl = hp.fields[i].name_len
-        if h == H_OTHER:
-            if hp.ntokens and hp.is_conn_token(nm, nl):
-                continue
-            for hidden in cfg.hide:
-                if _ieq(nm, nl, hidden, len(hidden)):
-                    break
-            else:
-                hidden = None
-            if hidden is not None:
-                continue
-        elif h == H_SERVER or h == H_X_POWERED_BY or h == H_X_ASPNET_VERSION \
-                or h == H_X_ASPNETMVC_VERSION or h == H_X_RUNTIME or h == H_CONNECTION \
-                or h == H_KEEP_ALIVE or h == H_PROXY_CONNECTION or h == H_UPGRADE \
-                or h == H_TE or h == H_TRAILER:
-            continue
-        out.append((nm[:nl], hp.fields[i].value[:hp.fields[i].value_len]))
+        kind = _response_field_kind(hp, i, cfg)
+        if kind == RF_KEEP or kind == RF_FRAMING:
+            out.append((hp.fields[i].name[:hp.fields[i].name_len],
+                        hp.fields[i].value[:hp.fields[i].value_len]))
     return out
 
 
@@ -2042,13 +2057,11 @@ cdef class UpstreamConn(Stream):
 
     cdef void _build_head_into(self, ClientConn c, HeadParser hp, bint final):
         cdef Scratch o = _out
-        cdef size_t i, j
+        cdef size_t i
         cdef unsigned char h
+        cdef int kind
         cdef bint has_date = 0
-        cdef const char *nm
-        cdef size_t nl
         cdef ProxySettings cfg = c.cfg
-        cdef bytes hidden
         o.n = 0
         o.add(b"HTTP/1.1 ", 9)
         o.add_int(hp.status)
@@ -2059,34 +2072,22 @@ cdef class UpstreamConn(Stream):
             o.addb(_REASONS.get(hp.status, b"Unknown"))
         o.add(b"\r\n", 2)
         for i in range(hp.nfields):
+            kind = _response_field_kind(hp, i, cfg)
+            if kind == RF_DROP:
+                continue
             h = hp.hid[i]
-            nm = hp.fields[i].name
-            nl = hp.fields[i].name_len
-            if h == H_OTHER:
-                if hp.ntokens and hp.is_conn_token(nm, nl):
+            if kind == RF_FRAMING:
+                # re-sent below when the body has a length; a bodiless final
+                # response (HEAD, 304) keeps the length it announces
+                if not (h == H_CONTENT_LENGTH and final and hp.body == B_NONE):
                     continue
-                if cfg.hide:
-                    for hidden in cfg.hide:
-                        if _ieq(nm, nl, hidden, len(hidden)):
-                            break
-                    else:
-                        hidden = None
-                    if hidden is not None:
-                        continue
-            elif h == H_DATE:
-                has_date = 1
-            elif h == H_CONTENT_LENGTH:
-                if not final or hp.body != B_NONE:
-                    continue      # re-sent below when the body has a length
-            elif h == H_UPGRADE:
+            elif kind == RF_UPGRADE:
                 if hp.status != 101:
                     continue
-            elif h == H_HOST or h == H_EXPECT or h == H_X_FORWARDED_FOR or h == H_FORWARDED \
-                    or h == H_X_FORWARDED_HOST or h == H_X_FORWARDED_PROTO:
-                pass
-            else:
-                continue          # hop-by-hop, Server and the backend-identity fields
-            o.field(nm, nl, hp.fields[i].value, hp.fields[i].value_len)
+            elif h == H_DATE:
+                has_date = 1
+            o.field(hp.fields[i].name, hp.fields[i].name_len,
+                    hp.fields[i].value, hp.fields[i].value_len)
         if not final:
             if hp.status == 101:
                 o.add(b"Connection: upgrade\r\n", 21)
