@@ -97,6 +97,13 @@ def test_client_certificates_required_and_subject_passed(tmp_path, ca, origin, p
     assert origin.requests[-1].header("x-client-subject") == "CN=alice"
 
 
+def secure_pool(backend_url: str, ca_path: str, server_name: str, extra: str = "") -> str:
+    """One route to a pool of one https backend, verified against ca_path."""
+    return (f'[[route]]\npath = "/"\npool = "secure"\n[pool.secure]\n'
+            f'backends = ["{backend_url}"]\ntls.ca = "{ca_path}"\n'
+            f'tls.server_name = "{server_name}"\n{extra}')
+
+
 @pytest.fixture
 def tls_origin(tmp_path, ca):
     issued = ca.issue("backend.test")
@@ -110,14 +117,7 @@ def tls_origin(tmp_path, ca):
 
 def test_verified_tls_to_backend_reuses_connections(tmp_path, ca, tls_origin, proxy_factory):
     ca_path = ca.write(str(tmp_path), "internal-ca")
-    p = proxy_factory(f'''[[route]]
-path = "/"
-pool = "secure"
-[pool.secure]
-backends = ["{tls_origin.url}"]
-tls.ca = "{ca_path}"
-tls.server_name = "backend.test"
-''')
+    p = proxy_factory(secure_pool(tls_origin.url, ca_path, "backend.test"))
     with Client(p.port) as c:
         for i in range(20):
             assert c.request("GET", f"/size/{i}").body == b"x" * i
@@ -130,14 +130,7 @@ tls.server_name = "backend.test"
 def test_backend_certificate_failure_is_502_and_logged(tmp_path, tls_origin, proxy_factory):
     other = CA("some other root")
     ca_path = other.write(str(tmp_path), "wrong-ca")
-    p = proxy_factory(f'''[[route]]
-path = "/"
-pool = "secure"
-[pool.secure]
-backends = ["{tls_origin.url}"]
-tls.ca = "{ca_path}"
-tls.server_name = "backend.test"
-''')
+    p = proxy_factory(secure_pool(tls_origin.url, ca_path, "backend.test"))
     with Client(p.port) as c:
         r = c.request("GET", "/size/3")
     assert r.status == 502
@@ -149,14 +142,7 @@ tls.server_name = "backend.test"
 
 def test_backend_name_mismatch_is_502(tmp_path, ca, tls_origin, proxy_factory):
     ca_path = ca.write(str(tmp_path), "internal-ca")
-    p = proxy_factory(f'''[[route]]
-path = "/"
-pool = "secure"
-[pool.secure]
-backends = ["{tls_origin.url}"]
-tls.ca = "{ca_path}"
-tls.server_name = "not-the-backend.test"
-''')
+    p = proxy_factory(secure_pool(tls_origin.url, ca_path, "not-the-backend.test"))
     with Client(p.port) as c:
         assert c.request("GET", "/size/3").status == 502
 
@@ -235,19 +221,12 @@ def test_active_health_checks_over_tls(tmp_path, ca, tls_origin, proxy_factory, 
     """Probes of an https backend use the pool's TLS settings: a backend
     whose certificate does not verify is taken out, like one that fails."""
     ca_path = (ca if trusted else CA("another root")).write(str(tmp_path), "pool-ca")
-    p = proxy_factory(f'''[[route]]
-path = "/"
-pool = "secure"
-[pool.secure]
-backends = ["{tls_origin.url}"]
-tls.ca = "{ca_path}"
-tls.server_name = "backend.test"
-health.path = "/size/0"
+    p = proxy_factory(secure_pool(tls_origin.url, ca_path, "backend.test", """health.path = "/size/0"
 health.interval = 0.2
 health.timeout = 1.0
 health.rise = 1
 health.fall = 1
-''')
+"""))
     deadline = time.monotonic() + 10
     want = "up" if trusted else "down"
     while time.monotonic() < deadline:
