@@ -529,12 +529,7 @@ class CacheStore:
                 old = None
             if isinstance(old, CacheEntry):
                 self._remove_entry(txn, db_key, old, len(raw))
-            entry.last_access = time.time()
-            record = encode_entry(entry)
-            txn.put(db_key, record, db=self._meta)
-            txn.put(_lru_key(entry.last_access, entry.body_id), db_key, db=self._lru)
-            for tag in entry.tags:
-                txn.put(_tag_key(tag), db_key, db=self._tags)
+            record = self._put_entry(txn, db_key, entry)
             added += self._entry_bytes(db_key, len(record), entry) - self._body_bytes(entry)
             self._log_change(txn, entry.key)
             self._add(txn, "entries", 1)
@@ -573,6 +568,17 @@ class CacheStore:
         for key in keys:
             txn.delete(key, db=self._body)
         self._add(txn, "bytes", -_PENDING.unpack(raw)[2])
+
+    def _put_entry(self, txn: lmdb.Transaction, db_key: bytes, entry: CacheEntry) -> bytes:
+        """Write entry's metadata with its LRU position and tag index rows,
+        accessed now; return the encoded record."""
+        entry.last_access = time.time()
+        record = encode_entry(entry)
+        txn.put(db_key, record, db=self._meta)
+        txn.put(_lru_key(entry.last_access, entry.body_id), db_key, db=self._lru)
+        for tag in entry.tags:
+            txn.put(_tag_key(tag), db_key, db=self._tags)
+        return record
 
     def _log_change(self, txn: lmdb.Transaction, key: bytes) -> None:
         raw = txn.get(_CHANGES, db=self._info)
@@ -626,12 +632,7 @@ class CacheStore:
             txn.delete(_lru_key(old.last_access, old.body_id), db=self._lru)
             for tag in old.tags:
                 txn.delete(_tag_key(tag), db_key, db=self._tags)
-            entry.last_access = time.time()
-            record = encode_entry(entry)
-            txn.put(db_key, record, db=self._meta)
-            txn.put(_lru_key(entry.last_access, entry.body_id), db_key, db=self._lru)
-            for tag in entry.tags:
-                txn.put(_tag_key(tag), db_key, db=self._tags)
+            record = self._put_entry(txn, db_key, entry)
             self._add(txn, "bytes", self._entry_bytes(db_key, len(record), entry)
                       - self._entry_bytes(db_key, len(raw), old))
             self._log_change(txn, entry.key)
