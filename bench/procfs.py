@@ -28,10 +28,10 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of every thread of the process, in clock ticks (0 if gone)."""
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of every thread of the process, in clock ticks ((0, 0) if gone)."""
     fields = _stat_fields(pid)
-    return int(fields[11]) + int(fields[12]) if fields else 0
+    return (int(fields[11]), int(fields[12])) if fields else (0, 0)
 
 
 def children(pid: int) -> list[int]:

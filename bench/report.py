@@ -48,7 +48,7 @@ def render_table(doc: dict) -> str:
     ]
     header = (f"{'case':<16}{'contender':<11}{'req/s':>10}{'+-':>5}{'MiB/s':>9}{'p50 ms':>9}"
               f"{'p99 ms':>9}{'p99.9 ms':>10}{'err h/s':>9}{'CPU us/req':>12}{'+-':>5}"
-              f"{'busy':>6}{'peak RSS MiB':>14}")
+              f"{'busy':>6}{'kern':>6}{'peak RSS MiB':>14}")
     if s["syscalls"]:
         header += f"{'sys/req':>9}"
     lines.append(header)
@@ -69,6 +69,7 @@ def render_table(doc: dict) -> str:
                 f"{_num(m['cpu_us_per_request'], '.1f'):>12}"
                 f"{_pct(m['cpu_us_per_request_spread']):>5}"
                 f"{_pct(m['cpu_busy']):>6}"
+                f"{_pct(m.get('cpu_kernel_share')):>6}"
                 f"{m['peak_rss_kib'] / 1024:>14.1f}")
         if s["syscalls"]:
             line += f"{_num(row['syscalls_per_request'], '.1f'):>9}"

@@ -155,8 +155,10 @@ def _spread(values: list[float | None]) -> float | None:
 
 def round_figures(wrk: WrkResult, body_bytes: int, cpu_ticks: int, origin_ticks: int,
                   peak_rss_kib: int, syscalls: int | None,
-                  origin_requests: int | None = None) -> dict[str, object]:
-    """The numbers kept for one contender in one round."""
+                  origin_requests: int | None = None,
+                  sys_ticks: int | None = None) -> dict[str, object]:
+    """The numbers kept for one contender in one round (sys_ticks: the part
+    of cpu_ticks spent in the kernel)."""
     cpu_s = cpu_ticks / procfs.CLOCK_TICKS_PER_SECOND
     moved = wrk.bytes + wrk.requests * body_bytes  # answers received + request bodies sent
     def per_request(v):
@@ -175,6 +177,8 @@ def round_figures(wrk: WrkResult, body_bytes: int, cpu_ticks: int, origin_ticks:
         "cpu_s": cpu_s,
         "cpu_us_per_request": per_request(cpu_s * 1e6),
         "cpu_busy": cpu_s / wrk.duration_s if wrk.duration_s else None,
+        # the kernel's share of that CPU time (loopback TCP, syscalls)
+        "cpu_kernel_share": sys_ticks / cpu_ticks if sys_ticks is not None and cpu_ticks else None,
         "peak_rss_kib": peak_rss_kib,
         "origin_cpu_s": origin_ticks / procfs.CLOCK_TICKS_PER_SECOND,
         "origin_requests": origin_requests,  # cache cases: requests that got past the cache
@@ -198,6 +202,7 @@ def summarize(rounds: list[dict[str, object]]) -> dict[str, object]:
         "cpu_us_per_request": _median(col("cpu_us_per_request")),
         "cpu_us_per_request_spread": _spread(col("cpu_us_per_request")),
         "cpu_busy": _median(col("cpu_busy")),
+        "cpu_kernel_share": _median([r.get("cpu_kernel_share") for r in rounds]),  # type: ignore[misc]
         "peak_rss_kib": max(col("peak_rss_kib")),        # type: ignore[type-var]
         "origin_cpu_s": _median(col("origin_cpu_s")),
         "origin_requests": _sum_known([r.get("origin_requests") for r in rounds]),
@@ -447,16 +452,17 @@ class Run:
                                    self.s.pinning)
             time.sleep(0.2)  # let perf attach before the load starts
         seen0 = cached_requests_seen(self.workdir) if case.cached else None
-        cpu0, origin0 = server.cpu_ticks(), origin.cpu_ticks()
+        (user0, sys0), origin0 = server.cpu_split(), origin.cpu_ticks()
         try:
             wrk = run_round(case, server.port, duration_s, self.workdir, self.s.pinning)
         finally:
             syscalls = counter.stop() if counter else None
-        cpu1, origin1 = server.cpu_ticks(), origin.cpu_ticks()
+        (user1, sys1), origin1 = server.cpu_split(), origin.cpu_ticks()
         seen1 = cached_requests_seen(self.workdir) if case.cached else None
         past_cache = seen1 - seen0 if seen0 is not None and seen1 is not None else None
-        return round_figures(wrk, case.body_bytes, cpu1 - cpu0, origin1 - origin0,
-                             server.peak_rss_kib(), syscalls, past_cache)
+        return round_figures(wrk, case.body_bytes, user1 + sys1 - user0 - sys0,
+                             origin1 - origin0, server.peak_rss_kib(), syscalls, past_cache,
+                             sys_ticks=sys1 - sys0)
 
     def _check_cache_hit(self, name: str, case: Case) -> str | None:
         """After the warm-up, GET the case's path until the contender says it answered

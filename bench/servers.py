@@ -109,7 +109,12 @@ class Server:
         return pids
 
     def cpu_ticks(self) -> int:
-        return sum(procfs.cpu_ticks(p) for p in self.pids())
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[int, int]:
+        """(user, system) clock ticks of the whole process tree."""
+        split = [procfs.cpu_ticks(p) for p in self.pids()]
+        return sum(u for u, _ in split), sum(s for _, s in split)
 
     def rss_kib(self) -> int:
         return sum(procfs.status_kib(p, "VmRSS") for p in self.pids())

@@ -23,7 +23,6 @@ cimport cython
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, realloc, free
-from libc.stdio cimport snprintf
 from libc.math cimport floor
 from libc.string cimport memcpy, memchr
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -173,6 +172,8 @@ cdef inline bint _valid_request_id(const char *v, size_t n) noexcept nogil:
 
 set_request_id_prefix(os.urandom(6).hex().encode())
 
+cdef const char *_hexdigits = b"0123456789abcdef"
+
 
 cdef class Scratch:
     """A growable byte area where heads are built before one bytes object is
@@ -214,14 +215,34 @@ cdef class Scratch:
         return self.add(b, len(b))
 
     cdef inline int add_int(self, long long v) except -1:
+        # decimal digits written backwards into tmp (snprintf cost ~1% of a
+        # proxied 1 KiB request in its format parsing)
         cdef char tmp[24]
-        cdef int l = snprintf(tmp, 24, "%lld", v)
-        return self.add(tmp, l)
+        cdef int i = 24
+        cdef unsigned long long u = <unsigned long long>v
+        if v < 0:
+            u = <unsigned long long>0 - u
+        while True:
+            i -= 1
+            tmp[i] = <char>(48 + u % 10)
+            u //= 10
+            if u == 0:
+                break
+        if v < 0:
+            i -= 1
+            tmp[i] = b'-'
+        return self.add(tmp + i, 24 - i)
 
     cdef inline int add_hex(self, unsigned long long v) except -1:
         cdef char tmp[24]
-        cdef int l = snprintf(tmp, 24, "%llx", v)
-        return self.add(tmp, l)
+        cdef int i = 24
+        while True:
+            i -= 1
+            tmp[i] = _hexdigits[v & 15]
+            v >>= 4
+            if v == 0:
+                break
+        return self.add(tmp + i, 24 - i)
 
     cdef inline int field(self, const char *name, size_t nl, const char *val, size_t vl) except -1:
         if self.n + nl + vl + 4 > self.cap:
