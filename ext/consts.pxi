@@ -3,6 +3,7 @@
 cdef enum:
     MAX_FIELDS_CAP = 1024        # hard cap on fields per head, whatever the config says
     MAX_CONN_TOKENS = 64
+    SEND_PARTS_MAX = 15          # buffers one ClientConn._send_parts writes in one writev
 
 # Body framing, as exported to Python (BODY_*).
 cdef enum BodyKind:

@@ -10,6 +10,14 @@
 # everything else goes to the phase.  Entries are looked up by a 64-bit
 # FNV-1a hash of the primary cache key (keys.cache_key), confirmed by
 # comparing the whole key.
+#
+# An entry's body is `parts`: a tuple of buffers.  In a worker they are
+# slices of the LMDB map, read in the read transaction the cache phase
+# keeps open for the hot index (EdgeCache.pin), so a hit is written from
+# the map to the socket without a copy (ClientConn._send_parts).  LMDB
+# never reuses the pages a live read transaction sees, so the slices stay
+# valid until the phase renews that transaction; it then rebinds every
+# entry to the new one (`rebind`) or drops it.
 
 cimport cython
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
@@ -60,13 +68,19 @@ cdef class HotEntry:
     cdef readonly bytes key          # the primary cache key
     cdef unsigned long long h
     cdef readonly bytes head
-    cdef readonly bytes body
+    cdef readonly tuple parts        # the body: buffers (slices of the LMDB map, or bytes)
+    cdef readonly Py_ssize_t body_len
     cdef readonly int status
     cdef readonly double age_base    # Age at time t is age_base + t (policy.current_age)
     cdef readonly double expires     # fresh while t < expires (POSIX seconds)
     cdef readonly bint has_date      # head has a Date field
     cdef Py_ssize_t size
     cdef HotEntry next               # the next entry in its bucket
+
+    @property
+    def body(self):
+        """The body as one bytes object (a copy: for tests and tools)."""
+        return b"".join([bytes(p) for p in self.parts])
 
 
 @cython.final
@@ -128,13 +142,17 @@ cdef class HotIndex:
             e = he.next
         return None
 
-    def offer(self, bytes key, bytes head, bytes body, int status, double age_base,
+    def offer(self, bytes key, bytes head, object body, int status, double age_base,
               double expires):
-        """Keep a hit (replacing what key held); False when it does not fit."""
+        """Keep a hit (replacing what key held); False when it does not fit.
+        body: bytes, or a tuple of buffers that stay valid until the next
+        `rebind` or `clear` (slices of the map in the pinned snapshot)."""
         cdef HotEntry e
-        cdef Py_ssize_t size = len(key) + len(head) + len(body) + HOT_ENTRY_OVERHEAD
+        cdef tuple parts = (body,) if isinstance(body, bytes) else tuple(body)
+        cdef Py_ssize_t body_len = sum([len(b) for b in parts])
+        cdef Py_ssize_t size = len(key) + len(head) + body_len + HOT_ENTRY_OVERHEAD
         self.drop(key)
-        if len(body) > self.body_max or size > self.budget:
+        if body_len > self.body_max or size > self.budget or len(parts) > SEND_PARTS_MAX:
             return False
         while self.used + size > self.budget and self.order:
             self.drop(next(iter(self.order)))
@@ -142,7 +160,8 @@ cdef class HotIndex:
         e.key = key
         e.h = _fnv(FNV_BASIS, key, len(key))
         e.head = head
-        e.body = body
+        e.parts = parts
+        e.body_len = body_len
         e.status = status
         e.age_base = age_base
         e.expires = expires
@@ -174,6 +193,25 @@ cdef class HotIndex:
             prev.next = e.next
         e.next = None
         self.used -= e.size
+        return True
+
+    def keys(self):
+        """The keys held, oldest first."""
+        return list(self.order)
+
+    def rebind(self, bytes key, object body):
+        """Point key's entry at body (the same bytes, read in a newer
+        snapshot); drop the entry when body is None or of another length.
+        True when the entry is still held."""
+        cdef HotEntry e = self.order.get(key)
+        cdef tuple parts
+        if e is None:
+            return False
+        parts = None if body is None else ((body,) if isinstance(body, bytes) else tuple(body))
+        if parts is None or sum([len(b) for b in parts]) != e.body_len:
+            self.drop(key)
+            return False
+        e.parts = parts
         return True
 
     def clear(self):

@@ -25,6 +25,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, realloc, free
 from libc.math cimport floor
 from libc.string cimport memcpy, memchr
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from posix.uio cimport iovec, writev
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef object _log = logging.getLogger("edgeproxy.proxy")
@@ -833,11 +835,14 @@ cdef class ClientConn(Stream):
         # the cache phase's object for this request (routes with cache only)
         object cache
         bint tee            # pass the response body bytes to cache.feed()
+        int fd              # the socket, for writes straight from cache memory (-1: TLS
+                            # or unknown, -2: not looked up yet)
 
     def __init__(self, Listener lst):
         self.lst = lst
         self.cfg = lst.cfg
         self.state = C_HEAD
+        self.fd = -1 if lst.proto == b"https" else -2
         self.peer = b"-"
         self.fwd_for = b"for=unknown"
 
@@ -1147,7 +1152,7 @@ cdef class ClientConn(Stream):
         cdef Scratch k = _hot_key
         cdef Scratch o
         cdef bytes proto_b = self.lst.proto
-        cdef bytes conn_line, head
+        cdef bytes conn_line
         if hp.body != B_NONE or hp.upgrade or hp.expect_continue:
             return 0
         if hot.gen != NULL and hot.gen[0] != hot.synced:
@@ -1222,7 +1227,7 @@ cdef class ClientConn(Stream):
             conn_line = b"Connection: keep-alive\r\n" if self.req_minor == 0 else b""
         else:
             conn_line = b"Connection: close\r\n"
-        send_body = not self.req_is_head and len(e.body) > 0
+        send_body = not self.req_is_head and e.body_len > 0
         o = _out
         o.n = 0
         o.addb(e.head)
@@ -1241,15 +1246,8 @@ cdef class ClientConn(Stream):
         self.resp_status = e.status
         self.resp_started = 1
         self.resp_keep = keep
-        self.resp_bytes = len(e.body) if send_body else 0
-        if send_body and len(e.body) <= INLINE_BODY:
-            o.addb(e.body)
-            send_body = 0
-        head = o.take()
-        if send_body:
-            self.transport.writelines((head, e.body))
-        else:
-            self.transport.write(head)
+        self.resp_bytes = e.body_len if send_body else 0
+        self._send_parts(o.p, o.n, e.parts if send_body else None)
         hot.hits += 1
         _hot_hits += 1
         self._response_done()
@@ -1263,12 +1261,15 @@ cdef class ClientConn(Stream):
             return
         self._send_to_pool(pool, head)
 
-    def respond(self, bytes head, bytes body, int status):
+    def respond(self, bytes head, object body, int status):
         """Answer the current request from here (a cache hit, a stale answer):
         head is the status line and fields, each ending in CRLF, without the
-        blank line; the core adds its own fields.  Then go on as after a
-        forwarded response (access log, keep-alive, pipelining)."""
+        blank line; the core adds its own fields.  body is bytes, or a tuple
+        of buffers that need to stay valid only during this call (slices of
+        the cache's map: see _send_parts).  Then go on as after a forwarded
+        response (access log, keep-alive, pipelining)."""
         cdef bint keep
+        cdef Scratch o
         cdef UpstreamConn u = self.up
         if self.transport is None or self.state >= C_LINGER or self.state == C_HEAD \
                 or self.resp_started:
@@ -1281,12 +1282,84 @@ cdef class ClientConn(Stream):
         self.resp_status = status
         self.resp_started = 1
         self.resp_keep = keep
-        self.resp_bytes = len(body)
-        self.transport.write(b"".join((
-            head, self.cfg.server_line, self.lst.resp_extra,
-            (b"Connection: keep-alive\r\n" if self.req_minor == 0 else b"") if keep
-            else b"Connection: close\r\n", b"\r\n", body)))
+        if isinstance(body, bytes):
+            self.resp_bytes = len(<bytes>body)
+            parts = (body,) if body else None
+        else:
+            parts = body
+            self.resp_bytes = sum([len(b) for b in parts])
+        o = _out
+        o.n = 0
+        o.addb(head)
+        o.addb(self.cfg.server_line)
+        o.addb(self.lst.resp_extra)
+        if keep:
+            if self.req_minor == 0:
+                o.add(b"Connection: keep-alive\r\n", 24)
+        else:
+            o.add(b"Connection: close\r\n", 19)
+        o.add(b"\r\n", 2)
+        self._send_parts(o.p, o.n, parts)
         self._response_done()
+
+    cdef int _send_parts(self, const char *head, size_t hl, object parts) except -1:
+        """Write head, then the buffers in parts (a tuple or list, or None).
+        On a plain TCP connection with nothing queued in its transport they
+        go from their own memory (a cache entry in the LMDB map) to the
+        socket in one writev; only what the kernel does not take at once
+        is copied, into one bytes object for the transport.  TLS, or a
+        transport with data queued: all of it is copied.  So the buffers
+        need to stay valid only during this call."""
+        cdef Py_buffer views[SEND_PARTS_MAX]
+        cdef iovec iov[SEND_PARTS_MAX + 1]
+        cdef Py_ssize_t n = len(parts) if parts is not None else 0
+        cdef Py_ssize_t nv = 0, i, sent = 0, total = <Py_ssize_t>hl, skip, take
+        cdef bytes rest
+        cdef char *q
+        if n > SEND_PARTS_MAX:
+            self.transport.write(PyBytes_FromStringAndSize(head, hl))
+            self.transport.write(b"".join(parts))
+            return 0
+        if self.fd == -2:
+            self.fd = self._socket_fd()
+        iov[0].iov_base = <void *>head
+        iov[0].iov_len = hl
+        try:
+            for i in range(n):
+                PyObject_GetBuffer(parts[i], &views[i], PyBUF_SIMPLE)
+                nv += 1
+                iov[i + 1].iov_base = views[i].buf
+                iov[i + 1].iov_len = <size_t>views[i].len
+                total += views[i].len
+            if self.fd >= 0 and self.transport.get_write_buffer_size() == 0:
+                sent = writev(self.fd, iov, <int>(n + 1))
+                if sent < 0:
+                    sent = 0     # EAGAIN; or an error the transport meets and reports next
+            if sent < total:
+                rest = PyBytes_FromStringAndSize(NULL, total - sent)
+                q = PyBytes_AS_STRING(rest)
+                skip = sent
+                for i in range(n + 1):
+                    take = <Py_ssize_t>iov[i].iov_len
+                    if skip >= take:
+                        skip -= take
+                        continue
+                    memcpy(q, <char *>iov[i].iov_base + skip, take - skip)
+                    q += take - skip
+                    skip = 0
+                self.transport.write(rest)
+        finally:
+            for i in range(nv):
+                PyBuffer_Release(&views[i])
+        return 0
+
+    cdef int _socket_fd(self):
+        # the transport's socket; -1 where writing to it directly is not safe
+        try:
+            sock = self.transport.get_extra_info("socket")
+            return sock.fileno() if sock is not None else -1
+        except Exception:
+            return -1
 
     cdef bytes _cache_response(self, HeadParser hp, UpstreamConn u):
         """Show the response head to the cache phase: the field lines to add

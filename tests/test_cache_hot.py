@@ -236,3 +236,19 @@ def test_hot_hits_are_logged_like_other_requests(origin, proxy_factory, tmp_path
     assert (get_line["method"], get_line["status"], get_line["bytes"]) == ("GET", 200, 10)
     assert (head_line["method"], head_line["status"], head_line["bytes"]) == ("HEAD", 200, 0)
     assert get_line["target"] == target and get_line["backend"] == "-"
+
+
+def test_hot_index_keeps_buffers_and_rebinds_them():
+    """Bodies are held as the buffers offered (slices of the map in a
+    worker), and `rebind` moves an entry to new buffers of the same length
+    or drops it."""
+    from edgeproxy import _ext as ext
+    hot = ext.HotIndex(1 << 20, 1 << 16)
+    first = memoryview(b"abcdef")
+    assert hot.offer(b"http://h/a", b"HTTP/1.1 200 OK\r\n", (first[:3], first[3:]), 200, 0.0, 1e12)
+    e = hot.get(b"http://h/a")
+    assert e.body_len == 6 and e.body == b"abcdef" and e.parts[0].obj is first.obj
+    assert hot.rebind(b"http://h/a", (memoryview(b"ABCDEF"),))
+    assert hot.get(b"http://h/a").body == b"ABCDEF"
+    assert not hot.rebind(b"http://h/a", (b"short",)) and hot.get(b"http://h/a") is None
+    assert hot.keys() == [] and not hot.rebind(b"http://h/gone", (b"x",))

@@ -39,7 +39,8 @@ log = logging.getLogger("edgeproxy.cache")
 
 Headers = list[tuple[bytes, bytes]]
 
-SYNC_READ_MAX = 1 << 20     # hit bodies up to this are read on the loop (one mmap copy)
+SYNC_READ_MAX = 1 << 20     # hit bodies up to this are sent on the loop, from the map
+PIN_RENEW = 5.0             # seconds between renewals of the pinned read snapshot
 COLLAPSE_WAIT = 5.0         # a collapsed request waits this long for the first one's entry
 _UNCACHED_METHODS = frozenset({b"OPTIONS", b"TRACE", b"CONNECT"})
 _CONDITIONAL = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
@@ -70,6 +71,12 @@ class EdgeCache:
         self.refreshing: set[bytes] = set()         # keys revalidated in the background
         self.invalidating: set[bytes] = set()       # keys being deleted: treated as absent
         self.tasks: set[asyncio.Task] = set()
+        # The read snapshot hits are sent from (slices of the map), kept
+        # open on the loop thread between renewals; the hot index's bodies
+        # are slices of it, and its entries are remembered to rebind them.
+        self._pin: Any = None
+        self._pinned_at = 0.0
+        self._hot_entries: dict[bytes, CacheEntry] = {}
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -89,25 +96,59 @@ class EdgeCache:
         `fresh`: entry is a fresh hit; when it was sent whole, offer it to
         the hot index."""
         hit = policy.respond_from_cache(entry, method, headers, now, status_value)
-        body = b""
-        if hit.body_end > hit.body_start:
-            body = self.store.read_body(entry, hit.body_start, hit.body_end)
+        # The body as slices of the map: from the pinned snapshot, or, for
+        # an entry stored after it, from one opened for this answer.
+        own = None
+        body = self.store.body_parts(self.pinned(), entry, hit.body_start, hit.body_end)
+        try:
             if body is None:
-                return False
-        if fresh and self.hot is not None and hit.status == entry.status \
-                and hit.body_start == 0 and len(body) == entry.body_length:
-            self.offer_hot(entry, body)
-        head = hit.head
-        if b"\r\ndate:" not in head.lower():
-            head += b"Date: " + policy.format_http_date(now) + _CRLF
-        conn.respond(head, body, hit.status)
+                own = self.store.pin()
+                body = self.store.body_parts(own, entry, hit.body_start, hit.body_end)
+                if body is None:
+                    return False
+            elif fresh and self.hot is not None and hit.status == entry.status \
+                    and hit.body_start == 0 and hit.body_end >= entry.body_length:
+                self.offer_hot(entry, body)
+            head = hit.head
+            if b"\r\ndate:" not in head.lower():
+                head += b"Date: " + policy.format_http_date(now) + _CRLF
+            conn.respond(head, body, hit.status)   # from the map; copies only what must wait
+        finally:
+            if own is not None:
+                own.abort()
         return True
 
-    def offer_hot(self, entry: CacheEntry, body: bytes) -> None:
-        """Give the hot index a copy of entry when the core may answer from it
-        without asking the phase: its answer must not depend on the request
-        (no Vary) nor need a revalidation (no-cache, a soft purge), and its
-        freshness must be explicit. The core serves it only while fresh."""
+    def pinned(self) -> Any:
+        if self._pin is None:
+            self.renew_pin()
+        return self._pin
+
+    def renew_pin(self) -> Any:
+        """Start a new read snapshot, move the hot index's bodies to it (or
+        drop those no longer stored), and end the old one, so that LMDB can
+        reuse the pages it held."""
+        old = self._pin
+        self._pin = self.store.pin()
+        self._pinned_at = time.monotonic()
+        hot = self.hot
+        if hot is not None:
+            held = {}
+            for key in hot.keys():
+                entry = self._hot_entries.get(key)
+                parts = self.store.body_parts(self._pin, entry) if entry is not None else None
+                if hot.rebind(key, parts):
+                    held[key] = entry
+            self._hot_entries = held
+        if old is not None:
+            old.abort()
+        return self._pin
+
+    def offer_hot(self, entry: CacheEntry, body: tuple) -> None:
+        """Give the hot index entry, its body as slices of the pinned
+        snapshot, when the core may answer from it without asking the
+        phase: its answer must not depend on the request (no Vary) nor need
+        a revalidation (no-cache, a soft purge), and its freshness must be
+        explicit. The core serves it only while fresh."""
         hot = self.hot
         if hot is None:
             return
@@ -117,9 +158,10 @@ class EdgeCache:
             hot.drop(entry.key)
             return
         initial_age = policy.corrected_initial_age(entry)
-        hot.offer(entry.key, policy.hit_head(entry), bytes(body), entry.status,
-                  initial_age - entry.response_time,
-                  entry.response_time + entry.lifetime - initial_age)
+        if hot.offer(entry.key, policy.hit_head(entry), body, entry.status,
+                     initial_age - entry.response_time,
+                     entry.response_time + entry.lifetime - initial_age):
+            self._hot_entries[entry.key] = entry
 
     async def update_entry(self, entry: CacheEntry) -> None:
         """Rewrite entry's metadata (after a 304) off the loop."""
@@ -144,6 +186,8 @@ class EdgeCache:
             self.store.count("hot_hits", n)
         try:
             hot.synced, keys = self.store.changes_since(hot.synced)
+            if self._pin is not None and time.monotonic() - self._pinned_at >= PIN_RENEW:
+                self.renew_pin()
         except CacheError as exc:
             log.warning("%s", exc)
             hot.clear()
@@ -233,6 +277,10 @@ class EdgeCache:
         if self.hot is not None:
             self.hot.detach_generation()
             self.hot.clear()
+        self._hot_entries.clear()
+        if self._pin is not None:
+            self._pin.abort()
+            self._pin = None
         self.store.close()
 
 

@@ -363,27 +363,50 @@ class CacheStore:
         entry was replaced, purged or evicted since it was looked up):
         before anything was sent, treat that as a miss; in the middle of a
         response, close the connection."""
+        try:
+            with self.pin() as txn:
+                parts = self.body_parts(txn, entry, start, end)
+                if parts is None:
+                    return None
+                return b"".join(parts) if len(parts) != 1 else bytes(parts[0])
+        except lmdb.Error as exc:
+            raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
+
+    def pin(self) -> Any:
+        """A read transaction over the bodies whose `body_parts` are slices
+        of the map: LMDB does not reuse the pages it sees until it ends, so
+        they stay valid that long, and no longer (end it with `abort`, or
+        use it as a context manager). One thread at a time."""
+        try:
+            return self._environment().begin(db=self._body, buffers=True)
+        except lmdb.Error as exc:
+            raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
+
+    def body_parts(self, txn: Any, entry: CacheEntry, start: int = 0,
+                   end: int | None = None) -> tuple[memoryview, ...] | None:
+        """Bytes [start, end) of the entry's body as slices of the map seen
+        by txn (from `pin`), one per stored chunk: () when the range is
+        empty, None when the body is not in that snapshot."""
         length = entry.body_length
         end = length if end is None else min(end, length)
         if start >= end:
-            return b""
+            return ()
         size = entry.chunk_size
         if size <= 0:
             return None
         first, last = start // size, (end - 1) // size
         parts = []
         try:
-            with self._environment().begin(db=self._body, buffers=True) as txn:
-                for i in range(first, last + 1):
-                    chunk = txn.get(_CHUNK_KEY.pack(entry.body_id, i))
-                    lo = start - i * size if i == first else 0
-                    hi = end - i * size if i == last else size
-                    if chunk is None or len(chunk) < hi:
-                        return None
-                    parts.append(bytes(chunk[lo:hi]))
+            for i in range(first, last + 1):
+                chunk = txn.get(_CHUNK_KEY.pack(entry.body_id, i))
+                lo = start - i * size if i == first else 0
+                hi = end - i * size if i == last else size
+                if chunk is None or len(chunk) < hi:
+                    return None
+                parts.append(chunk[lo:hi])
         except lmdb.Error as exc:
             raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return tuple(parts)
 
     async def read_body_async(self, entry: CacheEntry, start: int = 0,
                               end: int | None = None) -> bytes | None:
