@@ -1,4 +1,4 @@
-"""The cache phase of the proxy core: looks requests up, answers hits, stores misses as they stream, revalidates, collapses concurrent misses.
+"""The cache phase of the proxy core: looks requests up, answers hits, stores misses as they stream, revalidates, collapses concurrent misses (across workers through fills.py).
 
 The compiled core calls it only on routes with `cache = true` (`Route.cache`),
 through these hooks (see ext/proxy.pyx, ClientConn._start_cached):
@@ -26,6 +26,7 @@ from typing import Any
 
 from edgeproxy.cache import policy
 from edgeproxy.cache.entry import FLAG_HEURISTIC, FLAG_INVALIDATED, FLAG_NO_CACHE, CacheEntry
+from edgeproxy.cache.fills import Claim
 from edgeproxy.cache.keys import cache_key
 from edgeproxy.cache.policy import Action, cache_status
 from edgeproxy.cache.refresh import fetch, rewrite_head
@@ -42,6 +43,7 @@ Headers = list[tuple[bytes, bytes]]
 SYNC_READ_MAX = 1 << 20     # hit bodies up to this are sent on the loop, from the map
 PIN_RENEW = 5.0             # seconds between renewals of the pinned read snapshot
 COLLAPSE_WAIT = 5.0         # a collapsed request waits this long for the first one's entry
+FILL_POLL = 0.025           # how often a miss waiting for another worker's fetch looks again
 _UNCACHED_METHODS = frozenset({b"OPTIONS", b"TRACE", b"CONNECT"})
 _CONDITIONAL = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
                 b"if-range", b"range")
@@ -351,6 +353,18 @@ class CachePhase:
                 return ex
             cache.inflight[key] = ex
             ex.leader = True
+            fills = store.fills
+            if fills is not None:
+                claim = fills.claim(key, COLLAPSE_WAIT)
+                if claim is Claim.WAIT:
+                    ex.wait_for_other_process(conn)
+                    return ex
+                if claim is Claim.OWN:
+                    ex.filling = True
+                    # another worker may have stored it between our lookup and the claim
+                    if ex.answer_stored(conn):
+                        ex._settle(True)
+                        return None
         return ex
 
 
@@ -376,6 +390,9 @@ class Exchange:
         self.waiters: list[Exchange] = []
         self.wait_conn: Any = None
         self.timer: asyncio.TimerHandle | None = None
+        self.filling = False               # holds the store's claim on fetching key
+        self.remote_until = 0.0            # waiting for another process's fetch until then
+        self.remote_generation = -1
         # storing
         self.writer = None
         self.decoder: ChunkedDecoder | None = None
@@ -468,8 +485,15 @@ class Exchange:
             self._settle(False)
 
     def aborted(self) -> None:
+        if self.remote_until and not self.settled:
+            # its client left while waiting for another process's fetch: keep
+            # looking on behalf of this worker's waiters, if any (_poll_fill)
+            self.wait_conn = None
+            if any(w.wait_conn is not None for w in self.waiters):
+                return
         if self.timer is not None:       # a collapsed request whose client left
             self.timer.cancel()
+            self.timer = None
             self.wait_conn = None
         if self.writer is not None:
             self._end("cut")
@@ -535,6 +559,10 @@ class Exchange:
         if not self.leader:
             return
         cache = self.phase.cache
+        if self.filling:
+            self.filling = False
+            if cache.store.fills is not None:
+                cache.store.fills.release(self.key)
         if cache.inflight.get(self.key) is self:
             del cache.inflight[self.key]
         waiters, self.waiters = self.waiters, []
@@ -546,23 +574,93 @@ class Exchange:
 
     def answer_collapsed(self) -> None:
         conn = self._take_conn()
-        if conn is None:
+        if conn is None or self.answer_stored(conn):
             return
+        self.request_time = time.time()
+        conn.forward(self.phase.pool, self.request_head)
+
+    def answer_stored(self, conn: Any) -> bool:
+        """Answer conn from a fresh entry for the key, if the store has one now."""
         cache = self.phase.cache
         now = time.time()
         try:
             entry, _ = cache.lookup(self.key, self.headers)
         except CacheError:
-            entry = None
-        if entry is not None:
-            d = policy.lookup_decision(entry, self.headers, now)
-            if d.action == Action.FRESH and cache.answer(
-                    conn, entry, self.method, self.headers, now,
-                    cache_status(hit=True, ttl=d.ttl, collapsed=True), fresh=True):
-                cache.store.count("hits")
+            return False
+        if entry is None:
+            return False
+        d = policy.lookup_decision(entry, self.headers, now)
+        if d.action == Action.FRESH and cache.answer(
+                conn, entry, self.method, self.headers, now,
+                cache_status(hit=True, ttl=d.ttl, collapsed=True), fresh=True):
+            cache.store.count("hits")
+            return True
+        return False
+
+    # --- collapsing across processes -----------------------------------------------
+
+    def wait_for_other_process(self, conn: Any) -> None:
+        """Another worker is fetching this key (it holds the store's claim):
+        hold the request and look every FILL_POLL for its entry. This
+        worker's later misses for the key wait on this exchange as on a leader."""
+        self.head = None
+        self.wait_conn = conn
+        loop = asyncio.get_running_loop()
+        self.remote_until = loop.time() + COLLAPSE_WAIT
+        self.remote_generation = -1      # look it up at the first poll
+        self.timer = loop.call_later(FILL_POLL, self._poll_fill)
+        log.debug("cache: another process fetches %s; waiting for its entry",
+                  self.key[:200].decode("latin-1"))
+
+    def _poll_fill(self) -> None:
+        """Look again: the entry is stored (the store's generation moved and
+        a lookup finds it), or the other process's claim ended (stored or
+        not: its entry is committed before the claim ends; a process that
+        died loses its claim), or COLLAPSE_WAIT passed. Then answer or
+        forward this request and settle this worker's waiters the same way."""
+        self.timer = None
+        if self.settled:
+            return
+        if self.wait_conn is None and not any(w.wait_conn is not None for w in self.waiters):
+            self._settle(False)              # every client waiting here has left
+            return
+        cache = self.phase.cache
+        store = cache.store
+        generation = store.generation()
+        if generation != self.remote_generation:
+            self.remote_generation = generation
+            if self._end_remote_wait_if_stored():
                 return
-        self.request_time = time.time()
-        conn.forward(self.phase.pool, self.request_head)
+        fills = store.fills
+        loop = asyncio.get_running_loop()
+        if fills is not None and fills.busy(self.key) and loop.time() < self.remote_until:
+            self.timer = loop.call_later(FILL_POLL, self._poll_fill)
+            return
+        if self._end_remote_wait_if_stored():
+            return
+        if loop.time() >= self.remote_until:
+            log.debug("cache: waited %gs for another process to fetch %s; forwarding",
+                      COLLAPSE_WAIT, self.key[:200].decode("latin-1"))
+        else:
+            log.debug("cache: another process's fetch of %s ended without a fresh entry; "
+                      "forwarding", self.key[:200].decode("latin-1"))
+        self._settle(False)          # this worker's waiters go to the backend too
+        self.release()
+
+    def _end_remote_wait_if_stored(self) -> bool:
+        """When the store holds a fresh entry: settle (this worker's waiters
+        answer from it), then answer this request the same way."""
+        cache = self.phase.cache
+        try:
+            entry, _ = cache.lookup(self.key, self.headers)
+        except CacheError:
+            return False
+        if entry is None or policy.lookup_decision(entry, self.headers, time.time()).action \
+                != Action.FRESH:
+            return False
+        self._settle(True)
+        self.answer_collapsed()
+        return True
 
     def release(self) -> None:
         """Stop waiting: forward the request to the backend."""

@@ -44,6 +44,7 @@ from edgeproxy.cache.entry import (
     patch_flags,
     patch_last_access,
 )
+from edgeproxy.cache.fills import FILLS_FILE, FillLocks
 from edgeproxy.cache.keys import variant_key
 from edgeproxy.config.model import CacheConfig
 
@@ -186,6 +187,7 @@ class CacheStore:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next_upkeep = 0.0
         self.changes_map: mmap.mmap | None = None   # 8 bytes: the change generation
+        self.fills: FillLocks | None = None          # claims on fetching a missing entry
 
     # --- opening and closing ----------------------------------------------------
 
@@ -240,6 +242,11 @@ class CacheStore:
             env.close()
             raise CacheError(f"cache: cannot open {os.path.join(path, CHANGES_FILE)}: "
                              f"{exc.strerror}") from None
+        try:
+            store.fills = FillLocks.open(os.path.join(path, FILLS_FILE))
+        except OSError as exc:
+            log.warning("cache: cannot open %s (%s): concurrent misses collapse within each "
+                        "worker only", os.path.join(path, FILLS_FILE), exc.strerror or exc)
         _open_paths[path] = os.getpid()
         _stores.add(store)
         try:
@@ -294,6 +301,9 @@ class CacheStore:
             except BufferError:      # a hot index still reads it; it goes with the process
                 pass
             self.changes_map = None
+        if self.fills is not None:
+            self.fills.close()
+            self.fills = None
         if _open_paths.get(self.path) == os.getpid():
             del _open_paths[self.path]
 
@@ -612,6 +622,12 @@ class CacheStore:
         txn.put(b"c:%d" % (gen % CHANGE_RING), _PID.pack(os.getpid()) + key, db=self._info)
         if self.changes_map is not None:
             _COUNTER.pack_into(self.changes_map, 0, gen)
+
+    def generation(self) -> int:
+        """The change generation now (one load from the shared `changes`
+        file; -1 when closed): it moves with every commit, update or removal."""
+        m = self.changes_map
+        return _COUNTER.unpack_from(m, 0)[0] if m is not None else -1
 
     def changes_since(self, generation: int) -> tuple[int, list[bytes] | None]:
         """The change generation now, and the primary keys other processes
