@@ -18,13 +18,12 @@ import time
 from collections.abc import Callable
 from email.utils import formatdate
 
-import uvloop
-
 from edgeproxy import _ext
 from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.server.accesslog import AccessLog
+from edgeproxy.server.loop import new_event_loop
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -34,14 +33,6 @@ log = logging.getLogger("edgeproxy.server")
 DRAIN_IDLE_CLOSE = 1.0
 HOT_INDEX_MAX = 64 << 20     # bytes a worker's hot index of cache hits holds at most
 HOT_BODY_MAX = 1 << 20       # larger bodies are served by the cache phase
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop, unless EDGEPROXY_LOOP=asyncio asks for the standard loop (the
-    tests run the data plane on both, since transports differ in detail)."""
-    if os.environ.get("EDGEPROXY_LOOP", "uvloop") == "asyncio":
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def bind_socket(lc: ListenConfig) -> socket.socket:
