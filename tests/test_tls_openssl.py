@@ -89,3 +89,17 @@ def test_tls12_cbc_only_client_refused(setup):
                  "-servername", "x.wild.test")
     assert r.returncode != 0
     assert "Cipher is (NONE)" in r.stdout or "alert handshake failure" in r.stderr
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize("group, offered", [
+    ("X25519", True), ("P-256", True), ("P-384", True), ("X448", False), ("P-521", False),
+])
+def test_key_exchange_groups(setup, version, group, offered):
+    """Only X25519, P-256 and P-384 are on offer (Mozilla's intermediate
+    profile; OpenSSL's own default adds X448 and P-521)."""
+    r = s_client(setup["port"], version, "-groups", group, "-servername", "x.wild.test")
+    if offered:
+        assert r.returncode == 0 and "Cipher is (NONE)" not in r.stdout, r.stderr[-300:]
+    else:
+        assert r.returncode != 0, r.stdout[-300:]

@@ -5,6 +5,7 @@ import os
 import ssl
 
 from edgeproxy.tls.certs import LoadedCert, TLSConfigError
+from edgeproxy.tls.groups import restrict_groups
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only, AES-GCM first (hardware AES on
 # servers), CHACHA20-POLY1305 for clients without it.  TLS 1.3 suites are OpenSSL's
@@ -36,6 +37,7 @@ def new_server_context(min_version: str, client_ca_pem: bytes | None) -> ssl.SSL
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = tls_version(min_version)
     ctx.set_ciphers(CIPHERS_TLS12)
+    restrict_groups(ctx)                  # X25519, P-256, P-384
     ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
                     | ssl.OP_CIPHER_SERVER_PREFERENCE)
     ctx.options &= ~ssl.OP_NO_TICKET      # session tickets stay on: resumption
