@@ -1331,7 +1331,10 @@ cdef class ClientConn(Stream):
                 iov[i + 1].iov_base = views[i].buf
                 iov[i + 1].iov_len = <size_t>views[i].len
                 total += views[i].len
-            if self.fd >= 0 and self.transport.get_write_buffer_size() == 0:
+            # not once the transport is closing: libuv closes the fd at
+            # once, and its number may already belong to a new connection
+            if self.fd >= 0 and self.transport.get_write_buffer_size() == 0 \
+                    and not self.transport.is_closing():
                 sent = writev(self.fd, iov, <int>(n + 1))
                 if sent < 0:
                     sent = 0     # EAGAIN; or an error the transport meets and reports next
