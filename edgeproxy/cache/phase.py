@@ -72,6 +72,9 @@ class EdgeCache:
         self.inflight: dict[bytes, Exchange] = {}   # primary key -> the GET miss filling it
         self.refreshing: set[bytes] = set()         # keys revalidated in the background
         self.invalidating: set[bytes] = set()       # keys being deleted: treated as absent
+        # (key, variant) -> the entry a 304 just freshened, until its write
+        # lands: lookups in this worker see the new metadata at once.
+        self.updating: dict[tuple[bytes, bytes], CacheEntry] = {}
         self.tasks: set[asyncio.Task] = set()
         # The read snapshot hits are sent from (slices of the map), kept
         # open on the loop thread between renewals; the hot index's bodies
@@ -89,7 +92,12 @@ class EdgeCache:
         if key in self.invalidating:
             return None, False
         found = self.store.lookup(key, headers)
-        return found.entry, found.vary_miss
+        entry = found.entry
+        if entry is not None and self.updating:
+            newer = self.updating.get((entry.key, entry.variant))
+            if newer is not None and newer.body_id == entry.body_id:
+                entry = newer
+        return entry, found.vary_miss
 
     def answer(self, conn: Any, entry: CacheEntry, method: bytes, headers: Headers,
                now: float, status_value: bytes, *, fresh: bool = False) -> bool:
@@ -165,9 +173,20 @@ class EdgeCache:
                      entry.response_time + entry.lifetime - initial_age):
             self._hot_entries[entry.key] = entry
 
-    async def update_entry(self, entry: CacheEntry) -> None:
-        """Rewrite entry's metadata (after a 304) off the loop."""
-        await self.store.update_entry_async(entry)
+    def update_entry(self, entry: CacheEntry) -> None:
+        """Rewrite entry's metadata (after a 304) off the loop; until the
+        write lands, `lookup` in this worker returns entry in place of the
+        stored one, so the next request already sees it freshened."""
+        self.updating[(entry.key, entry.variant)] = entry
+        self.spawn(self._write_update(entry))
+
+    async def _write_update(self, entry: CacheEntry) -> None:
+        slot = (entry.key, entry.variant)
+        try:
+            await self.store.update_entry_async(entry)
+        finally:
+            if self.updating.get(slot) is entry:
+                del self.updating[slot]
         self.drop_hot(entry.key)
         self.sync_hot()
 
@@ -243,9 +262,8 @@ class EdgeCache:
                 updated = policy.apply_304(entry, rheaders, request_time, now,
                                            heuristic=self.config.heuristic)
                 if updated is not None:
-                    await self.store.update_entry_async(updated)
-                    self.drop_hot(key)
-                    self.sync_hot()
+                    self.updating[(updated.key, updated.variant)] = updated
+                    await self._write_update(updated)
                     self.store.count("revalidated")
                 return
             if status >= 500:
@@ -417,7 +435,7 @@ class Exchange:
             updated = policy.apply_304(stale, headers, self.request_time, now,
                                        heuristic=cache.config.heuristic)
             if updated is not None:
-                cache.spawn(cache.update_entry(updated))
+                cache.update_entry(updated)
                 cache.drop_hot(self.key)
                 cache.store.count("revalidated")
                 ttl = updated.lifetime - policy.current_age(updated, now)

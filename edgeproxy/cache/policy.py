@@ -172,18 +172,23 @@ _MONTHS = {m: i for i, m in enumerate(
 
 def _clock(value: bytes) -> tuple[int, int, int]:
     hh, mm, ss = value.split(b":")
-    if len(hh) != 2 or len(mm) != 2 or len(ss) != 2:
+    if len(hh) != 2 or len(mm) != 2 or len(ss) != 2 or not (hh + mm + ss).isdigit():
         raise ValueError("bad time")
     return int(hh), int(mm), int(ss)
 
 
 def parse_http_date(value: bytes) -> float | None:
     """An HTTP-date (IMF-fixdate, RFC 850 or asctime, RFC 9110 §5.6.7) as
-    POSIX seconds; None when it is not one."""
+    POSIX seconds; None when it is not one. Names are matched without
+    regard to case (RFC 9111 §4.2); the separators must be single spaces
+    as the grammar has them, so "18  Aug  2050" is not a date."""
     try:
         value = value.strip()
         if b"," in value:
-            parts = value.split(b",", 1)[1].split()
+            rest = value.split(b",", 1)[1]
+            if rest[:1] != b" ":
+                return None
+            parts = rest[1:].split(b" ")
             if len(parts) == 5:                     # Sun, 06 Nov 1994 08:49:37 GMT
                 day, mon, year, clock, zone = parts
                 if len(year) != 4:
@@ -197,16 +202,20 @@ def parse_http_date(value: bytes) -> float | None:
                 y += 1900 if y >= 70 else 2000
             else:
                 return None
-            if zone != b"GMT":
+            if len(day) != 2 or zone.upper() != b"GMT":
                 return None
         else:                                       # Sun Nov  6 08:49:37 1994
-            parts = value.split()
-            if len(parts) != 5:
+            parts = value.split(b" ")
+            if len(parts) == 6 and not parts[2] and len(parts[3]) == 1:
+                del parts[2]                        # a one-digit day follows two spaces
+            elif len(parts) != 5 or len(parts[2]) != 2:
                 return None
             _, mon, day, clock, year = parts
             if len(year) != 4:
                 return None
             y = int(year)
+        if not (day.isdigit() and year.isdigit()):
+            return None
         m = _MONTHS[mon.lower()]
         d = int(day)
         hh, mm, ss = _clock(clock)
@@ -278,6 +287,14 @@ def why_not_storable(method: bytes, status: int, request_headers: Headers,
     return None
 
 
+def age_value(headers: Headers) -> float:
+    """The response's Age in seconds (RFC 9111 §5.1): the first member of
+    the first Age line, so "7200, 0" is 7200; 0 when missing or invalid."""
+    ages = field_values(headers, b"age")
+    first = _split_list(ages[0])[:1] if ages else []
+    return float(delta_seconds(first[0]) or 0) if first else 0.0
+
+
 def _date_value(headers: Headers, response_time: float) -> float:
     for value in field_values(headers, b"date"):
         when = parse_http_date(value)
@@ -343,8 +360,7 @@ def _describe(entry: CacheEntry, headers: Headers, heuristic: bool) -> CacheEntr
     cc = cache_directives(headers)
     entry.head = _stored_head(headers)
     entry.date_value = _date_value(headers, entry.response_time)
-    ages = field_values(headers, b"age")
-    entry.age_value = float(delta_seconds(ages[0]) or 0) if ages else 0.0
+    entry.age_value = age_value(headers)
     entry.lifetime, heuristic_used = freshness_lifetime(entry.status, headers,
                                                         entry.response_time,
                                                         heuristic=heuristic, directives=cc)
