@@ -190,3 +190,33 @@ def test_the_request_after_a_304_sees_the_freshened_entry(scripted):
     assert after.header("cache-status").startswith("edgeproxy; hit")
     assert after.header("x-version") == "b" and after.body == b"body of /r"
     assert origin.count("/r") == 2
+
+
+def test_stale_at_once_is_stored_when_it_may_be_served_stale(scripted):
+    # max-age=0 without a validator is useless to store, unless stale-if-error
+    # or stale-while-revalidate (RFC 5861) let the cache serve it stale.
+    origin, p = scripted({
+        "/sie": [(200, [("Cache-Control", "max-age=0, stale-if-error=60"), ("X-V", "a")]),
+                 (500, [("X-V", "error")])],
+        "/swr": [(200, [("Cache-Control", "max-age=0, stale-while-revalidate=60"),
+                        ("X-V", "a")]),
+                 (200, [("Cache-Control", "max-age=0, stale-while-revalidate=60"),
+                        ("X-V", "b")])],
+        "/none": [(200, [("Cache-Control", "max-age=0"), ("X-V", "a")]),
+                  (500, [("X-V", "error")])],
+    })
+    first = get(p.port, "/sie")
+    assert first.header("cache-status").endswith("stored")
+    assert wait_for(lambda: get(p.port, "/sie").header("x-v") == "a")   # the 500 is hidden
+    assert origin.count("/sie") >= 2
+    assert get(p.port, "/swr").header("cache-status").endswith("stored")
+    answers = []
+
+    def stale_answer() -> bool:
+        answers.append(get(p.port, "/swr"))
+        # a stale hit (RFC 9211: a negative ttl), refreshed in the background
+        return answers[-1].header("cache-status").startswith("edgeproxy; hit; ttl=-")
+    assert wait_for(stale_answer)      # once the store has committed it
+    assert answers[-1].status == 200 and answers[-1].body == b"body of /swr"
+    assert "detail=no-freshness" in get(p.port, "/none").header("cache-status")
+    assert get(p.port, "/none").status == 500

@@ -282,8 +282,11 @@ def why_not_storable(method: bytes, status: int, request_headers: Headers,
     lifetime, _ = freshness_lifetime(status, response_headers, now, heuristic=heuristic,
                                      directives=cc)
     if lifetime <= 0 and not (field_values(response_headers, b"etag")
-                              or field_values(response_headers, b"last-modified")):
-        return "no-freshness"  # stale at once and cannot be revalidated: useless
+                              or field_values(response_headers, b"last-modified")
+                              or b"stale-if-error" in cc or b"stale-while-revalidate" in cc):
+        # stale at once, cannot be revalidated, and may not be served stale
+        # (RFC 5861): useless
+        return "no-freshness"
     return None
 
 
