@@ -46,7 +46,9 @@ def nginx_user_line() -> str:
 
 def file_body(size: int) -> bytes:
     """A deterministic body of that size (not compressible to nothing, not random)."""
-    pattern = bytes(range(33, 127))
+    # letters and digits only: the 1 KiB body is also written into the
+    # origin's nginx config as a string
+    pattern = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
     return (pattern * (size // len(pattern) + 1))[:size]
 
 
@@ -79,7 +81,8 @@ def nginx_origin(workdir: Path, port: int, nofile: int, pinning: Pinning) -> Ser
     conf.write_text(fill("nginx-origin.conf", USER=nginx_user_line(), LOAD_MODULES=modules,
                          NOFILE=nofile, WORKER_CONNECTIONS=nofile - 64, WORKDIR=workdir, PORT=port,
                          DOCROOT=docroot, UPLOAD_HANDLER=handler, EXTRA_SERVERS=extra,
-                         CACHED_PREFIX=CACHED_PREFIX, CACHED_LOG=workdir / CACHED_LOG))
+                         CACHED_PREFIX=CACHED_PREFIX, CACHED_LOG=workdir / CACHED_LOG,
+                         BODY_1K=file_body(FILES["/1k.bin"]).decode("ascii")))
     argv = [nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "origin-error.log")]
     return Server("origin (nginx)", pinning.for_load(argv), port, workdir / "origin.log")
 
