@@ -1261,6 +1261,24 @@ cdef class ClientConn(Stream):
             return
         self._send_to_pool(pool, head)
 
+    def refetch(self, Pool pool, bytes head):
+        """From the cache phase's on_response only: drop the backend's
+        response, whose head the phase has just seen and which has no body
+        (a 304 that does not select the stored entry: RFC 9111 §4.3.4 has
+        the request repeated without its conditions), and send head in its
+        place.  Nothing of it has reached the client.  False when the
+        connection is past that point."""
+        cdef UpstreamConn u = self.up
+        if self.transport is None or self.state >= C_LINGER or self.resp_started or u is None:
+            return False
+        u.client = None          # the caller pools or closes it
+        self.up = None
+        if self.backend is not None:
+            self.backend.release()
+            self.backend = None
+        self._send_to_pool(pool, head)
+        return True
+
     def respond(self, bytes head, object body, int status):
         """Answer the current request from here (a cache hit, a stale answer):
         head is the status line and fields, each ending in CRLF, without the

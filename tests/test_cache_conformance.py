@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness import Client
+from test_cache_hot import counters
 
 
 class ScriptedOrigin:
@@ -121,6 +122,12 @@ def status_of(port: int, path: str) -> str:
     return get(port, path).header("cache-status") or ""
 
 
+def committed(proxy, n: int) -> None:
+    """Wait until the store has committed n responses (asking the proxy
+    again before that would be a miss, and use up the origin's script)."""
+    assert wait_for(lambda: counters(proxy)["stores"] >= n, timeout=8.0)
+
+
 def wait_for(pred, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -183,7 +190,8 @@ def test_the_request_after_a_304_sees_the_freshened_entry(scripted):
         (200, [("Cache-Control", "max-age=3600"), ("ETag", '"r2"'), ("X-Version", "c")]),
     ]})
     get(p.port, "/r")
-    assert wait_for(lambda: status_of(p.port, "/r").startswith("edgeproxy; hit"))
+    committed(p, 1)
+    assert status_of(p.port, "/r").startswith("edgeproxy; hit")
     assert wait_for(lambda: "fwd=stale" in status_of(p.port, "/r"), timeout=5.0)
     assert origin.count("/r") == 2 and origin.seen["/r"][1].get("if-none-match") == '"r"'
     after = get(p.port, "/r")
@@ -220,3 +228,26 @@ def test_stale_at_once_is_stored_when_it_may_be_served_stale(scripted):
     assert answers[-1].status == 200 and answers[-1].body == b"body of /swr"
     assert "detail=no-freshness" in get(p.port, "/none").header("cache-status")
     assert get(p.port, "/none").status == 500
+
+
+def test_a_304_that_selects_nothing_is_repeated_without_conditions(scripted):
+    # RFC 9111 §4.3.4: a 304 whose validator matches no stored response must
+    # not be used; the request is sent again without its conditions, and
+    # the client (which asked for no 304) gets the full response.
+    origin, p = scripted({"/m": [
+        (200, [("Cache-Control", "max-age=1"), ("ETag", '"a"'), ("X-V", "a")]),
+        (304, [("Cache-Control", "max-age=3600"), ("ETag", '"other"')]),
+        (200, [("Cache-Control", "max-age=3600"), ("ETag", '"b"'), ("X-V", "b")]),
+    ]})
+    get(p.port, "/m")
+    committed(p, 1)
+    time.sleep(1.2)                  # the entry goes stale
+    r = get(p.port, "/m")
+    assert r.status == 200 and r.header("x-v") == "b" and r.body == b"body of /m"
+    assert origin.count("/m") == 3
+    assert origin.seen["/m"][1].get("if-none-match") == '"a"'
+    assert "if-none-match" not in origin.seen["/m"][2]
+    committed(p, 2)                  # the full response replaced the entry
+    r = get(p.port, "/m")
+    assert r.header("cache-status").startswith("edgeproxy; hit") and r.header("x-v") == "b"
+    assert origin.count("/m") == 3

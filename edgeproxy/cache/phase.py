@@ -400,6 +400,7 @@ class Exchange:
         self.fwd = "uri-miss"
         self.stale: CacheEntry | None = None
         self.revalidating = False
+        self.refetched = False             # sent again after a 304 that selected nothing
         self.invalidates: tuple[bytes, bytes, bytes] | None = None
         self.request_time = time.time()
         # collapsing
@@ -442,7 +443,16 @@ class Exchange:
                 if cache.answer(conn, updated, self.method, self.headers, now,
                                 cache_status(fwd=self.fwd, fwd_status=304, ttl=ttl)):
                     return None
-            # the 304 does not select what we hold: it must not be used
+            # the 304 does not select what we hold: it must not be used, and
+            # the request goes again without conditions (§4.3.4), once; its
+            # answer replaces the entry, or removes it when not storable
+            if not self.refetched:
+                self.refetched = True
+                self.stale = None
+                self.revalidating = False
+                self.request_time = time.time()
+                if conn.refetch(self.phase.pool, rewrite_head(self.request_head, _CONDITIONAL, [])):
+                    return None
             cache.invalidate([self.key])
         if stale is not None and status in policy.STALE_IF_ERROR_STATUSES and \
                 self._serve_stale(conn, now, status):
@@ -453,6 +463,8 @@ class Exchange:
                                       heuristic=cache.config.heuristic)
         if why is not None:
             self._settle(False)
+            if self.refetched:
+                cache.invalidate([self.key])
             return _status_line(cache_status(fwd=self.fwd, fwd_status=status, detail=why)), False
         entry = policy.new_entry(self.key, self.headers, status, reason, headers,
                                  self.request_time, now, heuristic=cache.config.heuristic)
