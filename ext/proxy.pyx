@@ -488,6 +488,8 @@ cdef class Backend:
             pass
 
     def _new_conn(self):
+        if self.ssl is not None:
+            return TLSUpstreamConn(self)
         return UpstreamConn(self)
 
     cdef void connect(self, ClientConn c):
@@ -2254,3 +2256,17 @@ cdef class UpstreamConn(Stream):
         else:
             self.close()
         c._response_done()
+
+
+@cython.final
+cdef class TLSUpstreamConn(UpstreamConn):
+    """A connection to an https backend: reads arrive as bytes, for the
+    reason TLSClientConn gives (uvloop's TLS get_buffer path leaks)."""
+
+    @property
+    def get_buffer(self):
+        raise AttributeError("get_buffer")
+
+    @property
+    def buffer_updated(self):
+        raise AttributeError("buffer_updated")

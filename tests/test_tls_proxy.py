@@ -249,7 +249,7 @@ health.fall = 1
         assert r.status == 503 and r.header("retry-after")
 
 
-def test_tls_client_connections_take_reads_as_bytes(tmp_path, ca):
+def test_tls_connections_take_reads_as_bytes(tmp_path, ca):
     """uvloop's TLS layer hands reads to a protocol's get_buffer when it
     has one, and that path leaks (~700 bytes per connection, uvloop 0.23):
     the client connections of a TLS listener must not offer it."""
@@ -259,6 +259,12 @@ def test_tls_client_connections_take_reads_as_bytes(tmp_path, ca):
     assert hasattr(plain, "get_buffer") and hasattr(plain, "buffer_updated")
     assert not hasattr(tls, "get_buffer") and not hasattr(tls, "buffer_updated")
     assert hasattr(tls, "data_received")
+    # the same for connections to https backends
+    plain_up = _ext.Backend("127.0.0.1", 80)._new_conn()
+    tls_up = _ext.Backend("127.0.0.1", 443, scheme="https",
+                          ssl=ssl.create_default_context())._new_conn()
+    assert hasattr(plain_up, "get_buffer") and not hasattr(tls_up, "get_buffer")
+    assert hasattr(tls_up, "data_received")
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
