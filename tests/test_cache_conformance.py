@@ -7,11 +7,11 @@ import socket
 import threading
 import time
 from email.utils import formatdate
-from pathlib import Path
 
 import pytest
 from harness import Client
 from test_cache_hot import counters
+from test_cache_proxy import cache_config, wait_for
 
 
 class ScriptedOrigin:
@@ -74,30 +74,6 @@ class ScriptedOrigin:
         self.sock.close()
 
 
-def config(tmp_path: Path, origin_url: str) -> str:
-    return f"""
-[server]
-workers = 1
-
-[timeout]
-connect = 1.0
-read = 3.0
-
-[cache]
-path = "{tmp_path / 'cache'}"
-max_size = "16MiB"
-max_object = "1MiB"
-
-[[route]]
-path = "/"
-pool = "web"
-cache = true
-
-[pool.web]
-backends = ["{origin_url}"]
-"""
-
-
 @pytest.fixture
 def scripted(proxy_factory, tmp_path):
     """make(script) -> (origin, proxy) with the cache in front of the origin."""
@@ -106,7 +82,7 @@ def scripted(proxy_factory, tmp_path):
     def make(script):
         origin = ScriptedOrigin(script)
         made.append(origin)
-        return origin, proxy_factory(config(tmp_path, origin.url))
+        return origin, proxy_factory(cache_config(tmp_path, origin.url))
 
     yield make
     for o in made:
@@ -126,15 +102,6 @@ def committed(proxy, n: int) -> None:
     """Wait until the store has committed n responses (asking the proxy
     again before that would be a miss, and use up the origin's script)."""
     assert wait_for(lambda: counters(proxy)["stores"] >= n, timeout=8.0)
-
-
-def wait_for(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def test_age_takes_the_first_member_of_a_list(scripted):
