@@ -34,6 +34,7 @@ class Load:
         self.stop = threading.Event()
         self.ok = 0
         self.reconnects = 0
+        self.retried = 0          # reused keep-alive connections closed before an answer
         self.failures: list[str] = []
         self.servers: set[str] = set()
         self.limit = limit
@@ -54,17 +55,31 @@ class Load:
 
     def _keepalive(self) -> None:
         c = None
+        reused = False
         while not self.stop.is_set() and self.ok < self.limit:
             try:
                 if c is None:
-                    c = Client(self.port)
+                    c, reused = Client(self.port), False
                 r = c.request("GET", "/size/100")
                 self._check(r)
+                reused = True
                 if r.header("connection") == "close":
                     with self.lock:
                         self.reconnects += 1
                     c.close()
                     c = None
+            except ConnectionError as exc:
+                # A retiring worker closes a keep-alive connection idle for 1 s;
+                # a client starved that long by a busy machine may send into
+                # that close. An idempotent request on a reused connection
+                # closed before any answer is retried, as RFC 9112 §9.3.1
+                # allows and every HTTP client does; anything else fails.
+                if reused and "have b''" in str(exc):
+                    with self.lock:
+                        self.retried += 1
+                else:
+                    self._fail(exc)
+                c = None
             except Exception as exc:
                 self._fail(exc)
                 c = None
@@ -140,6 +155,7 @@ def test_three_reloads_lose_no_request(proxy_factory, tmp_path, origin):
         seen = load.ok
         wait_until(lambda: load.ok > seen + 200, what="traffic after reload 3")
     assert load.failures == [], load.failures[:5]
+    assert load.retried <= 2, load.retried   # the idle-close race, only when starved
     assert load.reconnects >= 3     # "Connection: close" from retiring workers was honoured
     assert {"gen1", "gen2", "gen3", "gen4"} <= load.servers
     # the WebSocket is still served by its first worker, which retires when it ends
