@@ -1865,22 +1865,23 @@ cdef class ClientConn(Stream):
             b.release()
 
 
+def _absent(self):
+    raise AttributeError("TLS connections take their reads as bytes (data_received)")
+
+
+# uvloop's TLS layer uses a protocol's get_buffer when it has one, and that
+# path leaks memory (~700 bytes per connection on uvloop 0.23; a bare uvloop
+# TLS server with a BufferedProtocol shows it too).  TLS connections hide
+# both methods (hasattr is False) and take their reads as bytes
+# (data_received); decrypted reads are copies anyway.
+_NO_BUFFER = property(_absent)
+
+
 @cython.final
 cdef class TLSClientConn(ClientConn):
-    """A client connection over TLS: takes its reads as bytes
-    (data_received) rather than into the shared buffer.  uvloop's TLS
-    layer uses get_buffer when the protocol has one, and that path leaks
-    memory (~700 bytes per connection on uvloop 0.23; a bare uvloop TLS
-    server with a BufferedProtocol shows it too), so here it has none.
-    Decrypted reads are copies anyway."""
-
-    @property
-    def get_buffer(self):
-        raise AttributeError("get_buffer")
-
-    @property
-    def buffer_updated(self):
-        raise AttributeError("buffer_updated")
+    """A client connection over TLS, without get_buffer (see _NO_BUFFER)."""
+    get_buffer = _NO_BUFFER
+    buffer_updated = _NO_BUFFER
 
 
 # ---- the backend side -----------------------------------------------------
@@ -2260,13 +2261,6 @@ cdef class UpstreamConn(Stream):
 
 @cython.final
 cdef class TLSUpstreamConn(UpstreamConn):
-    """A connection to an https backend: reads arrive as bytes, for the
-    reason TLSClientConn gives (uvloop's TLS get_buffer path leaks)."""
-
-    @property
-    def get_buffer(self):
-        raise AttributeError("get_buffer")
-
-    @property
-    def buffer_updated(self):
-        raise AttributeError("buffer_updated")
+    """A connection to an https backend, without get_buffer (see _NO_BUFFER)."""
+    get_buffer = _NO_BUFFER
+    buffer_updated = _NO_BUFFER

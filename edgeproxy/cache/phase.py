@@ -153,9 +153,10 @@ class EdgeCache:
             old.abort()
         return self._pin
 
-    def offer_hot(self, entry: CacheEntry, body: tuple) -> None:
+    def offer_hot(self, entry: CacheEntry, body: tuple | bytes) -> None:
         """Give the hot index entry, its body as slices of the pinned
-        snapshot, when the core may answer from it without asking the
+        snapshot (or a copy right after a commit, moved onto the map at the
+        next renewal), when the core may answer from it without asking the
         phase: its answer must not depend on the request (no Vary) nor need
         a revalidation (no-cache, a soft purge), and its freshness must be
         explicit. The core serves it only while fresh."""
