@@ -477,6 +477,10 @@ cdef class Backend:
         if len(self.idle) >= self.idle_max or _draining:
             u.close()
             return
+        # a response can end while its client's backpressure has reading from
+        # u paused: an idle connection must read (to see the backend close it),
+        # and the next request must not wait on a pause nobody will lift
+        u._resume()
         u.state = U_IDLE
         u.deadline = _now + self.idle_timeout
         self.idle.append(u)
