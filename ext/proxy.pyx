@@ -307,6 +307,8 @@ def expire_timeouts():
     for u in list(_upconns):
         if u.deadline != 0 and _now >= u.deadline:
             u._on_timeout()
+    if _tls_handshaking:
+        _tls_expire()
 
 
 def close_idle_clients(double min_idle=0.0):
@@ -337,8 +339,9 @@ cdef inline bint _wrote_all(object transport):
 
 cdef inline void _written_from_rbuf(object transport, object owner):
     # A slice of the shared buffer is still queued in the transport: leave
-    # that buffer to it and read into a fresh one from now on.
-    if owner is _rbuf and not _wrote_all(transport):
+    # that buffer to it and read into a fresh one from now on.  TLSServerConn
+    # encrypts what it is given at once and keeps no slice.
+    if owner is _rbuf and type(transport) is not TLSServerConn and not _wrote_all(transport):
         _new_rbuf()
 
 
@@ -645,6 +648,7 @@ cdef class Listener:
     cdef public int redirect_port    # > 0: answer every request 308 to https on this port
     cdef public bytes subject_header # the field carrying a verified client certificate's subject
     cdef public object subject_of    # transport -> verified client subject (str) or None
+    cdef public object tls_context   # ssl.SSLContext: TLS done here by TLSServerConn
 
     def __init__(self, cfg, router, proto="http", resp_extra=b"", redirect_port=0,
                  subject_header=None, subject_of=None):
@@ -658,7 +662,9 @@ cdef class Listener:
 
     def __call__(self):
         if self.proto == b"https":
-            return TLSClientConn(self)
+            if self.tls_context is not None:
+                return TLSServerConn(self)
+            return TLSClientConn(self)     # TLS done by the loop (create_server(ssl=...))
         return ClientConn(self)
 
 
@@ -760,6 +766,10 @@ cdef class Stream:
         return _rbuf
 
     def buffer_updated(self, Py_ssize_t n):
+        self._take(n)
+
+    cdef void _take(self, Py_ssize_t n):
+        # n bytes were read into _rbuf (by the loop, or decrypted there by TLSServerConn)
         cdef object owner
         if not self._reading():
             return
@@ -1883,7 +1893,9 @@ _NO_BUFFER = property(_absent)
 
 @cython.final
 cdef class TLSClientConn(ClientConn):
-    """A client connection over TLS, without get_buffer (see _NO_BUFFER)."""
+    """A client connection over the event loop's TLS, without get_buffer (see
+    _NO_BUFFER): what a Listener without tls_context makes for https.  The
+    worker's listeners do TLS themselves (TLSServerConn, tlsserver.pyx)."""
     get_buffer = _NO_BUFFER
     buffer_updated = _NO_BUFFER
 

@@ -93,7 +93,7 @@ def build_sni_table(tls: ListenTLSConfig) -> SNITable:
 class ServerTLS:
     """The context a TLS listener serves with, and what reloading its files needs.
 
-    `context` is passed to `loop.create_server(..., ssl=...)` and never changes: its
+    `context` is the listener's (`_ext.Listener.tls_context`) and never changes: its
     SNI callback moves each new connection onto the context of the certificate the
     client asked for.  `reload()` replaces those per-certificate contexts in one
     assignment, so handshakes already done keep theirs.

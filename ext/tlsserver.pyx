@@ -1,0 +1,285 @@
+# TLS for client connections, driven here rather than by the event loop.
+#
+# uvloop's SSL protocol costs ~70 us of Python-level work per handshake on
+# top of OpenSSL's (a timer, futures, Python wrappers around every SSLObject
+# call, extra-info lookups; perf, docs/bench.md).  TLSServerConn is the
+# protocol of the plain TCP connection: it feeds what it reads to OpenSSL
+# through Python's own ssl objects (two MemoryBIOs and the C-level object
+# behind ssl.SSLObject), decrypts straight into the worker's receive buffer
+# and hands that to a ClientConn, to which it is also the transport.  The
+# SSLContext is the listener's own (edgeproxy.tls.ServerTLS), so SNI,
+# certificates, client verification, tickets and reloads are unchanged.
+
+cdef set _tls_handshaking = set()     # TLSServerConn before their handshake ends
+cdef object _SSLWantRead = ssl.SSLWantReadError
+cdef object _SSLZeroReturn = ssl.SSLZeroReturnError
+cdef object _MemoryBIO = ssl.MemoryBIO
+cdef bytearray _tls_rbuf = bytearray(RBUF_SIZE)   # ciphertext, copied into the BIO at once
+cdef object _tls_rview = memoryview(_tls_rbuf)
+
+
+def _tls_expire():
+    """Abort handshakes that have passed their deadline (the ticker)."""
+    cdef TLSServerConn t
+    for t in list(_tls_handshaking):
+        if _now >= t.deadline:
+            t._debug("TLS handshake", "timed out")
+            t.abort()
+
+
+@cython.final
+@cython.no_gc_clear
+cdef class TLSServerConn:
+    """One TLS client connection: the protocol of its TCP transport and the
+    transport of its ClientConn (write, close, flow control, extra info)."""
+    cdef:
+        Listener lst
+        object raw            # the TCP transport
+        ClientConn app        # set when the handshake has ended
+        object sock           # the C-level SSL object (do_handshake, read, write, pending)
+        object sslobj         # an ssl.SSLObject over it, made on request (get_extra_info)
+        object inc, out       # MemoryBIOs: ciphertext read, ciphertext to send
+        double deadline       # of the handshake
+        bint app_paused       # the ClientConn paused reading
+        bint resume_queued    # _resumed is scheduled
+        bint closing
+
+    def __init__(self, Listener lst):
+        self.lst = lst
+
+    cdef void _debug(self, str what, object exc):
+        # failure paths only, but a scanner can make them frequent: format nothing
+        # unless debug logging is on
+        if not _log.isEnabledFor(10):
+            return
+        try:
+            peer = self.raw.get_extra_info("peername")
+            peer = str(peer[0]) if peer else "-"
+        except Exception:
+            peer = "-"
+        _log.debug("client %s: %s: %s", peer, what, exc)
+
+    # -- the TCP side (protocol) --
+
+    def connection_made(self, transport):
+        ctx = self.lst.tls_context
+        self.raw = transport
+        self.inc = _MemoryBIO()
+        self.out = _MemoryBIO()
+        try:
+            try:
+                # the C object that ssl.SSLObject wraps, without its Python layer
+                self.sock = ctx._wrap_bio(self.inc, self.out, True, None)
+            except AttributeError:
+                self.sslobj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+                self.sock = getattr(self.sslobj, "_sslobj", self.sslobj)
+        except Exception:
+            _log.exception("TLS: cannot start a connection")
+            self.closing = 1
+            transport.abort()
+            return
+        self.deadline = _now + self.lst.cfg.t_header
+        _tls_handshaking.add(self)
+
+    def get_buffer(self, Py_ssize_t hint):
+        return _tls_rbuf
+
+    def buffer_updated(self, Py_ssize_t n):
+        if self.closing:
+            return
+        self.inc.write(_tls_rview[:n])
+        self._advance()
+
+    def data_received(self, bytes data):
+        """The standard asyncio loop's path (no get_buffer there)."""
+        if self.closing:
+            return
+        self.inc.write(data)
+        self._advance()
+
+    def eof_received(self):
+        # TCP end without close_notify: the ClientConn decides, as on plain TCP
+        # (records already read stay readable; the BIO is not marked ended, so
+        # a later read waits instead of failing)
+        if self.app is not None and not self.closing:
+            return self.app.eof_received()
+        return False
+
+    def connection_lost(self, exc):
+        self.closing = 1
+        _tls_handshaking.discard(self)
+        app = self.app
+        # break the ClientConn <-> TLSServerConn cycle (neither class clears
+        # itself in the cycle collector) and free the SSL object now
+        self.app = None
+        self.sslobj = None
+        self.sock = None
+        if app is not None:
+            app.connection_lost(exc)
+
+    def pause_writing(self):
+        if self.app is not None:
+            self.app.pause_writing()
+
+    def resume_writing(self):
+        if self.app is not None:
+            self.app.resume_writing()
+
+    cdef void _advance(self):
+        if self.app is None:
+            self._handshake()
+        else:
+            self._decrypt()
+
+    cdef void _handshake(self):
+        try:
+            self.sock.do_handshake()
+        except _SSLWantRead:
+            self._flush()
+            return
+        except Exception as exc:
+            # a bad or foreign ClientHello, a failed client certificate, ...:
+            # send the alert OpenSSL queued and drop the connection
+            self._debug("TLS handshake failed", exc)
+            self._flush()
+            _tls_handshaking.discard(self)
+            self.closing = 1
+            self.raw.close()
+            return
+        _tls_handshaking.discard(self)
+        self._flush()                  # the server's last flight and session tickets
+        self.app = ClientConn(self.lst)
+        self.app.connection_made(self)
+        self._decrypt()                # a request sent along with the Finished
+
+    cdef void _decrypt(self):
+        cdef object n
+        while not self.app_paused and not self.closing:
+            try:
+                n = self.sock.read(RBUF_SIZE, _rbuf)
+            except _SSLWantRead:
+                break
+            except _SSLZeroReturn:
+                n = 0
+            except Exception as exc:
+                self._debug("TLS error", exc)
+                self.abort()
+                return
+            if not n:
+                # close_notify (CPython reads it as 0 bytes): the client sends
+                # no more; the ClientConn decides, as for a TCP half-close
+                self._flush()
+                if not self.app.eof_received():
+                    self.close()
+                return
+            self.app._take(n)
+            # read again until OpenSSL wants more input: records it has already
+            # taken from the BIO (a close_notify behind the request) show in
+            # neither inc.pending nor pending()
+        self._flush()                  # anything OpenSSL answered (key updates, alerts)
+
+    cdef void _flush(self):
+        if self.out.pending:
+            self.raw.write(self.out.read())
+
+    # -- the ClientConn side (transport) --
+
+    def write(self, data):
+        if self.closing or not data:
+            return
+        try:
+            self.sock.write(data)
+        except Exception as exc:       # the TLS session failed earlier
+            self._debug("TLS write failed", exc)
+            self.abort()
+            return
+        self.raw.write(self.out.read())
+
+    def writelines(self, list_of_data):
+        if self.closing:
+            return
+        try:
+            for data in list_of_data:
+                if data:
+                    self.sock.write(data)
+        except Exception as exc:
+            self._debug("TLS write failed", exc)
+            self.abort()
+            return
+        self._flush()
+
+    def can_write_eof(self):
+        return False
+
+    def write_eof(self):
+        raise NotImplementedError("TLS connections cannot half-close")
+
+    def is_closing(self):
+        return self.closing or self.raw.is_closing()
+
+    def close(self):
+        """close_notify, then close the TCP connection once its buffer is sent."""
+        if self.closing:
+            return
+        self.closing = 1
+        if self.app is not None:
+            try:
+                self.sock.shutdown()
+            except Exception:
+                pass                   # not waiting for the client's close_notify
+            self._flush()
+        self.raw.close()
+
+    def abort(self):
+        self.closing = 1
+        _tls_handshaking.discard(self)
+        self.raw.abort()
+
+    def pause_reading(self):
+        if not self.app_paused:
+            self.app_paused = 1
+            self.raw.pause_reading()
+
+    def resume_reading(self):
+        if self.app_paused:
+            self.app_paused = 0
+            self.raw.resume_reading()
+            if self.app is not None and not self.closing and not self.resume_queued:
+                # records that arrived before the pause are decrypted from the
+                # loop, never from inside the ClientConn call that resumed us
+                # (its _feed is not re-entrant; a TCP transport defers too)
+                self.resume_queued = 1
+                asyncio.get_running_loop().call_soon(self._resumed)
+
+    def _resumed(self):
+        self.resume_queued = 0
+        if self.app is not None and not self.closing:
+            self._decrypt()
+
+    def is_reading(self):
+        return not self.app_paused and self.raw.is_reading()
+
+    def get_write_buffer_size(self):
+        return self.raw.get_write_buffer_size()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self):
+        return self.raw.get_write_buffer_limits()
+
+    def get_extra_info(self, name, default=None):
+        if self.sock is None:          # after connection_lost
+            return self.raw.get_extra_info(name, default) if self.raw is not None else default
+        if name == "ssl_object":
+            if self.sslobj is None:
+                self.sslobj = ssl.SSLObject.__new__(ssl.SSLObject)
+                self.sslobj._sslobj = self.sock
+            return self.sslobj
+        if name == "sslcontext":
+            return self.sock.context
+        if name == "peercert":
+            return self.sock.getpeercert()
+        if name == "cipher":
+            return self.sock.cipher()
+        return self.raw.get_extra_info(name, default)

@@ -1,0 +1,185 @@
+"""The TLS layer of client connections (_ext.TLSServerConn) through a real
+proxy process, on uvloop and on the standard asyncio loop: flow control both
+ways, pipelining, the handshake deadline, TLS-level end of input, and input
+that is not TLS at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import time
+
+import pytest
+from harness import Client, simple_config
+from tlsutil import CA
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return CA()
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def tls_proxy(request, tmp_path, ca, origin, proxy_factory):
+    cc = ca.issue("a.test").write(str(tmp_path), "site")
+    listen = f'tls.certs = [{{ cert = "{cc.cert}", key = "{cc.key}" }}]\n'
+    p = proxy_factory(simple_config(origin.url, "[timeout]\nheader = 1.0\n"),
+                      listen_lines=[listen], env={"EDGEPROXY_LOOP": request.param})
+    p.client_ctx = ssl.create_default_context(cadata=ca.pem().decode())
+    return p
+
+
+def _client(p, **kw) -> Client:
+    return Client(p.port, ssl_context=p.client_ctx, server_name="a.test", **kw)
+
+
+def _still_serves(p) -> None:
+    with _client(p) as c:
+        assert c.request("GET", "/size/5").body == b"xxxxx"
+
+
+class MemClient:
+    """A TLS client over memory BIOs, so a test can send exactly what it wants
+    on the TCP connection before, during and after TLS."""
+
+    def __init__(self, p):
+        self.sock = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = p.client_ctx.wrap_bio(self.inc, self.out, server_hostname="a.test")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._pump()
+        self._send_out()
+
+    def _send_out(self) -> None:
+        if self.out.pending:
+            self.sock.sendall(self.out.read())
+
+    def _pump(self) -> bool:
+        self._send_out()
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.inc.write(data)
+        return True
+
+    def read_until(self, marker: bytes, limit: float = 5.0) -> bytes:
+        got = b""
+        end = time.monotonic() + limit
+        while marker not in got and time.monotonic() < end:
+            try:
+                got += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not self._pump():
+                    break
+            except ssl.SSLZeroReturnError:
+                break
+        return got
+
+    def closed_by_peer(self, wait: float = 5.0) -> bool:
+        self.sock.settimeout(wait)
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
+def test_large_downloads_to_a_slow_reader(tls_proxy):
+    """8 MiB bodies through a client that reads slowly, on one connection:
+    the proxy pauses the backend instead of buffering, every body arrives
+    whole, and the next request is answered. A response can end while the
+    backend connection is paused; it must go back to the pool reading (the
+    pool resumes it), or the next request on it would wait forever."""
+    n = 8 << 20
+    with _client(tls_proxy, timeout=10) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        for _ in range(3):
+            c.send(b"GET /big/%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % n)
+            head = c._read_until(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % n in head
+            got = 0
+            while got < n:
+                chunk = c._read_exact(min(1 << 20, n - got))
+                assert chunk == b"B" * len(chunk)
+                got += len(chunk)
+                time.sleep(0.02)
+            assert c.request("GET", "/size/3").body == b"xxx"
+
+
+def test_large_upload(tls_proxy):
+    body = os.urandom(5 << 20)
+    with _client(tls_proxy, timeout=20) as c:
+        r = c.request("POST", "/echo", body=body)
+        assert r.status == 200 and json.loads(r.body)["body_len"] == len(body)
+
+
+def test_pipelined_requests_in_one_write(tls_proxy):
+    with _client(tls_proxy) as c:
+        c.send(b"".join(b"GET /size/%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % i for i in (1, 2, 3)))
+        assert [c.read_response().body for _ in range(3)] == [b"x", b"xx", b"xxx"]
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["nothing", "partial-hello"])
+def test_handshake_deadline(tls_proxy, sent):
+    """A connection that does not finish its handshake within timeout.header
+    (1 s here) is dropped; others are served meanwhile."""
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=10) as s:
+        s.sendall(sent)
+        t = time.monotonic()
+        _still_serves(tls_proxy)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert 0.5 < time.monotonic() - t < 8
+
+
+def test_close_notify_after_request_still_gets_the_response(tls_proxy):
+    """The client ends its side with close_notify right after a request:
+    the response still comes, as with a TCP half-close on plain HTTP."""
+    mc = MemClient(tls_proxy)
+    mc.tls.write(b"GET /slow/0.3 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    try:
+        mc.tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass                            # the server's close_notify has not come yet
+    mc._send_out()
+    got = mc.read_until(b"slow")
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"slow")
+    assert mc.closed_by_peer()
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",            # plain HTTP to the HTTPS port
+    b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",          # a malformed ClientHello
+    os.urandom(3000),
+], ids=["plain-http", "bad-hello", "random"])
+def test_not_tls_is_dropped(tls_proxy, junk):
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=5) as s:
+        s.sendall(junk)
+        s.settimeout(5)
+        try:
+            while s.recv(4096):        # an alert at most, then the end
+                pass
+        except ConnectionResetError:
+            pass
+    _still_serves(tls_proxy)
+
+
+def test_garbage_after_the_handshake_is_dropped(tls_proxy):
+    mc = MemClient(tls_proxy)
+    mc.tls.write(b"GET /size/2 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    mc._send_out()
+    assert mc.read_until(b"xx").endswith(b"xx")
+    mc.sock.sendall(b"\x17\x03\x03\x00\x20" + os.urandom(32))   # a record that fails to decrypt
+    assert mc.closed_by_peer()
+    _still_serves(tls_proxy)
