@@ -173,9 +173,12 @@ cdef class TLSServerConn:
                     self.close()
                 return
             self.app._take(n)
-            # read again until OpenSSL wants more input: records it has already
-            # taken from the BIO (a close_notify behind the request) show in
-            # neither inc.pending nor pending()
+            if self.inc.pending == 0 and self.sock.pending() == 0:
+                # all input decrypted and handed over: skip the read that would
+                # only raise SSLWantReadError (an exception per request).
+                # OpenSSL reads a memory BIO record by record (no read-ahead),
+                # so a record not yet processed is still in inc.pending
+                break
         self._flush()                  # anything OpenSSL answered (key updates, alerts)
 
     cdef void _flush(self):

@@ -128,6 +128,17 @@ def test_pipelined_requests_in_one_write(tls_proxy):
         assert [c.read_response().body for _ in range(3)] == [b"x", b"xx", b"xxx"]
 
 
+def test_pipelined_requests_in_separate_records(tls_proxy):
+    """Three records in one TCP write, a request each: every record is
+    decrypted (none left behind in OpenSSL or the BIO) and answered in order."""
+    mc = MemClient(tls_proxy)
+    for i in (1, 2, 3):
+        mc.tls.write(b"GET /size/%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % i)
+    mc._send_out()
+    got = mc.read_until(b"xxx")
+    assert got.count(b"HTTP/1.1 200") == 3 and got.endswith(b"\r\n\r\nxxx")
+
+
 @pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01"], ids=["nothing", "partial-hello"])
 def test_handshake_deadline(tls_proxy, sent):
     """A connection that does not finish its handshake within timeout.header
