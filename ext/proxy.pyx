@@ -97,6 +97,7 @@ cdef enum:
     M_BYTES_OUT = 1           # to clients: heads, bodies, tunnelled bytes
     M_CONNECTIONS = 2         # client connections accepted
     M_DURATION_SUM_US = 3
+    M_TLS_HANDSHAKE_FAILURES = 4  # TLS handshakes that failed or timed out (TLSServerConn)
     M_GAUGES = 8              # 8 values the worker's ticker writes (Python side)
     M_DURATION_BUCKETS = 16   # DUR_NBUCKETS counts, the last one is +Inf
     DUR_NBUCKETS = 14
@@ -118,6 +119,7 @@ def metrics_layout():
     """The offsets (in int64 values) of a worker's metrics slot."""
     return {"slot_len": M_SLOT_LEN, "bytes_in": M_BYTES_IN, "bytes_out": M_BYTES_OUT,
             "connections": M_CONNECTIONS, "duration_sum_us": M_DURATION_SUM_US,
+            "tls_handshake_failures": M_TLS_HANDSHAKE_FAILURES,
             "gauges": M_GAUGES, "duration_buckets": M_DURATION_BUCKETS,
             "duration_bounds_us": [_dur_bounds_us[i] for i in range(DUR_NBUCKETS - 1)],
             "routes": M_ROUTES, "route_max": M_ROUTE_MAX, "backends": M_BACKENDS,

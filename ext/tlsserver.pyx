@@ -23,6 +23,7 @@ def _tls_expire():
     cdef TLSServerConn t
     for t in list(_tls_handshaking):
         if _now >= t.deadline:
+            _m[M_TLS_HANDSHAKE_FAILURES] += 1
             t._debug("TLS handshake", "timed out")
             t.abort()
 
@@ -140,6 +141,7 @@ cdef class TLSServerConn:
         except Exception as exc:
             # a bad or foreign ClientHello, a failed client certificate, ...:
             # send the alert OpenSSL queued and drop the connection
+            _m[M_TLS_HANDSHAKE_FAILURES] += 1
             self._debug("TLS handshake failed", exc)
             self._flush()
             _tls_handshaking.discard(self)

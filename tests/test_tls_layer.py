@@ -194,3 +194,34 @@ def test_garbage_after_the_handshake_is_dropped(tls_proxy):
     mc.sock.sendall(b"\x17\x03\x03\x00\x20" + os.urandom(32))   # a record that fails to decrypt
     assert mc.closed_by_peer()
     _still_serves(tls_proxy)
+
+
+def test_failed_handshakes_are_counted(tmp_path, ca, origin, proxy_factory):
+    """edgeproxy_tls_handshake_failures_total counts handshakes that fail or
+    time out, and not the ones that succeed."""
+    from harness import free_port
+    from ops_support import _connectable, metrics, server_section, wait_until
+    cc = ca.issue("a.test").write(str(tmp_path), "site")
+    admin_port = free_port()
+    body = (server_section(tmp_path, admin_port=admin_port, extra="")
+            + simple_config(origin.url, "[timeout]\nheader = 1.0\n"))
+    p = proxy_factory(body, listen_lines=[f'tls.certs = [{{ cert = "{cc.cert}", key = "{cc.key}" }}]\n'])
+    p.client_ctx = ssl.create_default_context(cadata=ca.pem().decode())
+    name = "edgeproxy_tls_handshake_failures_total"
+    wait_until(lambda: _connectable(admin_port), what="admin listener")
+    assert metrics(admin_port)[name] == 0
+    _still_serves(p)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")           # not TLS
+        try:
+            while s.recv(4096):        # an alert at most, then the end
+                pass
+        except ConnectionResetError:
+            pass
+    idle = socket.create_connection(("127.0.0.1", p.port), timeout=5)   # times out
+    try:
+        wait_until(lambda: metrics(admin_port).get(name) == 2, timeout=10, what="2 failures")
+    finally:
+        idle.close()
+    _still_serves(p)
+    assert metrics(admin_port)[name] == 2

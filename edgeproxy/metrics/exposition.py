@@ -38,6 +38,7 @@ class Counts:
     bytes_in: int = 0
     bytes_out: int = 0
     connections: int = 0
+    tls_handshake_failures: int = 0
 
     def add_slot(self, v: memoryview, labels: SlotLabels) -> None:
         base = LAYOUT["routes"]
@@ -54,6 +55,7 @@ class Counts:
         self.bytes_in += v[LAYOUT["bytes_in"]]
         self.bytes_out += v[LAYOUT["bytes_out"]]
         self.connections += v[LAYOUT["connections"]]
+        self.tls_handshake_failures += v[LAYOUT["tls_handshake_failures"]]
         base = LAYOUT["backends"]
         for j, key in enumerate(labels.backends):
             n = v[base + j * BACKEND_WIDTH]
@@ -66,7 +68,8 @@ class Counts:
                      [a + b for a, b in zip(self.duration, other.duration, strict=True)],
                      self.duration_sum_us + other.duration_sum_us,
                      self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
-                     self.connections + other.connections)
+                     self.connections + other.connections,
+                     self.tls_handshake_failures + other.tls_handshake_failures)
         return out
 
 
@@ -160,6 +163,10 @@ def render_prometheus(snap: Snapshot, info: dict) -> str:
            "Bytes sent to clients (heads, bodies, upgraded connections).", [("", c.bytes_out)])
     metric("edgeproxy_client_connections_accepted_total", "counter",
            "Client connections accepted.", [("", c.connections)])
+    metric("edgeproxy_tls_handshake_failures_total", "counter",
+           "TLS handshakes from clients that failed (not TLS, no shared version or cipher, "
+           "a refused client certificate, ...) or did not end within timeout.header.",
+           [("", c.tls_handshake_failures)])
     metric("edgeproxy_client_connections", "gauge", "Open client connections.",
            [("", snap.gauges["client_connections"])])
     metric("edgeproxy_upstream_connections", "gauge", "Open backend connections.",
