@@ -225,3 +225,22 @@ def test_failed_handshakes_are_counted(tmp_path, ca, origin, proxy_factory):
         idle.close()
     _still_serves(p)
     assert metrics(admin_port)[name] == 2
+
+
+def test_upgraded_connection_over_tls(tls_proxy):
+    """A WebSocket upgrade through the TLS layer: after the 101 the bytes
+    go both ways through it (the origin echoes each read it gets, prefixed
+    with "echo:"), and the connection is served again afterwards."""
+    with _client(tls_proxy) as c:
+        c.send(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        assert c._read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+        for msg in (b"one", b"two" * 20000):
+            c.send(msg)
+            got = b""
+            while got.replace(b"echo:", b"") != msg:
+                assert len(got.replace(b"echo:", b"")) < len(msg), got[:100]
+                if not c._fill():
+                    raise AssertionError("tunnel closed")
+                got, c.buf = got + c.buf, b""
+            assert got.startswith(b"echo:")
+    _still_serves(tls_proxy)
