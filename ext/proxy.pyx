@@ -650,10 +650,13 @@ cdef class Listener:
     cdef public int redirect_port    # > 0: answer every request 308 to https on this port
     cdef public bytes subject_header # the field carrying a verified client certificate's subject
     cdef public object subject_of    # transport -> verified client subject (str) or None
-    cdef public object tls_context   # ssl.SSLContext: TLS done here by TLSServerConn
+    cdef public object tls_context   # https: the ssl.SSLContext TLSServerConn runs
 
     def __init__(self, cfg, router, proto="http", resp_extra=b"", redirect_port=0,
-                 subject_header=None, subject_of=None):
+                 subject_header=None, subject_of=None, tls_context=None):
+        if proto == "https" and tls_context is None:
+            raise ValueError("an https listener needs its SSLContext (tls_context)")
+        self.tls_context = tls_context
         self.cfg = cfg
         self.router = router
         self.proto = proto.encode()
@@ -664,9 +667,7 @@ cdef class Listener:
 
     def __call__(self):
         if self.proto == b"https":
-            if self.tls_context is not None:
-                return TLSServerConn(self)
-            return TLSClientConn(self)     # TLS done by the loop (create_server(ssl=...))
+            return TLSServerConn(self)
         return ClientConn(self)
 
 
@@ -1882,24 +1883,16 @@ cdef class ClientConn(Stream):
 
 
 def _absent(self):
-    raise AttributeError("TLS connections take their reads as bytes (data_received)")
+    raise AttributeError("connections over uvloop's TLS take their reads as bytes (data_received)")
 
 
 # uvloop's TLS layer uses a protocol's get_buffer when it has one, and that
 # path leaks memory (~700 bytes per connection on uvloop 0.23; a bare uvloop
-# TLS server with a BufferedProtocol shows it too).  TLS connections hide
-# both methods (hasattr is False) and take their reads as bytes
-# (data_received); decrypted reads are copies anyway.
+# TLS server with a BufferedProtocol shows it too).  Connections to https
+# backends, the one place that layer still runs (clients' TLS is
+# TLSServerConn), hide both methods (hasattr is False) and take their reads
+# as bytes (data_received); decrypted reads are copies anyway.
 _NO_BUFFER = property(_absent)
-
-
-@cython.final
-cdef class TLSClientConn(ClientConn):
-    """A client connection over the event loop's TLS, without get_buffer (see
-    _NO_BUFFER): what a Listener without tls_context makes for https.  The
-    worker's listeners do TLS themselves (TLSServerConn, tlsserver.pyx)."""
-    get_buffer = _NO_BUFFER
-    buffer_updated = _NO_BUFFER
 
 
 # ---- the backend side -----------------------------------------------------

@@ -37,7 +37,7 @@ cdef class TLSServerConn:
         Listener lst
         object raw            # the TCP transport
         ClientConn app        # set when the handshake has ended
-        object sock           # the C-level SSL object (do_handshake, read, write, pending)
+        object sock           # the C-level SSL object behind ssl.SSLObject
         object sslobj         # an ssl.SSLObject over it, made on request (get_extra_info)
         object inc, out       # MemoryBIOs: ciphertext read, ciphertext to send
         double deadline       # of the handshake
@@ -68,12 +68,9 @@ cdef class TLSServerConn:
         self.inc = _MemoryBIO()
         self.out = _MemoryBIO()
         try:
-            try:
-                # the C object that ssl.SSLObject wraps, without its Python layer
-                self.sock = ctx._wrap_bio(self.inc, self.out, True, None)
-            except AttributeError:
-                self.sslobj = ctx.wrap_bio(self.inc, self.out, server_side=True)
-                self.sock = getattr(self.sslobj, "_sslobj", self.sslobj)
+            # what SSLContext.wrap_bio makes ssl.SSLObject around, without that
+            # Python layer (CPython's _ssl; get_extra_info wraps it on request)
+            self.sock = ctx._wrap_bio(self.inc, self.out, True, None)
         except Exception:
             _log.exception("TLS: cannot start a connection")
             self.closing = 1
@@ -189,35 +186,31 @@ cdef class TLSServerConn:
 
     # -- the ClientConn side (transport) --
 
-    def write(self, data):
-        if self.closing or not data:
-            return
+    cdef bint _encrypt(self, object data):
+        """Encrypt data into `out`; False (and the connection aborted) when
+        the TLS session has failed."""
         try:
             self.sock.write(data)
-        except Exception as exc:       # the TLS session failed earlier
+            return 1
+        except Exception as exc:
             self._debug("TLS write failed", exc)
             self.abort()
-            return
-        self.raw.write(self.out.read())
+            return 0
+
+    def write(self, data):
+        if not self.closing and data and self._encrypt(data):
+            self.raw.write(self.out.read())
 
     def writelines(self, list_of_data):
         if self.closing:
             return
-        try:
-            for data in list_of_data:
-                if data:
-                    self.sock.write(data)
-        except Exception as exc:
-            self._debug("TLS write failed", exc)
-            self.abort()
-            return
+        for data in list_of_data:
+            if data and not self._encrypt(data):
+                return
         self._flush()
 
     def can_write_eof(self):
-        return False
-
-    def write_eof(self):
-        raise NotImplementedError("TLS connections cannot half-close")
+        return False                   # no half-close under TLS: ClientConn closes instead
 
     def is_closing(self):
         return self.closing or self.raw.is_closing()
@@ -261,30 +254,18 @@ cdef class TLSServerConn:
         if self.app is not None and not self.closing:
             self._decrypt()
 
-    def is_reading(self):
-        return not self.app_paused and self.raw.is_reading()
-
     def get_write_buffer_size(self):
         return self.raw.get_write_buffer_size()
 
     def set_write_buffer_limits(self, high=None, low=None):
         self.raw.set_write_buffer_limits(high, low)
 
-    def get_write_buffer_limits(self):
-        return self.raw.get_write_buffer_limits()
-
     def get_extra_info(self, name, default=None):
         if self.sock is None:          # after connection_lost
             return self.raw.get_extra_info(name, default) if self.raw is not None else default
-        if name == "ssl_object":
+        if name == "ssl_object":       # what edgeproxy.tls.client_subject reads
             if self.sslobj is None:
                 self.sslobj = ssl.SSLObject.__new__(ssl.SSLObject)
                 self.sslobj._sslobj = self.sock
             return self.sslobj
-        if name == "sslcontext":
-            return self.sock.context
-        if name == "peercert":
-            return self.sock.getpeercert()
-        if name == "cipher":
-            return self.sock.cipher()
         return self.raw.get_extra_info(name, default)

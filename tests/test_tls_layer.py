@@ -12,7 +12,8 @@ import ssl
 import time
 
 import pytest
-from harness import Client, simple_config
+from harness import Client, free_port, simple_config
+from ops_support import _connectable, metrics, server_section, wait_until
 from tlsutil import CA
 
 
@@ -199,8 +200,6 @@ def test_garbage_after_the_handshake_is_dropped(tls_proxy):
 def test_failed_handshakes_are_counted(tmp_path, ca, origin, proxy_factory):
     """edgeproxy_tls_handshake_failures_total counts handshakes that fail or
     time out, and not the ones that succeed."""
-    from harness import free_port
-    from ops_support import _connectable, metrics, server_section, wait_until
     cc = ca.issue("a.test").write(str(tmp_path), "site")
     admin_port = free_port()
     body = (server_section(tmp_path, admin_port=admin_port, extra="")

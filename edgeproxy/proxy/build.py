@@ -3,6 +3,8 @@ worker start or reload, never per request)."""
 
 from __future__ import annotations
 
+import ssl
+
 from edgeproxy._ext import Backend, Listener, Pool, ProxySettings, Route, Router
 from edgeproxy.config.model import Config, ListenConfig
 
@@ -70,10 +72,11 @@ def build_router(config: Config, pools: dict[str, Pool], cache=None) -> Router:
 
 
 def build_listener_factory(settings: ProxySettings, router: Router, listen: ListenConfig,
-                           config: Config) -> Listener:
-    """The protocol factory of one listener: HTTPS ones add HSTS and the
-    verified client subject; plain ones may redirect to the first HTTPS
-    listener."""
+                           config: Config, tls_context: ssl.SSLContext | None = None) -> Listener:
+    """The protocol factory of one listener: HTTPS ones (tls_context: the
+    listener's ServerTLS.context, which its connections run OpenSSL with)
+    add HSTS and the verified client subject; plain ones may redirect to
+    the first HTTPS listener."""
     if listen.tls is not None:
         extra = b""
         if listen.tls.hsts:
@@ -85,7 +88,8 @@ def build_listener_factory(settings: ProxySettings, router: Router, listen: List
             def subject_of(transport):
                 return client_subject(transport.get_extra_info("ssl_object"))
         return Listener(settings, router, "https", extra,
-                        subject_header=listen.tls.client_subject_header, subject_of=subject_of)
+                        subject_header=listen.tls.client_subject_header, subject_of=subject_of,
+                        tls_context=tls_context)
     redirect_port = 0
     if listen.redirect_http:
         redirect_port = next((lc.port for lc in config.listen if lc.tls is not None), 443)

@@ -164,10 +164,9 @@ class Worker:
             self.apply(op)
         for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks, strict=True)):
             ssl_ctx = self.tls[i].context if i in self.tls else None
-            factory = build_listener_factory(settings, router, lc, self.config)
-            # TLS is driven by the listener's own protocol (_ext.TLSServerConn), on a
-            # plain TCP server; the handshake deadline is timeout.header
-            factory.tls_context = ssl_ctx
+            # TLS is run by the listener's own protocol (_ext.TLSServerConn) on a plain
+            # TCP server; the handshake deadline is timeout.header
+            factory = build_listener_factory(settings, router, lc, self.config, ssl_ctx)
             srv = await self.loop.create_server(factory, sock=sock, backlog=lc.backlog)
             self.servers.append(srv)
             log.info("listening on %s://%s (pid %d)", "https" if ssl_ctx else "http", lc.bind,
