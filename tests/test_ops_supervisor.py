@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
-from harness import Client
+from harness import Client, free_port, simple_config
 from ops_support import start, status, wait_until, worker_pids
 
 
@@ -108,3 +112,35 @@ def test_without_supervisor(proxy_factory, origin):
         assert c.request("GET", "/size/2").status == 200
     assert "supervisor" not in proxy.log()
     assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize("supervised", [True, False], ids=["supervisor", "no-supervisor"])
+def test_sighup_as_soon_as_the_port_opens(tmp_path, origin, supervised):
+    """A SIGHUP sent the moment the listening port accepts (systemd's reload
+    right after start, a deploy script) must be handled, not take SIGHUP's
+    default action and kill the process: signals are handled, or held,
+    from before the sockets listen."""
+    for attempt in range(3):
+        port = free_port()
+        cfg = tmp_path / f"hup{attempt}.toml"
+        cfg.write_text(f'[server]\npid_file = "{tmp_path}/hup{attempt}.pid"\n\n'
+                       f'[[listen]]\nbind = "127.0.0.1:{port}"\n\n' + simple_config(origin.url))
+        args = [] if supervised else ["--no-supervisor"]
+        proc = subprocess.Popen([sys.executable, "-m", "edgeproxy", "run", "-c", str(cfg), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.0005)
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            assert proc.poll() is None, f"attempt {attempt}: exited {proc.returncode} on SIGHUP"
+            with Client(port) as c:
+                assert c.request("GET", "/size/2").status == 200
+        finally:
+            proc.terminate()
+            proc.wait(15)

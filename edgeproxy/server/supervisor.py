@@ -530,28 +530,36 @@ class Supervisor:
         n = worker_count(self.config)
         self.region = MetricsRegion(max(64, 8 * n))
         _raise_nofile_limit()
+        # Signals are handled before the listeners accept: a client (or a test)
+        # that sees the port open may send SIGHUP at once, and SIGHUP's default
+        # action would kill the supervisor.  A reload asked for during startup
+        # waits for the first generation (the lock).
+        await self._reload_lock.acquire()
         try:
-            socks, _ = self._sockets_for(self.config)
-        except OSError as exc:
-            log.error("%s", exc.strerror or exc)
-            return 1
-        self._adopt_sockets(self.config, socks)
-        self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            self.loop.add_signal_handler(sig, self._on_stop, sig)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
-        self.loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
-        self.gen = self._new_generation(self.config, socks, self.tls)
-        self._start_health(self.gen)
-        try:
-            await self._start_generation(self.gen)
-        except RuntimeError as exc:
-            log.error("%s", exc)
-            self.stopping = True
-            if self.workers:
-                await asyncio.sleep(0.5)
-                self._reap()
-            return 1
+            self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self.loop.add_signal_handler(sig, self._on_stop, sig)
+            self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
+            self.loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
+            try:
+                socks, _ = self._sockets_for(self.config)
+            except OSError as exc:
+                log.error("%s", exc.strerror or exc)
+                return 1
+            self._adopt_sockets(self.config, socks)
+            self.gen = self._new_generation(self.config, socks, self.tls)
+            self._start_health(self.gen)
+            try:
+                await self._start_generation(self.gen)
+            except RuntimeError as exc:
+                log.error("%s", exc)
+                self.stopping = True
+                if self.workers:
+                    await asyncio.sleep(0.5)
+                    self._reap()
+                return 1
+        finally:
+            self._reload_lock.release()
         if self.config.server.admin:
             from edgeproxy.admin import start_admin
             try:

@@ -31,6 +31,10 @@ log = logging.getLogger("edgeproxy.server")
 # long; one in use gets "Connection: close" on its next response instead, so
 # a request is never cut by the close racing it.
 DRAIN_IDLE_CLOSE = 1.0
+# The signals a worker handles.  Without a supervisor they are held (blocked)
+# from before the sockets listen until run() has its handlers: a SIGHUP sent
+# as soon as the port accepts would otherwise take its default action (exit).
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1}
 HOT_INDEX_MAX = 64 << 20     # bytes a worker's hot index of cache hits holds at most
 HOT_BODY_MAX = 1 << 20       # larger bodies are served by the cache phase
 
@@ -281,6 +285,7 @@ class Worker:
         if self.access_log is not None:
             self.loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)   # held ones arrive now
         try:
             try:
                 self.loop.run_until_complete(self.start())
@@ -371,6 +376,7 @@ def serve(config: Config, *, supervise: bool = True,
         from edgeproxy.server.supervisor import Supervisor
         return Supervisor(config, load or (lambda: config)).run()
     tls = build_tls(config)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)      # until run() handles them
     socks = [bind_socket(lc) for lc in config.listen]
     return Worker(config, socks, tls=tls).run()
 
