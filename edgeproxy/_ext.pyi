@@ -93,9 +93,54 @@ class Pool:
     @property
     def queued(self) -> int: ...
 
+class HookCall:
+    name: str
+    fn: Any
+    is_async: bool
+    def __init__(self, name: str, fn: Any, is_async: bool) -> None: ...
+
+class PhaseChain:
+    """A route's (or the listeners' connect phase's) hooks, by phase (docs/hooks.md)."""
+    wants: int
+    by_phase: tuple[list[HookCall], ...]
+    pools: dict[str, Pool]
+    timeout: float
+    body_limit: int
+    loop: Any
+    def __init__(self, hooks: Iterable[tuple[str, Any]], pools: dict[str, Pool],
+                 timeout: float = ..., body_limit: int = ..., loop: Any = ...) -> None: ...
+    def wants_phase(self, name: str) -> bool: ...
+
+class RequestCtx:
+    """What every phase of one request sees (docs/hooks.md)."""
+    client_ip: str
+    scheme: str
+    route: int | None
+    connection: RequestCtx | None
+    request_id: str | None
+    vars: dict[str, Any]
+    log: dict[str, Any]
+    cache_key: str | None
+    backend: str | None
+    method: str
+    target: str
+    path: str
+    query: str
+    host: str
+    pool: str
+    headers: Any
+    upstream_headers: Any
+    status: int
+    response_headers: Any
+    duration: float
+    bytes_in: int
+    bytes_out: int
+    upstream: str | None
+
 class Route:
     cache: Any
     hot: HotIndex | None
+    phases: PhaseChain | None
     def __init__(self, host: str | None, path: str, pool: Pool, index: int = ...,
                  cache: Any = ...) -> None: ...
 
@@ -149,6 +194,7 @@ class Listener:
                  subject_header: str | None = ..., subject_of: Any = ...,
                  tls_context: Any = ...) -> None: ...
     tls_context: Any        # https: the ssl.SSLContext its TLSServerConn run
+    phases: PhaseChain | None   # global hooks with a connect phase
     def __call__(self) -> ClientConn | TLSServerConn: ...
 
 class ClientConn:

@@ -517,6 +517,14 @@ cdef class Pool:
                     return _hash_bytes(v, vl)
         return _hash_bytes(c.peer, len(c.peer))
 
+    cdef Backend backend_named(self, str name):
+        """The backend called name ("host:port"), or None (a hook's ctx.backend)."""
+        cdef Backend b
+        for b in self.backends:
+            if b.name == name:
+                return b
+        return None
+
     cdef Backend pick(self, unsigned long long key, unsigned long long avoid):
         """A backend that can take a request now, skipping those in `avoid`
         (a bit per Backend.index); None with `busy` set when every one that

@@ -44,6 +44,7 @@ cdef enum:
     P_PIPELINE = 1
     P_CONNECT = 2
     P_BACKPRESSURE = 4
+    P_HOLD = 8            # an async connect hook runs
 
 cdef enum CState:
     C_HEAD = 0        # waiting for / reading a request head
@@ -98,6 +99,8 @@ cdef enum:
     M_CONNECTIONS = 2         # client connections accepted
     M_DURATION_SUM_US = 3
     M_TLS_HANDSHAKE_FAILURES = 4  # TLS handshakes that failed or timed out (TLSServerConn)
+    M_HOOK_ERRORS = 5         # phase hooks that raised or returned nonsense (ext/phases.pyx)
+    M_HOOK_TIMEOUTS = 6       # phase hooks that did not end within hooks_timeout
     M_GAUGES = 8              # 8 values the worker's ticker writes (Python side)
     M_DURATION_BUCKETS = 16   # DUR_NBUCKETS counts, the last one is +Inf
     DUR_NBUCKETS = 14
@@ -120,6 +123,7 @@ def metrics_layout():
     return {"slot_len": M_SLOT_LEN, "bytes_in": M_BYTES_IN, "bytes_out": M_BYTES_OUT,
             "connections": M_CONNECTIONS, "duration_sum_us": M_DURATION_SUM_US,
             "tls_handshake_failures": M_TLS_HANDSHAKE_FAILURES,
+            "hook_errors": M_HOOK_ERRORS, "hook_timeouts": M_HOOK_TIMEOUTS,
             "gauges": M_GAUGES, "duration_buckets": M_DURATION_BUCKETS,
             "duration_bounds_us": [_dur_bounds_us[i] for i in range(DUR_NBUCKETS - 1)],
             "routes": M_ROUTES, "route_max": M_ROUTE_MAX, "backends": M_BACKENDS,
@@ -555,6 +559,7 @@ cdef class Route:
     cdef public int index            # its row in the metrics slot (1..M_ROUTE_MAX-1; 0 = no route)
     cdef public object cache         # the cache phase (edgeproxy.cache.phase.CachePhase) or None
     cdef public HotIndex hot         # the worker's hot index of cache hits (ext/hotcache.pyx) or None
+    cdef public PhaseChain phases    # the route's hooks (ext/phases.pyx), or None: no hook, no cost
 
     def __init__(self, host, path, pool, index=0, cache=None):
         self.index = index if 0 <= index < M_ROUTE_MAX else M_ROUTE_MAX - 1
@@ -651,6 +656,7 @@ cdef class Listener:
     cdef public bytes subject_header # the field carrying a verified client certificate's subject
     cdef public object subject_of    # transport -> verified client subject (str) or None
     cdef public object tls_context   # https: the ssl.SSLContext TLSServerConn runs
+    cdef public PhaseChain phases    # hooks with a connect phase, or None
 
     def __init__(self, cfg, router, proto="http", resp_extra=b"", redirect_port=0,
                  subject_header=None, subject_of=None, tls_context=None):
@@ -858,6 +864,11 @@ cdef class ClientConn(Stream):
         bint tee            # pass the response body bytes to cache.feed()
         int fd              # the socket, for writes straight from cache memory (-1: TLS
                             # or unknown, -2: not looked up yet)
+        # phases (routes with hooks only; ext/phases.pyx)
+        RequestCtx ctx      # the request's context while it runs
+        RequestCtx conn_ctx # the connect phase's
+        Route route
+        bytearray body_buf  # the request body, kept for request_body hooks
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -884,6 +895,8 @@ cdef class ClientConn(Stream):
         self.deadline = _now + self.cfg.t_header
         _conns.add(self)
         _m[M_CONNECTIONS] += 1
+        if self.lst.phases is not None and self.lst.phases.wants & (1 << PHASE_CONNECT):
+            self._connect_phase()
 
     def connection_lost(self, exc):
         self._teardown()
@@ -942,6 +955,10 @@ cdef class ClientConn(Stream):
         cdef int r
         cdef long long k
         cdef Py_ssize_t m
+        if self.paused & P_HOLD:
+            # a connect hook is deciding (reads may come before the pause takes)
+            self._stash(owner, base, 0, n)
+            return
         while off < n and self.state < C_LINGER:
             if self.state == C_HEAD:
                 if self.nreq and self.pending_seen == 0 and self.deadline != 0:
@@ -1000,6 +1017,14 @@ cdef class ClientConn(Stream):
     cdef void _send_up(self, object owner, const char *base, size_t off, size_t k):
         if k == 0:
             return
+        if self.body_buf is not None:
+            # kept whole for the request_body hooks
+            if <long long>(len(self.body_buf) + k) > self.ctx.chain.body_limit:
+                self.body_buf = None
+                self._abort_request(413)
+                return
+            self.body_buf.extend(base[off:off + k])
+            return
         if self.up is None:
             if self.upq is not None:
                 self.upq.append(base[off:off + k])
@@ -1012,9 +1037,14 @@ cdef class ClientConn(Stream):
         _written_from_rbuf(t, owner)
 
     cdef void _body_done(self):
+        if self.state >= C_LINGER:
+            return               # answered meanwhile (a body over a limit)
         self.req_done = 1
         self.state = C_WAIT
         self.deadline = 0
+        if self.body_buf is not None and self.ctx is not None and self.ctx.body_wait:
+            self._request_body_phase()
+            return
         if self.up is not None and not self.up.got_bytes:
             self.up.deadline = _now + self.cfg.t_read
 
@@ -1069,6 +1099,8 @@ cdef class ClientConn(Stream):
             self._reply_error(404, hp.body == B_NONE)
             return -1
         self.route_id = route.index
+        if route.phases is not None:
+            return self._start_phased(route, hp, base + off)
         pool = route.pool
         self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
         self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
@@ -1140,7 +1172,9 @@ cdef class ClientConn(Stream):
             ctx = route.cache.on_request(
                 self, self.lst.proto, hp.method[:hp.method_len], hp.host[:hp.host_len],
                 (b"/" if hp.target_add_slash else b"") + hp.target[:hp.target_len],
-                _field_list(hp), head, has_body)
+                _field_list(hp), head, has_body,
+                None if self.ctx is None or self.ctx.cache_key is None
+                else str(self.ctx.cache_key).encode("utf-8"))
         except Exception:
             _log.exception("cache phase failed on a request; forwarding it")
             ctx = None
@@ -1153,6 +1187,335 @@ cdef class ClientConn(Stream):
         if fwd is None:
             return 0             # held: answered or forwarded later
         return self._send_to_pool(route.pool, <bytes>fwd)
+
+    # -- phases (ext/phases.pyx): only routes and listeners with hooks come here --
+
+    cdef RequestCtx _new_ctx(self, PhaseChain ch):
+        cdef RequestCtx ctx = RequestCtx.__new__(RequestCtx)
+        ctx.chain = ch
+        ctx.client_ip = self.peer.decode("latin-1")
+        ctx.scheme = "https" if self.lst.proto == b"https" else "http"
+        ctx.vars = {}
+        ctx.log = {}
+        return ctx
+
+    cdef void _connect_phase(self):
+        cdef RequestCtx ctx = self._new_ctx(self.lst.phases)
+        cdef int v
+        self.conn_ctx = ctx
+        v = _run_phase(ctx, PHASE_CONNECT, 0, None, self._hook_done)
+        if v == PH_HELD:
+            self._pause(P_HOLD)
+        elif v == PH_ANSWERED:
+            self._phase_went(ctx, PHASE_CONNECT, v)
+
+    cdef int _start_phased(self, Route route, HeadParser hp, const char *head) except -2:
+        """A request on a route with hooks: the request phase, then (after
+        the body, for request_body hooks) the forward."""
+        cdef PhaseChain ch = route.phases
+        cdef RequestCtx ctx = self._new_ctx(ch)
+        cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
+        cdef int v = PH_GO
+        ctx.route = route.index - 1
+        ctx.connection = self.conn_ctx
+        ctx._method = hp.method[:hp.method_len].decode("latin-1")
+        ctx._target = ("/" if hp.target_add_slash else "") + hp.target[:hp.target_len].decode("latin-1")
+        ctx._host = hp.host[:hp.host_len].decode("latin-1") if hp.has_host else ""
+        ctx._pool = route.pool.name
+        ctx.clen = hp.content_length if hp.body == B_LENGTH else 0
+        ctx.raw_head = PyBytes_FromStringAndSize(head, hp.head_len)
+        self.ctx = ctx
+        self.route = route
+        self.req_done = not has_body
+        self.state = C_BODY if has_body else C_WAIT
+        self.upq = []              # body bytes wait here while the hooks decide
+        if has_body and ch.wants & (1 << PHASE_REQUEST_BODY):
+            self.body_buf = bytearray()
+        if ch.wants & (1 << PHASE_REQUEST):
+            v = _run_phase(ctx, PHASE_REQUEST, 0, None, self._hook_done)
+        if v == PH_HELD:
+            return 0
+        if v == PH_ANSWERED:
+            self._phase_answer(ctx)
+            return -1
+        return self._after_request_phase(ctx, hp)
+
+    cdef int _after_request_phase(self, RequestCtx ctx, HeadParser hp) except -2:
+        """The request hooks let it go on: wait for the body when request_body
+        hooks want it, then forward.  hp: the live head, or None (rebuilt
+        from the context)."""
+        if self.body_buf is not None:
+            if not self.req_done:
+                ctx.body_wait = 1      # _body_done goes on
+                return 0
+            return self._request_body_phase()
+        return self._forward_phased(ctx, hp)
+
+    cdef int _request_body_phase(self) except -2:
+        cdef RequestCtx ctx = self.ctx
+        cdef bytes raw = bytes(self.body_buf)
+        cdef int v
+        ctx.body_wait = 0
+        self.body_buf = None
+        self.upq = [raw] if raw else []
+        v = _run_phase(ctx, PHASE_REQUEST_BODY, 0, _decoded_body(raw, self.body_kind), self._hook_done)
+        if v == PH_HELD:
+            return 0
+        if v == PH_ANSWERED:
+            self._phase_answer(ctx)
+            return -1
+        return self._forward_phased(ctx, None)
+
+    cdef int _forward_phased(self, RequestCtx ctx, HeadParser hp) except -2:
+        """Send the request as the hooks left it to its pool (or the cache)."""
+        cdef Route route = self.route
+        cdef Pool pool
+        cdef Backend b = None
+        cdef bytes src = None
+        cdef bytes head
+        cdef list rest = self.upq
+        cdef int r
+        if hp is None or ctx.modified():
+            # the strict parser checks what the hooks made, as it checks clients
+            src = _ctx_request_head(ctx, self.req_minor, self.body_kind, ctx.clen)
+            hp = _hook_parser
+            if hp.parse_request(src, len(src), 0, 1 << 16, 1 << 18, MAX_FIELDS_CAP) <= 0:
+                _m[M_HOOK_ERRORS] += 1
+                _hook_log.error("hooks made an invalid request head (%s): %r",
+                                (<bytes>hp.err_msg).decode() if hp.err_msg != NULL else "incomplete",
+                                src[:200])
+                ctx.answer = _Response(500, b"500 Internal Server Error\n")
+                self._phase_answer(ctx)
+                return -1
+            self.req_is_head = hp.method_len == 4 and memcmp(hp.method, b"HEAD", 4) == 0
+        pool = <Pool>ctx.chain.pools.get(ctx._pool, route.pool)
+        self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
+        self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
+        if route.cache is not None and hp.has_host and pool is route.pool:
+            self.upq = None
+            if ctx.cache_key is None and route.hot is not None and self._serve_hot(route.hot, hp):
+                return -1
+            r = self._start_cached(route, hp)
+            self._append_rest(rest)
+            return r
+        self.pool = pool
+        _budget_note_request()
+        if ctx.backend is not None:
+            b = pool.backend_named(ctx.backend)
+            if b is None or not _available(b):
+                self._reply_unavailable(pool.retry_after(), self.req_done)
+                return -1
+        else:
+            b = pool.pick(self.hkey, 0)
+            if b is None and not pool.busy:
+                self._reply_unavailable(pool.retry_after(), self.req_done)
+                return -1
+        head = self._build_request_head(hp, b if b is not None else <Backend>pool.backends[0])
+        ctx.request_id = self.req_id.decode("latin-1") if self.req_id is not None else None
+        if ctx.chain.wants & (1 << PHASE_UPSTREAM_REQUEST):
+            head = self._upstream_phase(ctx, head)
+            if head is None:
+                return -1
+        self.upq = None
+        r = self._send_picked(pool, b, head)
+        self._append_rest(rest)
+        return r
+
+    cdef void _append_rest(self, list rest):
+        """Body bytes that arrived while the hooks ran go after the head."""
+        if not rest:
+            return
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.writelines(rest)
+            self._resume(P_CONNECT)
+        elif self.upq is not None:
+            self.upq.extend(rest)
+
+    cdef bytes _upstream_phase(self, RequestCtx ctx, bytes head):
+        """upstream_request hooks edit the fields of the head the backend gets."""
+        cdef int v
+        cdef list out
+        _import_api()
+        hdrs = _Headers(_split_head_fields(head), _PROTECTED_UP)
+        ctx.upstream_headers = hdrs
+        v = _run_phase(ctx, PHASE_UPSTREAM_REQUEST, 0, None, None)
+        if v == PH_ANSWERED:
+            self._phase_answer(ctx)
+            return None
+        if not hdrs.changed:
+            return head
+        out = [head[:head.index(b"\r\n") + 2]]
+        for name, value in hdrs:
+            out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    cdef bint _response_phase(self, HeadParser hp, UpstreamConn u) except -1:
+        """response hooks see the status and the fields the client would get;
+        1 when one answered instead (u is closed)."""
+        cdef RequestCtx ctx = self.ctx
+        cdef size_t i
+        cdef int v
+        cdef list items = []
+        _import_api()
+        for i in range(hp.nfields):
+            if _response_field_kind(hp, i, self.cfg) == RF_KEEP:
+                items.append((hp.fields[i].name[:hp.fields[i].name_len].decode("latin-1"),
+                              hp.fields[i].value[:hp.fields[i].value_len].decode("latin-1")))
+        ctx.status = hp.status
+        ctx.response_headers = _Headers(items, _PROTECTED_RESP)
+        v = _run_phase(ctx, PHASE_RESPONSE, 0, None, None)
+        if v == PH_GO and not (200 <= ctx.status <= 599):
+            _m[M_HOOK_ERRORS] += 1
+            _hook_log.error("a response hook set status %r (200-599 only)", ctx.status)
+            ctx.answer = _Response(500, b"500 Internal Server Error\n")
+            v = PH_ANSWERED
+        if v == PH_ANSWERED:
+            u.client = None
+            u.close()
+            self.up = None
+            self._phase_answer(ctx)
+            return 1
+        ctx.resp_changed = ctx.response_headers.changed or ctx.status != hp.status
+        return 0
+
+    cdef bint _error_phase(self, int status, bint keep, object retry_after) except -1:
+        """error hooks may answer a 502/503/504; 1 when answered or held."""
+        cdef RequestCtx ctx = self.ctx
+        cdef int v
+        ctx.in_error = 1
+        ctx.error_status = status
+        ctx.error_keep = keep
+        ctx.status = status
+        if self.up is not None:
+            self.up.client = None
+            self.up.close()
+            self.up = None
+        self.upq = None
+        self.body_buf = None
+        self.queued = 0
+        v = _run_phase(ctx, PHASE_ERROR, 0, None, self._hook_done)
+        ctx.arg = retry_after
+        if v == PH_GO:
+            return 0
+        if v == PH_ANSWERED:
+            self._phase_answer(ctx)
+        return 1
+
+    def _hook_done(self, task):
+        """An async hook ended: go on with its phase."""
+        cdef RequestCtx ctx
+        cdef int v, phase
+        if self.conn_ctx is not None and self.conn_ctx.task is task:
+            ctx = self.conn_ctx
+        elif self.ctx is not None and self.ctx.task is task:
+            ctx = self.ctx
+        else:
+            return               # its request or connection has ended
+        if self.state >= C_LINGER or self.transport is None:
+            return
+        phase = ctx.phase
+        v = _held_result(ctx, task)
+        if v == PH_GO:
+            v = _run_phase(ctx, phase, ctx.index + 1, ctx.arg, self._hook_done)
+        if v != PH_HELD:
+            self._phase_went(ctx, phase, v)
+
+    cdef void _phase_went(self, RequestCtx ctx, int phase, int v):
+        """Go on after an async hook's phase ended with v (PH_GO, PH_ANSWERED)."""
+        cdef object owner
+        if phase == PHASE_CONNECT:
+            if v == PH_GO:
+                self._resume(P_HOLD)
+                if self.pending is not None:
+                    owner = self.pending
+                    self.pending = None
+                    self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+            else:
+                self.conn_ctx = None
+                self.close()     # refused: nothing was asked yet, nothing to answer
+            return
+        if v == PH_ANSWERED:
+            self._phase_answer(ctx)
+        elif phase == PHASE_REQUEST:
+            self._after_request_phase(ctx, None)
+        elif phase == PHASE_REQUEST_BODY:
+            self._forward_phased(ctx, None)
+        elif phase == PHASE_ERROR:
+            if ctx.error_status == 503 and ctx.arg is not None:
+                self._reply_unavailable(<int>ctx.arg, ctx.error_keep)
+            else:
+                self._reply_error(ctx.error_status, ctx.error_keep)
+
+    cdef void _phase_answer(self, RequestCtx ctx):
+        """Answer with the Response a hook gave (or the 500/503 of one that failed)."""
+        cdef object r = ctx.answer
+        cdef bytes head, body
+        cdef Backend b
+        cdef Scratch o
+        ctx.answer = None
+        self.body_buf = None
+        if self.up is not None:
+            self.up.client = None
+            self.up.close()
+            self.up = None
+        if self.backend is not None:
+            b = self.backend
+            self.backend = None
+            b.release()
+        self.upq = None
+        self.queued = 0
+        if self.cache is not None:
+            self._cache_drop()
+        head = _answer_head(r, 1)
+        body = b"" if self.req_is_head else <bytes>r.body
+        if self.req_done:
+            self.respond(head, body, r.status)
+            return
+        # the body is unread: answer, then close without losing the answer
+        if self.transport is None or self.state >= C_LINGER or self.resp_started:
+            self.close()
+            return
+        o = _out
+        o.n = 0
+        o.addb(head)
+        o.addb(self.cfg.server_line)
+        o.addb(self.lst.resp_extra)
+        o.add(b"Connection: close\r\n\r\n", 21)
+        self.resp_status = r.status
+        self.resp_started = 1
+        self.resp_head_len = o.n
+        self.resp_bytes = len(body)
+        o.addb(body)
+        self.transport.write(o.take())
+        if self.in_req:
+            self._request_end(r.status)
+        self._linger()
+
+    cdef void _log_phase(self, RequestCtx ctx, int status, double d):
+        cdef HookCall h
+        ctx.status = status
+        ctx.duration = d
+        ctx.bytes_in = self.req_bytes
+        ctx.bytes_out = self.resp_head_len + self.resp_bytes
+        ctx.upstream = self.backend.name if self.backend is not None else None
+        for h in <list>ctx.chain.by_phase[PHASE_LOG]:
+            try:
+                r = h.fn(ctx)
+                if h.is_async:
+                    _log_task(ctx, h, r)
+            except Exception as exc:
+                _m[M_HOOK_ERRORS] += 1
+                _hook_log.error("hook %s failed: %s: %s", h.name, type(exc).__name__, exc,
+                                exc_info=(type(exc), exc, exc.__traceback__))
+
+    cdef void _drop_ctx(self):
+        """The request ends: an async hook still running is cancelled."""
+        cdef RequestCtx ctx = self.ctx
+        self.ctx = None
+        self.body_buf = None
+        if ctx is not None and ctx.task is not None:
+            _cancel_held(ctx)
 
     cdef bint _serve_hot(self, HotIndex hot, HeadParser hp) except -1:
         """Answer from the hot index when the request cannot change the
@@ -1550,6 +1913,10 @@ cdef class ClientConn(Stream):
         if self.transport is None or self.state >= C_LINGER or self.resp_started:
             self.close()
             return
+        if self.ctx is not None and self.ctx.chain.wants & (1 << PHASE_ERROR) \
+                and not self.ctx.in_error:
+            if self._error_phase(503, keep, retry_after):
+                return
         keep = keep and self.req_keep_alive and not self.eof and not _draining
         self.resp_status = 503
         resp = _error_response(self.cfg, 503, keep, b"Retry-After: %d\r\n" % retry_after)
@@ -1642,7 +2009,7 @@ cdef class ClientConn(Stream):
             o.add_hex(_rid_seq)
             rid_len = o.n - rid_at
             o.add(b"\r\n", 2)
-        if self.cfg.access_log is not None:
+        if self.cfg.access_log is not None or self.ctx is not None:
             self.req_id = PyBytes_FromStringAndSize(o.p + rid_at, rid_len)
         # X-Forwarded-For: what came in, then this client
         o.add(b"X-Forwarded-For: ", 17)
@@ -1734,8 +2101,12 @@ cdef class ClientConn(Stream):
         _m[M_DURATION_BUCKETS + i] += 1
         _m[M_BYTES_IN] += self.req_bytes
         _m[M_BYTES_OUT] += self.resp_head_len + self.resp_bytes
+        if self.ctx is not None and self.ctx.chain.wants & (1 << PHASE_LOG):
+            self._log_phase(self.ctx, status, d)
         if self.cfg.access_log is not None:
             self._log_request(status, d)
+        if self.ctx is not None:
+            self._drop_ctx()
 
     cdef void _begin_unrouted(self):
         """A request that failed before it was parsed (400, 408, 431...)."""
@@ -1751,6 +2122,12 @@ cdef class ClientConn(Stream):
 
     cdef void _log_request(self, int status, double duration):
         try:
+            if self.ctx is not None and self.ctx.log:
+                self.cfg.access_log.log(self.peer, self.log_req, status,
+                                        self.resp_bytes, duration, self.log_ref, self.log_ua,
+                                        self.backend.name if self.backend is not None else "-",
+                                        self.req_id or b"-", extra=self.ctx.log)
+                return
             self.cfg.access_log.log(self.peer, self.log_req, status,
                                     self.resp_bytes, duration, self.log_ref, self.log_ua,
                                     self.backend.name if self.backend is not None else "-",
@@ -1767,6 +2144,10 @@ cdef class ClientConn(Stream):
             if not self.resp_started and 502 <= status <= 504 and self._cache_on_error(status):
                 return
             self._cache_drop()
+        if self.ctx is not None and 502 <= status <= 504 and not self.resp_started \
+                and self.ctx.chain.wants & (1 << PHASE_ERROR) and not self.ctx.in_error:
+            if self._error_phase(status, keep, None):
+                return
         if self.resp_started:
             self.close()
             return
@@ -1866,6 +2247,11 @@ cdef class ClientConn(Stream):
         self.state = C_CLOSED
         self.deadline = 0
         _conns.discard(self)
+        if self.ctx is not None:
+            self._drop_ctx()
+        if self.conn_ctx is not None:
+            _cancel_held(self.conn_ctx)
+            self.conn_ctx = None
         if self.cache is not None:
             self._cache_drop()
         u = self.up
@@ -2178,6 +2564,9 @@ cdef class UpstreamConn(Stream):
                 else:
                     self.close()
                 return
+        if c.ctx is not None and c.ctx.chain.wants & (1 << PHASE_RESPONSE):
+            if c._response_phase(hp, self):
+                return
         self.keep_alive = hp.keep_alive
         self.body_kind = hp.body
         self.decode = hp.body == B_CHUNKED and c.req_minor == 0
@@ -2206,12 +2595,42 @@ cdef class UpstreamConn(Stream):
 
     cdef void _build_head_into(self, ClientConn c, HeadParser hp, bint final):
         cdef Scratch o = _out
+        cdef int has_date
+        cdef ProxySettings cfg = c.cfg
+        o.n = 0
+        if final and c.ctx is not None and c.ctx.resp_changed:
+            has_date = _ctx_response_into(o, c.ctx, hp)
+        else:
+            has_date = self._fields_into(o, c, hp, final)
+        if not final:
+            if hp.status == 101:
+                o.add(b"Connection: upgrade\r\n", 21)
+            o.add(b"\r\n", 2)
+            return
+        o.addb(cfg.server_line)
+        if not has_date:
+            o.addb(_date_line)
+        o.addb(c.lst.resp_extra)
+        if hp.body == B_LENGTH:
+            o.add(b"Content-Length: ", 16)
+            o.add_int(hp.content_length)
+            o.add(b"\r\n", 2)
+        elif hp.body == B_CHUNKED and not self.decode:
+            o.add(b"Transfer-Encoding: chunked\r\n", 28)
+        if not c.resp_keep:
+            o.add(b"Connection: close\r\n", 19)
+        elif c.req_minor == 0:
+            o.add(b"Connection: keep-alive\r\n", 24)
+        o.add(b"\r\n", 2)
+
+    cdef inline int _fields_into(self, Scratch o, ClientConn c, HeadParser hp, bint final):
+        """The status line and the backend's fields the client gets; 1 when
+        one of them is Date."""
         cdef size_t i
         cdef unsigned char h
         cdef int kind
-        cdef bint has_date = 0
+        cdef int has_date = 0
         cdef ProxySettings cfg = c.cfg
-        o.n = 0
         o.add(b"HTTP/1.1 ", 9)
         o.add_int(hp.status)
         o.add(b" ", 1)
@@ -2237,26 +2656,7 @@ cdef class UpstreamConn(Stream):
                 has_date = 1
             o.field(hp.fields[i].name, hp.fields[i].name_len,
                     hp.fields[i].value, hp.fields[i].value_len)
-        if not final:
-            if hp.status == 101:
-                o.add(b"Connection: upgrade\r\n", 21)
-            o.add(b"\r\n", 2)
-            return
-        o.addb(cfg.server_line)
-        if not has_date:
-            o.addb(_date_line)
-        o.addb(c.lst.resp_extra)
-        if hp.body == B_LENGTH:
-            o.add(b"Content-Length: ", 16)
-            o.add_int(hp.content_length)
-            o.add(b"\r\n", 2)
-        elif hp.body == B_CHUNKED and not self.decode:
-            o.add(b"Transfer-Encoding: chunked\r\n", 28)
-        if not c.resp_keep:
-            o.add(b"Connection: close\r\n", 19)
-        elif c.req_minor == 0:
-            o.add(b"Connection: keep-alive\r\n", 24)
-        o.add(b"\r\n", 2)
+        return has_date
 
     cdef void _finish(self, ClientConn c):
         """The response is complete: pool or close this connection, then let

@@ -313,19 +313,23 @@ class CachePhase:
         self.pool = pool
 
     def on_request(self, conn: Any, scheme: bytes, method: bytes, host: bytes, target: bytes,
-                   headers: Headers, head: bytes, has_body: bool) -> Exchange | None:
+                   headers: Headers, head: bytes, has_body: bool,
+                   key: bytes | None = None) -> Exchange | None:
+        """key: the primary key a hook chose (RequestCtx.cache_key), instead
+        of the URI's."""
         cache = self.cache
         if cache.hot is not None and cache.hot.generation_changed():
             cache.sync_hot()
         if method != b"GET" and method != b"HEAD":
             if method in _UNCACHED_METHODS:
                 return None
-            ex = Exchange(self, cache_key(scheme, host, target), method, headers, head)
+            ex = Exchange(self, key or cache_key(scheme, host, target), method, headers, head)
             ex.invalidates = (scheme, host, target)
             return ex
         if has_body:
             return None
-        key = cache_key(scheme, host, target)
+        if key is None:
+            key = cache_key(scheme, host, target)
         now = time.time()
         try:
             entry, vary_miss = cache.lookup(key, headers)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
@@ -331,6 +332,22 @@ def header_name(value: Any, path: str, reader: Reader) -> str:
     value = string(value, path, reader)
     if not TOKEN.fullmatch(value):
         raise Invalid(f"{show(value)} is not a valid header name")
+    return value
+
+
+def hook_spec(value: Any, path: str, reader: Reader) -> str:
+    """A phase hook, "module:attr": imported now, so that a missing module
+    or attribute, or an object with no phase method, is named by its key
+    path.  The config file's directory is searched first."""
+    from edgeproxy.phases.load import HookError, load_hook
+
+    value = string(value, path, reader)
+    if reader.base_dir and reader.base_dir not in sys.path:
+        sys.path.insert(0, reader.base_dir)
+    try:
+        load_hook(value)
+    except HookError as exc:
+        raise Invalid(str(exc)) from None
     return value
 
 
@@ -724,6 +741,7 @@ ROUTE = Table(RouteConfig, (
     Key("path", url_path),
     Key("pool", string, required=True),
     Key("cache", boolean),
+    Key("hooks", list_of(hook_spec, what="\"module:attr\" strings")),
 ))
 
 POOL_TLS = Table(PoolTLSConfig, (
@@ -774,6 +792,9 @@ SERVER = Table(ServerConfig, (
     Key("pid_file", file_path),
     Key("admin", admin_address),
     Key("state_file", file_path),
+    Key("hooks", list_of(hook_spec, what="\"module:attr\" strings")),
+    Key("hooks_timeout", number, above(0)),
+    Key("hooks_body_limit", size, above(0)),
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(

@@ -29,6 +29,9 @@ class ServerConfig:
     admin_host: str = ""             # parsed from `admin`
     admin_port: int = 0
     state_file: str | None = None    # where `edgeproxy status` reads pool state; None = derived
+    hooks: tuple[str, ...] = ()      # "module:attr" phase hooks run on every route, first
+    hooks_timeout: float = 1.0       # seconds one hook call may take; then 503
+    hooks_body_limit: int = 1 * MiB  # request bodies buffered for request_body hooks; 413 beyond
 
     @property
     def hidden_headers(self) -> frozenset[str]:
@@ -120,6 +123,7 @@ class RouteConfig:
     path: str = "/"                  # prefix; the longest match wins
     host: str | None = None          # exact "a.example.com" or wildcard "*.example.com"
     cache: bool = False              # responses on this route may be cached
+    hooks: tuple[str, ...] = ()      # "module:attr" phase hooks, after the global ones
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class Counts:
     bytes_out: int = 0
     connections: int = 0
     tls_handshake_failures: int = 0
+    hook_errors: int = 0
+    hook_timeouts: int = 0
 
     def add_slot(self, v: memoryview, labels: SlotLabels) -> None:
         base = LAYOUT["routes"]
@@ -56,6 +58,8 @@ class Counts:
         self.bytes_out += v[LAYOUT["bytes_out"]]
         self.connections += v[LAYOUT["connections"]]
         self.tls_handshake_failures += v[LAYOUT["tls_handshake_failures"]]
+        self.hook_errors += v[LAYOUT["hook_errors"]]
+        self.hook_timeouts += v[LAYOUT["hook_timeouts"]]
         base = LAYOUT["backends"]
         for j, key in enumerate(labels.backends):
             n = v[base + j * BACKEND_WIDTH]
@@ -69,7 +73,9 @@ class Counts:
                      self.duration_sum_us + other.duration_sum_us,
                      self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
                      self.connections + other.connections,
-                     self.tls_handshake_failures + other.tls_handshake_failures)
+                     self.tls_handshake_failures + other.tls_handshake_failures,
+                     self.hook_errors + other.hook_errors,
+                     self.hook_timeouts + other.hook_timeouts)
         return out
 
 
@@ -167,6 +173,12 @@ def render_prometheus(snap: Snapshot, info: dict) -> str:
            "TLS handshakes from clients that failed (not TLS, no shared version or cipher, "
            "a refused client certificate, ...) or did not end within timeout.header.",
            [("", c.tls_handshake_failures)])
+    metric("edgeproxy_hook_errors_total", "counter",
+           "Phase hook calls that raised or returned something unusable (answered 500).",
+           [("", c.hook_errors)])
+    metric("edgeproxy_hook_timeouts_total", "counter",
+           "Async phase hook calls that did not end within server.hooks_timeout (answered 503).",
+           [("", c.hook_timeouts)])
     metric("edgeproxy_client_connections", "gauge", "Open client connections.",
            [("", snap.gauges["client_connections"])])
     metric("edgeproxy_upstream_connections", "gauge", "Open backend connections.",

@@ -3,9 +3,11 @@ worker start or reload, never per request)."""
 
 from __future__ import annotations
 
+import os
 import ssl
+import sys
 
-from edgeproxy._ext import Backend, Listener, Pool, ProxySettings, Route, Router
+from edgeproxy._ext import Backend, Listener, PhaseChain, Pool, ProxySettings, Route, Router
 from edgeproxy.config.model import Config, ListenConfig
 
 
@@ -53,11 +55,43 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
     return pools
 
 
-def build_router(config: Config, pools: dict[str, Pool], cache=None) -> Router:
+class Hooks:
+    """This worker's hook objects (each "module:attr" loaded once, so a
+    global hook is one object on every route) and the chains built of them."""
+
+    def __init__(self, config: Config, pools: dict[str, Pool], loop=None):
+        from edgeproxy.phases import load_hook
+
+        self.config = config
+        self.pools = pools
+        self.loop = loop
+        self.objects: dict[str, object] = {}
+        specs = list(config.server.hooks) + [h for r in config.routes for h in r.hooks]
+        if specs and config.source:
+            base = os.path.dirname(os.path.abspath(config.source))
+            if base not in sys.path:
+                sys.path.insert(0, base)
+        for spec in specs:
+            if spec not in self.objects:
+                self.objects[spec] = load_hook(spec)
+
+    def chain(self, specs) -> PhaseChain | None:
+        """The chain of the global hooks then specs; None when there are none."""
+        order = list(self.config.server.hooks) + list(specs)
+        if not order:
+            return None
+        s = self.config.server
+        return PhaseChain([(spec, self.objects[spec]) for spec in order], self.pools,
+                          s.hooks_timeout, s.hooks_body_limit, self.loop)
+
+
+def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hooks | None = None
+                 ) -> Router:
     """The routing table.  Route i of the config gets metrics row i + 1 (row
     0 counts requests no route took; see edgeproxy.metrics.route_labels).
     With `cache` (this worker's EdgeCache), routes with `cache = true` carry
-    a cache phase and the others nothing."""
+    a cache phase and the others nothing; with `hooks`, routes with hooks
+    (their own or global ones) carry their PhaseChain."""
     routes = []
     for i, r in enumerate(config.routes):
         phase = None
@@ -67,12 +101,27 @@ def build_router(config: Config, pools: dict[str, Pool], cache=None) -> Router:
         route = Route(r.host, r.path, pools[r.pool], i + 1, phase)
         if phase is not None:
             route.hot = cache.hot
+        if hooks is not None:
+            route.phases = hooks.chain(r.hooks)
         routes.append(route)
     return Router(routes)
 
 
 def build_listener_factory(settings: ProxySettings, router: Router, listen: ListenConfig,
-                           config: Config, tls_context: ssl.SSLContext | None = None) -> Listener:
+                           config: Config, tls_context: ssl.SSLContext | None = None,
+                           hooks: Hooks | None = None) -> Listener:
+    """See _listener; with `hooks`, global hooks with a connect phase run
+    on each new connection."""
+    lst = _listener(settings, router, listen, config, tls_context)
+    if hooks is not None:
+        chain = hooks.chain(())
+        if chain is not None and chain.wants_phase("connect"):
+            lst.phases = chain
+    return lst
+
+
+def _listener(settings: ProxySettings, router: Router, listen: ListenConfig,
+              config: Config, tls_context: ssl.SSLContext | None) -> Listener:
     """The protocol factory of one listener: HTTPS ones (tls_context: the
     listener's ServerTLS.context, which its connections run OpenSSL with)
     add HSTS and the verified client subject; plain ones may redirect to

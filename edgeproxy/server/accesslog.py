@@ -35,6 +35,19 @@ def _q(b: bytes) -> str:
     return b.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _extra_text(extra: dict) -> str:
+    # a hook's value may hold anything: control characters are escaped
+    return "".join(f' {_name(k)}="{_q(str(v).encode("utf-8", "surrogateescape")).translate(_CTL)}"'
+                   for k, v in extra.items())
+
+
+_CTL = {i: f"\\x{i:02x}" for i in list(range(32)) + [127]}
+
+
+def _name(key: object) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in str(key)) or "_"
+
+
 class AccessLog:
     """Buffers formatted lines; flush() writes them in one write(2) on an
     O_APPEND descriptor, so lines from several workers sharing a file never
@@ -62,19 +75,26 @@ class AccessLog:
 
     def log(self, peer: bytes, request_line: bytes, status: int, nbytes: int,
             duration: float, referer: bytes, agent: bytes, backend: str,
-            request_id: bytes = b"-", cache: str = "-") -> None:
+            request_id: bytes = b"-", cache: str = "-", extra: dict | None = None) -> None:
+        """extra: fields the phases added (RequestCtx.log): JSON keys, or
+        `key="value"` pairs after a combined line."""
         now = time.time()
         if self.fmt == "json":
             method, _, rest = request_line.partition(b" ")
             target, _, protocol = rest.rpartition(b" ") if b" " in rest else (rest, b"", b"")
-            self._lines.append(json.dumps({
+            record = {
                 "time": round(now, 3), "remote": peer.decode("latin-1"),
                 "method": method.decode("latin-1"), "target": target.decode("latin-1"),
                 "protocol": protocol.decode("latin-1"), "status": status,
                 "bytes": nbytes, "duration": round(duration, 6),
                 "referer": referer.decode("latin-1"), "agent": agent.decode("latin-1"),
                 "backend": backend, "cache": cache,
-                "request_id": request_id.decode("latin-1")}) + "\n")
+                "request_id": request_id.decode("latin-1")}
+            if extra:
+                for k, v in extra.items():
+                    record.setdefault(str(k), v if isinstance(v, (int, float, bool)) or v is None
+                                      else str(v))
+            self._lines.append(json.dumps(record) + "\n")
         else:
             second = int(now)
             if second != self._clf_second:
@@ -83,7 +103,7 @@ class AccessLog:
             self._lines.append(
                 f'{peer.decode("latin-1")} - - [{self._clf_text}] "{_q(request_line)}" {status} '
                 f'{nbytes} "{_q(referer)}" "{_q(agent)}" {duration:.3f} {backend} {cache} '
-                f'{request_id.decode("latin-1")}\n')
+                f'{request_id.decode("latin-1")}{_extra_text(extra) if extra else ""}\n')
 
     def flush(self) -> None:
         if not self._lines or self._fd < 0:

@@ -22,6 +22,7 @@ from edgeproxy import _ext
 from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
+from edgeproxy.proxy.build import Hooks
 from edgeproxy.server.accesslog import AccessLog
 from edgeproxy.server.loop import new_event_loop
 
@@ -163,14 +164,15 @@ class Worker:
             self.state_writer = StateWriter(self.config, self.board, self.checker)
             self.state_writer.start()
         self.cache = _open_cache(self.config)
-        router = build_router(self.config, self.pools, self.cache)
+        hooks = Hooks(self.config, self.pools, self.loop)
+        router = build_router(self.config, self.pools, self.cache, hooks)
         for op in self.ops:
             self.apply(op)
         for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks, strict=True)):
             ssl_ctx = self.tls[i].context if i in self.tls else None
             # TLS is run by the listener's own protocol (_ext.TLSServerConn) on a plain
             # TCP server; the handshake deadline is timeout.header
-            factory = build_listener_factory(settings, router, lc, self.config, ssl_ctx)
+            factory = build_listener_factory(settings, router, lc, self.config, ssl_ctx, hooks)
             srv = await self.loop.create_server(factory, sock=sock, backlog=lc.backlog)
             self.servers.append(srv)
             log.info("listening on %s://%s (pid %d)", "https" if ssl_ctx else "http", lc.bind,

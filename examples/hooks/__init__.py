@@ -1,0 +1,1 @@
+"""Example phase hooks (docs/hooks.md); tests/test_phases.py runs each through a real proxy."""

@@ -1,0 +1,432 @@
+# The phase pipeline: the named points of a request at which hooks run.
+#
+# The core (proxy.pyx) owns all I/O and calls the phases in a fixed order:
+#   connect -> request -> request_body -> upstream_request -> response ->
+#   error (instead of a backend's answer) -> log.
+# A PhaseChain holds, per phase, the hooks that define it (global hooks
+# first, then the route's), and a bitmask `wants` of the phases anyone
+# defines: a call site tests one bit, so a phase nobody defines costs
+# nothing, and a route without hooks has no chain at all (Route.phases is
+# None).  Hooks see one RequestCtx per request, made of names and values and
+# body chunks, never HTTP/1.1 framing.  The Python side (edgeproxy/phases/)
+# imports hooks and defines what they may return; docs/hooks.md is the API.
+
+import functools
+
+cdef object _hook_log = logging.getLogger("edgeproxy.hooks")
+cdef object _Headers = None      # edgeproxy.phases.headers.Headers (imported on first use)
+cdef object _Response = None     # edgeproxy.phases.load.Response
+
+cdef enum PhaseId:
+    PHASE_CONNECT = 0
+    PHASE_REQUEST
+    PHASE_REQUEST_BODY
+    PHASE_UPSTREAM_REQUEST
+    PHASE_RESPONSE
+    PHASE_RESPONSE_BODY
+    PHASE_ERROR
+    PHASE_LOG
+    PHASE_COUNT
+
+# what running one phase's hooks came to
+cdef enum Verdict:
+    PH_GO = 0          # every hook let the request go on
+    PH_ANSWERED        # a hook answered (or failed): ctx.answer is the Response
+    PH_HELD            # an async hook runs; the core resumes when it ends
+
+_PHASE_NAMES = ("connect", "request", "request_body", "upstream_request", "response",
+                "response_body", "error", "log")
+# the core's own fields: hooks see the framing as the core will write it
+_PROTECTED_UP = frozenset(("content-length", "transfer-encoding", "connection"))
+_PROTECTED_RESP = frozenset(("content-length", "transfer-encoding", "connection"))
+
+
+cdef inline void _import_api():
+    global _Headers, _Response
+    if _Headers is None:
+        from edgeproxy.phases.headers import Headers
+        from edgeproxy.phases.load import Response
+        _Headers = Headers
+        _Response = Response
+
+
+@cython.final
+cdef class HookCall:
+    """One phase method of one hook object."""
+    cdef readonly str name          # "myapp.edge:RequireToken.request", for logs
+    cdef readonly object fn
+    cdef readonly bint is_async
+
+    def __init__(self, str name, object fn, bint is_async):
+        self.name = name
+        self.fn = fn
+        self.is_async = is_async
+
+
+@cython.final
+cdef class PhaseChain:
+    """The hooks of one route (or of the listeners' connect phase), by phase."""
+    cdef readonly int wants           # a bit per phase with at least one hook
+    cdef readonly tuple by_phase      # PHASE_COUNT lists of HookCall
+    cdef readonly dict pools          # name -> Pool, for ctx.pool
+    cdef readonly double timeout      # seconds per hook call
+    cdef readonly long long body_limit
+    cdef readonly object loop
+
+    def __init__(self, hooks, dict pools, double timeout=1.0, long long body_limit=1 << 20,
+                 loop=None):
+        """hooks: [(spec, object)] in order; each object's phase methods are
+        wired (only those it defines)."""
+        cdef list lists = [[] for _ in range(PHASE_COUNT)]
+        cdef int i
+        self.wants = 0
+        for spec, obj in hooks:
+            for i in range(<int>PHASE_COUNT):
+                fn = getattr(obj, _PHASE_NAMES[i], None)
+                if fn is None or not callable(fn):
+                    continue
+                lists[i].append(HookCall(f"{spec}.{_PHASE_NAMES[i]}", fn,
+                                         asyncio.iscoroutinefunction(fn)))
+                self.wants |= 1 << i
+        # the response side runs in reverse: the hooks nearest the backend first
+        for i in (PHASE_RESPONSE, PHASE_RESPONSE_BODY, PHASE_ERROR):
+            lists[i].reverse()
+        self.by_phase = tuple(lists)
+        self.pools = pools
+        self.timeout = timeout
+        self.body_limit = body_limit
+        self.loop = loop
+
+    def wants_phase(self, str name):
+        return bool(self.wants & (1 << _PHASE_NAMES.index(name)))
+
+
+@cython.freelist(64)
+@cython.final
+cdef class RequestCtx:
+    """What every phase of one request sees (docs/hooks.md)."""
+    cdef readonly str client_ip
+    cdef readonly str scheme          # "http" or "https"
+    cdef readonly object route        # the route's index in the config (0-based), or None
+    cdef readonly object connection   # the connect phase's ctx (same connection), or None
+    cdef readonly object request_id
+    cdef public dict vars             # free for the hooks of this request
+    cdef public dict log              # fields added to this request's access log line
+    cdef public object cache_key      # str: the key the cache stores this request under
+    cdef public object backend        # "host:port" of the pool's backend to use, or None
+    # the request as the hooks see it and may change it
+    cdef str _method
+    cdef str _target
+    cdef str _host
+    cdef str _pool
+    cdef object _headers              # Headers, built on first use
+    cdef bint changed                 # method, target or pool set by a hook
+    # the response, in the response/error/log phases
+    cdef public int status
+    cdef public object response_headers
+    cdef readonly double duration
+    cdef readonly long long bytes_in
+    cdef readonly long long bytes_out
+    cdef readonly str upstream        # the backend that answered, or None
+    # the core's bookkeeping
+    cdef PhaseChain chain
+    cdef bytes raw_head               # the client's head, parsed into headers on first use
+    cdef object task                  # the async hook in progress
+    cdef object timer
+    cdef bint timed_out
+    cdef HookCall held                # the async hook in progress
+    cdef int phase                    # where a held chain resumes
+    cdef Py_ssize_t index
+    cdef object answer                # the Response a hook answered with
+    cdef object arg                   # the second argument of the held phase (request_body)
+    cdef int error_status             # the 502/503/504 the error phase is about
+    cdef bint error_keep
+    cdef bint in_error
+    cdef bint body_wait               # the request phase is done; request_body waits for the body
+    cdef long long clen               # the request's Content-Length (B_LENGTH)
+    cdef public object upstream_headers  # Headers of the head the backend gets (upstream_request)
+    cdef bint resp_changed            # the response hooks changed the status or fields
+
+    @property
+    def method(self):
+        return self._method
+
+    @method.setter
+    def method(self, str value):
+        if not value or not all(c in _TCHARS for c in value):
+            raise ValueError(f"invalid method {value!r}")
+        self._method = value
+        self.changed = 1
+
+    @property
+    def target(self):
+        """The request target as the client sent it (path and query)."""
+        return self._target
+
+    @target.setter
+    def target(self, str value):
+        if not value.startswith("/") or any(c <= " " or c == "\x7f" for c in value):
+            raise ValueError(f"invalid request target {value!r} (must start with / and "
+                             "have no spaces or control characters)")
+        value.encode("latin-1")
+        self._target = value
+        self.changed = 1
+
+    @property
+    def path(self):
+        return self._target.partition("?")[0]
+
+    @property
+    def query(self):
+        return self._target.partition("?")[2]
+
+    @property
+    def host(self):
+        return self._host
+
+    @property
+    def pool(self):
+        """The pool the request goes to; set it to another pool's name."""
+        return self._pool
+
+    @pool.setter
+    def pool(self, str value):
+        if self.chain is None or value not in self.chain.pools:
+            raise ValueError(f"no pool named {value!r}")
+        self._pool = value
+        self.changed = 1
+
+    @property
+    def headers(self):
+        """The request's fields (Headers): the client's, in order."""
+        if self._headers is None:
+            _import_api()
+            self._headers = _Headers(_split_head_fields(self.raw_head) if self.raw_head else (),
+                                     _PROTECTED_UP)
+        return self._headers
+
+    cdef inline bint modified(self):
+        return self.changed or (self._headers is not None and self._headers.changed)
+
+    def __repr__(self):
+        return f"<RequestCtx {self._method} {self._host}{self._target}>"
+
+
+cdef HeadParser _hook_parser = HeadParser()   # re-checks heads the hooks changed
+
+
+cdef void _cancel_held(RequestCtx ctx):
+    if ctx.timer is not None:
+        ctx.timer.cancel()
+        ctx.timer = None
+    if ctx.task is not None:
+        ctx.task.cancel()
+        ctx.task = None
+
+
+def _log_task_done(HookCall h, object timer, object task):
+    timer.cancel()
+    if task.cancelled():
+        _m[M_HOOK_TIMEOUTS] += 1
+        _hook_log.error("hook %s: no answer within its time budget", h.name)
+        return
+    exc = task.exception()
+    if exc is not None:
+        _m[M_HOOK_ERRORS] += 1
+        _hook_log.error("hook %s failed: %s: %s", h.name, type(exc).__name__, exc,
+                        exc_info=(type(exc), exc, exc.__traceback__))
+
+
+cdef void _log_task(RequestCtx ctx, HookCall h, object coro):
+    """An async log hook runs on its own, within the time budget; nothing waits for it."""
+    loop = ctx.chain.loop
+    task = loop.create_task(coro)
+    timer = loop.call_later(ctx.chain.timeout, task.cancel)
+    task.add_done_callback(functools.partial(_log_task_done, h, timer))
+
+
+cdef str _TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+cdef void _hook_failed(RequestCtx ctx, HookCall h, object exc):
+    """A hook raised or returned nonsense: 500 to the client, the traceback to the log."""
+    _m[M_HOOK_ERRORS] += 1
+    _hook_log.error("hook %s failed: %s: %s", h.name, type(exc).__name__, exc,
+                    exc_info=(type(exc), exc, exc.__traceback__))
+    ctx.answer = _Response(500, b"500 Internal Server Error\n",
+                           {"Content-Type": "text/plain; charset=utf-8"})
+
+
+cdef int _verdict(RequestCtx ctx, HookCall h, object r) except -1:
+    """PH_GO for None, PH_ANSWERED for a Response (or a failure)."""
+    if r is None:
+        return PH_GO
+    _import_api()
+    if type(r) is _Response or isinstance(r, _Response):
+        ctx.answer = r
+        return PH_ANSWERED
+    if ctx.phase == PHASE_CONNECT and r is False:
+        ctx.answer = False
+        return PH_ANSWERED
+    _hook_failed(ctx, h, TypeError(f"returned {r!r}; a hook returns None or a Response"))
+    return PH_ANSWERED
+
+
+cdef int _run_phase(RequestCtx ctx, int phase, Py_ssize_t start, object arg, object done) except -1:
+    """Call the phase's hooks from `start` on, in order, until one answers
+    or is async (then `done(task)` runs when it ends: see ClientConn._hook_done)."""
+    cdef list hooks = <list>ctx.chain.by_phase[phase]
+    cdef HookCall h
+    cdef Py_ssize_t i
+    cdef int v
+    ctx.phase = phase
+    for i in range(start, len(hooks)):
+        h = <HookCall>hooks[i]
+        try:
+            r = h.fn(ctx) if arg is None else h.fn(ctx, arg)
+        except Exception as exc:
+            _import_api()
+            _hook_failed(ctx, h, exc)
+            return PH_ANSWERED
+        if h.is_async:
+            ctx.index = i
+            ctx.held = h
+            ctx.arg = arg
+            ctx.timed_out = 0
+            ctx.task = ctx.chain.loop.create_task(r)
+            ctx.timer = ctx.chain.loop.call_later(ctx.chain.timeout, _hook_timeout, ctx)
+            ctx.task.add_done_callback(done)
+            return PH_HELD
+        v = _verdict(ctx, h, r)
+        if v != PH_GO:
+            return v
+    return PH_GO
+
+
+def _hook_timeout(RequestCtx ctx):
+    if ctx.task is not None and not ctx.task.done():
+        ctx.timed_out = 1
+        ctx.task.cancel()
+
+
+cdef int _held_result(RequestCtx ctx, object task) except -1:
+    """The verdict of the async hook that just ended (the chain goes on
+    from the next hook when it is PH_GO)."""
+    cdef HookCall h = ctx.held
+    if ctx.timer is not None:
+        ctx.timer.cancel()
+        ctx.timer = None
+    ctx.task = None
+    ctx.held = None
+    _import_api()
+    if task.cancelled():
+        _m[M_HOOK_TIMEOUTS] += 1
+        _hook_log.error("hook %s: no answer within %.3gs", h.name, ctx.chain.timeout)
+        ctx.answer = _Response(503, b"503 Service Unavailable\n",
+                               {"Content-Type": "text/plain; charset=utf-8"})
+        return PH_ANSWERED
+    exc = task.exception()
+    if exc is not None:
+        _hook_failed(ctx, h, exc)
+        return PH_ANSWERED
+    return _verdict(ctx, h, task.result())
+
+
+cdef bytes _answer_head(object r, bint has_date):
+    """The status line and fields of a hook's Response (without the blank
+    line; respond() adds the core's fields and the framing)."""
+    cdef int status = r.status
+    cdef list out = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    for name, value in r.headers:
+        out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    if has_date:
+        out.append(_date_line)
+    out.append(b"Content-Length: %d\r\n" % len(r.body))
+    return b"".join(out)
+
+
+cdef bytes _ctx_request_head(RequestCtx ctx, int minor, int body_kind, long long clen):
+    """The request as the hooks left it, as an HTTP/1.x head for the
+    strict parser (it goes through the same checks and rewriting as a
+    client's): the framing is the client's, whatever the hooks did."""
+    cdef list out = [b"%s %s HTTP/1.%d\r\n" % (ctx._method.encode("latin-1"),
+                                              ctx._target.encode("latin-1"), minor)]
+    cdef bint has_host = 0
+    for name, value in ctx.headers:
+        low = name.lower()
+        if low in _PROTECTED_UP:
+            if low != "connection":
+                continue
+        elif low == "host":
+            has_host = 1
+        out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    if not has_host and ctx._host:
+        out.append(b"Host: %s\r\n" % ctx._host.encode("latin-1"))
+    if body_kind == B_LENGTH:
+        out.append(b"Content-Length: %d\r\n" % clen)
+    elif body_kind == B_CHUNKED:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+cdef int _ctx_response_into(Scratch o, RequestCtx ctx, HeadParser hp) except -1:
+    """The status line and fields of a response as the response hooks left
+    them; 1 when they have a Date.  A bodiless response (HEAD, 304) keeps
+    the Content-Length the backend announced."""
+    cdef size_t i
+    cdef int has_date = 0
+    cdef bytes b
+    o.add(b"HTTP/1.1 ", 9)
+    o.add_int(ctx.status)
+    o.add(b" ", 1)
+    if ctx.status == hp.status and hp.reason_len:
+        o.add(hp.reason, hp.reason_len)
+    else:
+        o.addb(_REASONS.get(ctx.status, b"Unknown"))
+    o.add(b"\r\n", 2)
+    for name, value in ctx.response_headers:
+        if name.lower() == "date":
+            has_date = 1
+        b = b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+        o.addb(b)
+    if hp.body == B_NONE:
+        for i in range(hp.nfields):
+            if hp.hid[i] == H_CONTENT_LENGTH:
+                o.field(hp.fields[i].name, hp.fields[i].name_len,
+                        hp.fields[i].value, hp.fields[i].value_len)
+    return has_date
+
+
+cdef object _split_head_fields(bytes head):
+    """The fields of a head the core built ([(name, value)] as str)."""
+    cdef list items = []
+    for line in head.split(b"\r\n")[1:]:
+        if not line:
+            break
+        name, _, value = line.partition(b":")
+        items.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+    return items
+
+
+cdef bytes _decoded_body(bytes raw, int body_kind):
+    """The data of a request body as it came (chunk framing removed)."""
+    cdef ChunkState st
+    cdef Py_ssize_t m
+    cdef size_t off = 0, so, sl, n = len(raw)
+    cdef const char *p = raw
+    cdef list parts
+    if body_kind != B_CHUNKED:
+        return raw
+    parts = []
+    chunk_init(&st, CHUNK_LINE_MAX, 1 << 20)
+    while off < n:
+        m = chunk_step(&st, p + off, n - off, &so, &sl)
+        if m <= 0:
+            break
+        if sl:
+            parts.append(p[off + so:off + so + sl])
+        off += <size_t>m
+        if st.phase == CS_DONE:
+            break
+    return b"".join(parts)
