@@ -64,6 +64,7 @@ CASES: dict[str, Case] = {case.name: case for case in (
     Case("get-1k", "/1k.bin", quick=True),
     Case("get-100k", "/100k.bin", quick=True),
     Case("get-1m", "/1m.bin"),
+    Case("get-1k-hook", f"{CACHED_PREFIX}1k.bin"),   # edgeproxy: one no-op Python hook (request, log)
     Case("get-1k-c1000", "/1k.bin", connections=1000),
     Case("get-1k-close", "/1k.bin", close=True),
     Case("post-1m", UPLOAD_PATH, body_bytes=MiB),

@@ -144,6 +144,10 @@ class EdgeProxy(Contender):
         if setup.setup == TLS:
             cert = setup.tls_cert()
             listen_tls = f"tls.certs = [{{ cert = {_toml(cert.cert)}, key = {_toml(cert.key)} }}]"
+        if setup.setup == PLAIN:
+            # get-1k-hook: what one Python hook (bench/hooks.py) costs beside get-1k
+            cached_route = (f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\n'
+                            'hooks = ["bench.hooks:Noop"]')
         if setup.setup == CACHE:
             cached_route = f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\ncache = true'
             cache_dir = setup.workdir / f"edgeproxy-cache-{setup.port}"
