@@ -141,6 +141,7 @@ class Route:
     cache: Any
     hot: HotIndex | None
     phases: PhaseChain | None
+    phase: Any                  # the compiled phase (CacheRoutePhase on cache routes) or None
     def __init__(self, host: str | None, path: str, pool: Pool, index: int = ...,
                  cache: Any = ...) -> None: ...
 

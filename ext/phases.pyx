@@ -34,6 +34,44 @@ cdef enum Verdict:
     PH_ANSWERED        # a hook answered (or failed): ctx.answer is the Response
     PH_HELD            # an async hook runs; the core resumes when it ends
 
+# what a compiled Phase's request hook came to (ClientConn._start_request
+# returns the first two as they are)
+cdef enum:
+    R_ANSWERED = -1    # answered (or closed)
+    R_TAKEN = 0        # sent on, or held: the phase goes on with it
+    R_GO = 1           # nothing to do: the core forwards the request as usual
+
+
+cdef class Phase:
+    """A compiled phase of a route (Route.phase): its request hook runs after
+    the Python hooks', and may make the request's Stage."""
+
+    cdef int request(self, ClientConn c, Route route, HeadParser hp) except -2:
+        return R_GO
+
+
+cdef class Stage:
+    """A compiled phase's part in one request, made by its request hook
+    (Envoy's per-request filter): the core calls it at the response's
+    points.  body() gets the response body while ClientConn.tap is set."""
+
+    cdef bytes response(self, ClientConn c, HeadParser hp, UpstreamConn u):
+        """The backend's head arrived: field lines to add to the client's
+        head (or None).  It may answer instead (then c.up is not u)."""
+        return None
+
+    cdef void body(self, object data):
+        pass
+
+    cdef void end(self, bint whole):
+        """The response ended whole, or broke off (or never came)."""
+        pass
+
+    cdef void error(self, ClientConn c, int status):
+        """The backend failed (502/503/504) before answering: may answer."""
+        pass
+
+
 _PHASE_NAMES = ("connect", "request", "request_body", "upstream_request", "response",
                 "response_body", "error", "log")
 # the core's own fields: hooks see the framing as the core will write it

@@ -275,7 +275,6 @@ cdef class Scratch:
 
 cdef Scratch _out = Scratch()
 cdef long long DELTA_SECONDS_MAX = 2147483648   # RFC 9111 §1.2.2 (policy.DELTA_SECONDS_MAX)
-cdef Scratch _hot_key = Scratch()    # the cache key of a request, built by ClientConn._serve_hot
 
 
 def set_clock(double now, bytes date_line=None):
@@ -559,6 +558,7 @@ cdef class Route:
     cdef public int index            # its row in the metrics slot (1..M_ROUTE_MAX-1; 0 = no route)
     cdef public object cache         # the cache phase (edgeproxy.cache.phase.CachePhase) or None
     cdef public HotIndex hot         # the worker's hot index of cache hits (ext/hotcache.pyx) or None
+    cdef public Phase phase          # the compiled phase of the route (the cache's), or None
     cdef public PhaseChain phases    # the route's hooks (ext/phases.pyx), or None: no hook, no cost
 
     def __init__(self, host, path, pool, index=0, cache=None):
@@ -573,6 +573,7 @@ cdef class Route:
         self.path = path.encode("latin-1")
         self.pool = pool
         self.cache = cache
+        self.phase = CacheRoutePhase() if cache is not None else None
 
 
 cdef class Router:
@@ -697,13 +698,6 @@ cdef bytes _error_response(ProxySettings cfg, int status, bint keep, bytes extra
                 b"" if keep else b"Connection: close\r\n", body))
 
 
-cdef list _field_list(HeadParser hp):
-    """The parsed head's fields as [(name, value)] (for the cache phase only)."""
-    cdef size_t i
-    return [(hp.fields[i].name[:hp.fields[i].name_len],
-             hp.fields[i].value[:hp.fields[i].value_len]) for i in range(hp.nfields)]
-
-
 # How a backend's response field reaches the client (_response_field_kind).
 cdef enum:
     RF_DROP = 0       # hop-by-hop, named by Connection, backend identity, configured hidden
@@ -735,20 +729,6 @@ cdef int _response_field_kind(HeadParser hp, size_t i, ProxySettings cfg) except
             or h == H_FORWARDED or h == H_X_FORWARDED_HOST or h == H_X_FORWARDED_PROTO:
         return RF_KEEP
     return RF_DROP       # Connection, Keep-Alive, TE, Trailer, Proxy-Connection, Server, X-Powered-By...
-
-
-cdef list _response_field_list(HeadParser hp, ProxySettings cfg):
-    """The response fields to store in the cache: what the client gets, with
-    the framing fields (the store needs the length)."""
-    cdef size_t i
-    cdef int kind
-    cdef list out = []
-    for i in range(hp.nfields):
-        kind = _response_field_kind(hp, i, cfg)
-        if kind == RF_KEEP or kind == RF_FRAMING:
-            out.append((hp.fields[i].name[:hp.fields[i].name_len],
-                        hp.fields[i].value[:hp.fields[i].value_len]))
-    return out
 
 
 # ---- the client side ------------------------------------------------------
@@ -859,9 +839,9 @@ cdef class ClientConn(Stream):
         bytes req_id
         int resp_status
         long long resp_bytes
-        # the cache phase's object for this request (routes with cache only)
-        object cache
-        bint tee            # pass the response body bytes to cache.feed()
+        # the compiled phase's part in this request (the cache's exchange), or None
+        Stage stage
+        bint tap            # pass the response body bytes to stage.body()
         int fd              # the socket, for writes straight from cache memory (-1: TLS
                             # or unknown, -2: not looked up yet)
         # phases (routes with hooks only; ext/phases.pyx)
@@ -1059,6 +1039,7 @@ cdef class ClientConn(Stream):
         cdef bytes head
         cdef ProxySettings cfg = self.cfg
         cdef Route route
+        cdef int r
         _total_requests += 1
         self.nreq += 1
         self.deadline = 0
@@ -1104,10 +1085,10 @@ cdef class ClientConn(Stream):
         pool = route.pool
         self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
         self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
-        if route.cache is not None and hp.has_host:
-            if route.hot is not None and self._serve_hot(route.hot, hp):
-                return -1
-            return self._start_cached(route, hp)
+        if route.phase is not None:
+            r = route.phase.request(self, route, hp)
+            if r != R_GO:
+                return r
         self.pool = pool
         _budget_note_request()
         b = pool.pick(self.hkey, 0)
@@ -1156,37 +1137,6 @@ cdef class ClientConn(Stream):
             self.upq = [head]
             b.connect(self)
         return 0
-
-    cdef int _start_cached(self, Route route, HeadParser hp) except -2:
-        """A request on a route with a cache phase: the phase answers it
-        (respond), holds it (and later calls respond or forward), or returns
-        the head to forward now (its own, e.g. a revalidation, or ours)."""
-        cdef bytes head = self._build_request_head(hp, None)
-        cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
-        cdef object ctx = None
-        self.req_done = not has_body
-        self.state = C_BODY if has_body else C_WAIT
-        self.cache = None
-        self.tee = 0
-        try:
-            ctx = route.cache.on_request(
-                self, self.lst.proto, hp.method[:hp.method_len], hp.host[:hp.host_len],
-                (b"/" if hp.target_add_slash else b"") + hp.target[:hp.target_len],
-                _field_list(hp), head, has_body,
-                None if self.ctx is None or self.ctx.cache_key is None
-                else str(self.ctx.cache_key).encode("utf-8"))
-        except Exception:
-            _log.exception("cache phase failed on a request; forwarding it")
-            ctx = None
-        if self.state != C_WAIT and self.state != C_BODY:
-            return -1            # answered from the cache (and maybe closed)
-        if ctx is None:
-            return self._send_to_pool(route.pool, head)
-        self.cache = ctx
-        fwd = ctx.head
-        if fwd is None:
-            return 0             # held: answered or forwarded later
-        return self._send_to_pool(route.pool, <bytes>fwd)
 
     # -- phases (ext/phases.pyx): only routes and listeners with hooks come here --
 
@@ -1291,13 +1241,13 @@ cdef class ClientConn(Stream):
         pool = <Pool>ctx.chain.pools.get(ctx._pool, route.pool)
         self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
         self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
-        if route.cache is not None and hp.has_host and pool is route.pool:
+        if route.phase is not None and pool is route.pool:
             self.upq = None
-            if ctx.cache_key is None and route.hot is not None and self._serve_hot(route.hot, hp):
-                return -1
-            r = self._start_cached(route, hp)
-            self._append_rest(rest)
-            return r
+            r = route.phase.request(self, route, hp)
+            if r != R_GO:
+                self._append_rest(rest)
+                return r
+            self.upq = rest
         self.pool = pool
         _budget_note_request()
         if ctx.backend is not None:
@@ -1465,8 +1415,8 @@ cdef class ClientConn(Stream):
             b.release()
         self.upq = None
         self.queued = 0
-        if self.cache is not None:
-            self._cache_drop()
+        if self.stage is not None:
+            self._stage_end(0)
         head = _answer_head(r, 1)
         body = b"" if self.req_is_head else <bytes>r.body
         if self.req_done:
@@ -1516,126 +1466,6 @@ cdef class ClientConn(Stream):
         self.body_buf = None
         if ctx is not None and ctx.task is not None:
             _cancel_held(ctx)
-
-    cdef bint _serve_hot(self, HotIndex hot, HeadParser hp) except -1:
-        """Answer from the hot index when the request cannot change the
-        answer the cache phase would give (GET/HEAD, no body, none of the
-        fields the phase looks at) and the entry is fresh for more than
-        hot.margin; 0 leaves the request to the phase."""
-        global _hot_hits
-        cdef size_t i, nl, hl, tl
-        cdef const char *nm
-        cdef const char *host = hp.host
-        cdef const char *proto
-        cdef size_t pl
-        cdef unsigned long long h
-        cdef HotEntry e
-        cdef double now, ttl, age
-        cdef long long age_i
-        cdef bint keep, send_body
-        cdef Scratch k = _hot_key
-        cdef Scratch o
-        cdef bytes proto_b = self.lst.proto
-        cdef bytes conn_line
-        if hp.body != B_NONE or hp.upgrade or hp.expect_continue:
-            return 0
-        if hot.gen != NULL and hot.gen[0] != hot.synced:
-            return 0             # another process changed the store: the phase syncs first
-        if not ((hp.method_len == 3 and memcmp(hp.method, b"GET", 3) == 0)
-                or (hp.method_len == 4 and memcmp(hp.method, b"HEAD", 4) == 0)):
-            return 0
-        for i in range(hp.nfields):
-            if hp.hid[i] != H_OTHER:
-                continue
-            nm = hp.fields[i].name
-            nl = hp.fields[i].name_len
-            if nl == 5:
-                if _ieq(nm, nl, b"range", 5):
-                    return 0
-            elif nl == 6:
-                if _ieq(nm, nl, b"pragma", 6):
-                    return 0
-            elif nl == 8:
-                if _ieq(nm, nl, b"if-range", 8) or _ieq(nm, nl, b"if-match", 8):
-                    return 0
-            elif nl == 13:
-                if _ieq(nm, nl, b"if-none-match", 13) or _ieq(nm, nl, b"cache-control", 13) \
-                        or _ieq(nm, nl, b"authorization", 13):
-                    return 0
-            elif nl == 17:
-                if _ieq(nm, nl, b"if-modified-since", 17):
-                    return 0
-            elif nl == 19:
-                if _ieq(nm, nl, b"if-unmodified-since", 19):
-                    return 0
-        # the key as keys.cache_key builds it: scheme://host(lower, no default port)target
-        hl = hp.host_len
-        proto = proto_b
-        pl = len(proto_b)
-        if pl == 4 and hl >= 3 and memcmp(host + hl - 3, b":80", 3) == 0:
-            hl -= 3
-        elif pl == 5 and hl >= 4 and memcmp(host + hl - 4, b":443", 4) == 0:
-            hl -= 4
-        k.n = 0
-        k.add(proto, pl)
-        k.add(b"://", 3)
-        if k.n + hl > k.cap:
-            k.grow(hl)
-        for i in range(hl):
-            k.p[k.n + i] = <char>_lower[<unsigned char>host[i]]
-        k.n += hl
-        if hp.target_add_slash or hp.target_len == 0:
-            k.add(b"/", 1)
-        k.add(hp.target, hp.target_len)
-        h = _fnv(FNV_BASIS, k.p, k.n)
-        e = hot.find(h, k.p, k.n)
-        if e is None:
-            return 0
-        now = _wall()
-        ttl = e.expires - now
-        if ttl <= hot.margin:
-            hot.drop(e.key)          # the phase revalidates or refetches it
-            return 0
-        # answer as ClientConn.respond after CachePhase.on_request would
-        self.req_done = 1
-        self.state = C_WAIT
-        self.cache = None
-        self.tee = 0
-        self.upq = None
-        keep = self.req_keep_alive and not self.eof and not _draining
-        age = e.age_base + now
-        age_i = <long long>age if age > 0 else 0
-        if age_i > DELTA_SECONDS_MAX:
-            age_i = DELTA_SECONDS_MAX
-        if keep:
-            conn_line = b"Connection: keep-alive\r\n" if self.req_minor == 0 else b""
-        else:
-            conn_line = b"Connection: close\r\n"
-        send_body = not self.req_is_head and e.body_len > 0
-        o = _out
-        o.n = 0
-        o.addb(e.head)
-        o.add(b"Age: ", 5)
-        o.add_int(age_i)
-        o.add(b"\r\nCache-Status: edgeproxy; hit; ttl=", 36)
-        o.add_int(<long long>floor(ttl))
-        o.add(b"\r\n", 2)
-        if not e.has_date:
-            o.addb(_date_line)
-        o.addb(self.cfg.server_line)
-        o.addb(self.lst.resp_extra)
-        o.addb(conn_line)
-        o.add(b"\r\n", 2)
-        self.resp_head_len = o.n
-        self.resp_status = e.status
-        self.resp_started = 1
-        self.resp_keep = keep
-        self.resp_bytes = e.body_len if send_body else 0
-        self._send_parts(o.p, o.n, e.parts if send_body else None)
-        hot.hits += 1
-        _hot_hits += 1
-        self._response_done()
-        return 1
 
     def forward(self, Pool pool, bytes head):
         """Forward a request the cache phase held (a collapsed miss released
@@ -1765,24 +1595,6 @@ cdef class ClientConn(Stream):
             return sock.fileno() if sock is not None else -1
         except Exception:
             return -1
-
-    cdef bytes _cache_response(self, HeadParser hp, UpstreamConn u):
-        """Show the response head to the cache phase: the field lines to add
-        to the client's head, or None.  The phase may answer instead
-        (respond: then self.up is no longer u)."""
-        cdef object ctx = self.cache
-        cdef bint framed = hp.body == B_CHUNKED and self.req_minor != 0
-        try:
-            r = ctx.on_response(self, hp.status, hp.reason[:hp.reason_len] if hp.reason_len else b"",
-                                _response_field_list(hp, self.cfg), framed,
-                                hp.content_length)
-        except Exception:
-            _log.exception("cache phase failed on a response; passing it on uncached")
-            return None
-        if r is None or self.up is not u:
-            return None
-        self.tee = r[1]
-        return <bytes>r[0]
 
     cdef void _attach(self, UpstreamConn u, bint reused):
         self.up = u
@@ -2057,16 +1869,10 @@ cdef class ClientConn(Stream):
     cdef void _response_done(self):
         """The backend's response has been passed on whole."""
         cdef object owner
-        cdef object ctx = self.cache
         if self.in_req:
             self._request_end(self.resp_status)
-        if ctx is not None:
-            self.cache = None
-            self.tee = 0
-            try:
-                ctx.finished()
-            except Exception:
-                _log.exception("cache phase failed at the end of a response")
+        if self.stage is not None:
+            self._stage_end(1)
         if self.backend is not None:
             self.backend.release()
         self.up = None
@@ -2140,10 +1946,10 @@ cdef class ClientConn(Stream):
         cdef Backend b
         if self.transport is None or self.state >= C_LINGER:
             return
-        if self.cache is not None:
-            if not self.resp_started and 502 <= status <= 504 and self._cache_on_error(status):
+        if self.stage is not None:
+            if not self.resp_started and 502 <= status <= 504 and self._stage_error(status):
                 return
-            self._cache_drop()
+            self._stage_end(0)
         if self.ctx is not None and 502 <= status <= 504 and not self.resp_started \
                 and self.ctx.chain.wants & (1 << PHASE_ERROR) and not self.ctx.in_error:
             if self._error_phase(status, keep, None):
@@ -2175,29 +1981,23 @@ cdef class ClientConn(Stream):
         else:
             self._linger()
 
-    cdef bint _cache_on_error(self, int status):
-        """The backend failed before answering: the cache phase may answer
-        (stale-if-error)."""
+    cdef void _stage_end(self, bint whole):
+        """The request's response ended whole, or broke off: tell its stage."""
+        cdef Stage st = self.stage
+        self.stage = None
+        self.tap = 0
+        st.end(whole)
+
+    cdef bint _stage_error(self, int status):
+        """The backend failed before answering: the stage may answer
+        (the cache: stale-if-error)."""
         if self.up is not None:
             self.up.client = None
             self.up.close()
             self.up = None
         self.upq = None
-        try:
-            self.cache.on_backend_error(self, status)
-        except Exception:
-            _log.exception("cache phase failed on a backend error")
+        self.stage.error(self, status)
         return self.state != C_WAIT and self.state != C_BODY
-
-    cdef void _cache_drop(self):
-        """The request ends without a complete response: tell the phase."""
-        cdef object ctx = self.cache
-        self.cache = None
-        self.tee = 0
-        try:
-            ctx.aborted()
-        except Exception:
-            _log.exception("cache phase failed on a cut response")
 
     cdef void _linger(self):
         """Close after an error answer without losing it: a close with unread
@@ -2252,8 +2052,8 @@ cdef class ClientConn(Stream):
         if self.conn_ctx is not None:
             _cancel_held(self.conn_ctx)
             self.conn_ctx = None
-        if self.cache is not None:
-            self._cache_drop()
+        if self.stage is not None:
+            self._stage_end(0)
         u = self.up
         self.up = None
         self.upq = None
@@ -2471,8 +2271,8 @@ cdef class UpstreamConn(Stream):
                     k = n - off
                     if k > self.body_left:
                         k = self.body_left
-                    if c.tee:
-                        c.cache.feed(base[off:off + <size_t>k])
+                    if c.tap:
+                        c.stage.body(base[off:off + <size_t>k])
                     _out.add(base + off, <size_t>k)
                     c.transport.write(_out.take())
                     off += <size_t>k
@@ -2489,8 +2289,8 @@ cdef class UpstreamConn(Stream):
                     k = n - off
                     if k > self.body_left:
                         k = self.body_left
-                    if c.tee:
-                        c.cache.feed(base[off:off + <size_t>k])
+                    if c.tap:
+                        c.stage.body(base[off:off + <size_t>k])
                     c.transport.write(_view(owner, off, off + <size_t>k))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>k
@@ -2506,8 +2306,8 @@ cdef class UpstreamConn(Stream):
                         c.close()
                         self.close()
                         return
-                    if c.tee:
-                        c.cache.feed(base[off:off + <size_t>m])
+                    if c.tap:
+                        c.stage.body(base[off:off + <size_t>m])
                     c.transport.write(_view(owner, off, off + <size_t>m))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>m
@@ -2522,8 +2322,8 @@ cdef class UpstreamConn(Stream):
                         self.close()
                         return
                     if sl:
-                        if c.tee:
-                            c.cache.feed(base[off + so:off + so + sl])
+                        if c.tap:
+                            c.stage.body(base[off + so:off + so + sl])
                         c.transport.write(_view(owner, off + so, off + so + sl))
                         _written_from_rbuf(c.transport, owner)
                         c.resp_bytes += sl
@@ -2531,8 +2331,8 @@ cdef class UpstreamConn(Stream):
                     if self.chunk.phase == CS_DONE:
                         self._finish(c)
                 else:   # B_CLOSE: everything until the backend closes
-                    if c.tee:
-                        c.cache.feed(base[off:n])
+                    if c.tap:
+                        c.stage.body(base[off:n])
                     c.transport.write(_view(owner, off, n))
                     _written_from_rbuf(c.transport, owner)
                     c.resp_bytes += n - off
@@ -2554,10 +2354,10 @@ cdef class UpstreamConn(Stream):
         cdef bytes extra = None
         if self.backend.fails or self.backend.ejections:
             _note_success(self.backend)
-        if c.cache is not None:
-            extra = c._cache_response(hp, self)
+        if c.stage is not None:
+            extra = c.stage.response(c, hp, self)
             if self.client is not c:
-                # answered from the cache instead (revalidated, stale-if-error)
+                # answered by the stage instead (the cache: revalidated, stale-if-error)
                 if hp.keep_alive and c.req_done and (hp.body == B_NONE or (
                         hp.body == B_LENGTH and hp.content_length == 0)):
                     self.backend.put_idle(self)
@@ -2583,7 +2383,7 @@ cdef class UpstreamConn(Stream):
         elif hp.body == B_CLOSE:
             self.state = U_BODY
         self._build_head_into(c, hp, 1)
-        if extra:                # the cache phase's fields (Cache-Status)
+        if extra:                # the stage's fields (the cache's Cache-Status)
             _out.n -= 2
             _out.addb(extra)
             _out.add(b"\r\n", 2)
