@@ -60,7 +60,8 @@ class ProxySettings:
                  max_body: int = ..., resp_max_head: int = ..., resp_max_fields: int = ...,
                  t_connect: float = ..., t_read: float = ..., t_send: float = ...,
                  t_header: float = ..., t_keepalive: float = ..., server_header: str = ...,
-                 hide: Iterable[str] = ..., access_log: Any = ...) -> None: ...
+                 hide: Iterable[str] = ..., access_log: Any = ...,
+                 normalize_target: bool = ...) -> None: ...
 
 class SharedMemory:
     def __init__(self, buffer: Any) -> None: ...

@@ -29,6 +29,7 @@ class ServerConfig:
     admin_host: str = ""             # parsed from `admin`
     admin_port: int = 0
     state_file: str | None = None    # where `edgeproxy status` reads pool state; None = derived
+    normalize_target: bool = False   # forward the normalised path instead of the path as received
 
     @property
     def hidden_headers(self) -> frozenset[str]:
