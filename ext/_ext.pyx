@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # The compiled half of edgeproxy: one extension module built from the
-# files it includes (parser, chunked framing, proxy core).
+# files it includes (parser, routing path, chunked framing, proxy core).
 
 from libc.stdint cimport uintptr_t
 from libc.string cimport memcmp
@@ -9,6 +9,7 @@ include "consts.pxi"
 from includes.pico cimport phr_header, phr_parse_headers_t
 
 include "parser.pyx"
+include "normalize.pyx"
 include "chunked.pyx"
 include "balance.pyx"
 include "hotcache.pyx"

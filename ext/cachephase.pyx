@@ -103,7 +103,7 @@ cdef int _start_cached(ClientConn c, Route route, HeadParser hp) except -2:
     try:
         ctx = route.cache.on_request(
             c, c.lst.proto, hp.method[:hp.method_len], hp.host[:hp.host_len],
-            (b"/" if hp.target_add_slash else b"") + hp.target[:hp.target_len],
+            _target_bytes(c.cfg, hp),
             _field_list(hp), head, has_body,
             None if c.ctx is None or c.ctx.cache_key is None
             else str(c.ctx.cache_key).encode("utf-8"))
@@ -188,9 +188,7 @@ cdef bint _serve_hot(ClientConn c, HotIndex hot, HeadParser hp) except -1:
     for i in range(hl):
         k.p[k.n + i] = <char>_lower[<unsigned char>host[i]]
     k.n += hl
-    if hp.target_add_slash or hp.target_len == 0:
-        k.add(b"/", 1)
-    k.add(hp.target, hp.target_len)
+    _add_target(k, c.cfg, hp)
     h = _fnv(FNV_BASIS, k.p, k.n)
     e = hot.find(h, k.p, k.n)
     if e is None:

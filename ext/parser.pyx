@@ -66,6 +66,37 @@ cdef void _init_tables():
 _init_tables()
 
 
+cdef bint _authority_ok(const char *h, size_t n) noexcept nogil:
+    """A Host value or a target's authority, its bytes already checked
+    against _hostch, is a host and an optional ":" port (RFC 3986 3.2.2,
+    3.2.3): "[" and "]" only around an IP literal at the start; the port
+    empty (the URI grammar allows it) or digits up to 65535."""
+    cdef const char *c
+    cdef size_t i, end = 0
+    cdef long port = 0
+    if n and h[0] == b'[':
+        c = <const char *>memchr(h, b']', n)
+        if c == NULL or memchr(h + 1, b'[', c - h - 1) != NULL:
+            return 0
+        end = c - h + 1
+    else:
+        while end < n and h[end] != b':':
+            if h[end] == b'[' or h[end] == b']':
+                return 0
+            end += 1
+    if end == n:
+        return 1
+    if h[end] != b':':
+        return 0
+    for i in range(end + 1, n):
+        if not (48 <= <unsigned char>h[i] <= 57):
+            return 0
+        port = port * 10 + (h[i] - 48)
+        if port > 65535:
+            return 0
+    return 1
+
+
 cdef inline bint _ieq(const char *a, size_t alen, const char *lower_b, size_t blen) noexcept nogil:
     """a (any case) equals lower_b (lower case)."""
     cdef size_t i
@@ -488,6 +519,8 @@ cdef class HeadParser:
                 for j in range(vl):
                     if not _hostch[<unsigned char>v[j]]:
                         return self._fail(400, b"invalid Host")
+                if not _authority_ok(v, vl):
+                    return self._fail(400, b"invalid Host")
                 if not self.host_from_uri:
                     self.host = v
                     self.host_len = vl
@@ -573,7 +606,7 @@ cdef class HeadParser:
                 if not _hostch[<unsigned char>t[i]]:
                     return self._fail(400, b"invalid authority in the request target")
                 i += 1
-            if i == alen:
+            if i == alen or not _authority_ok(t + alen, i - alen):
                 return self._fail(400, b"invalid authority in the request target")
             self.host = t + alen
             self.host_len = i - alen

@@ -155,6 +155,7 @@ cdef class RequestCtx:
     # the request as the hooks see it and may change it
     cdef str _method
     cdef str _target
+    cdef str _path                    # the normal form of the target's path, made on first use
     cdef str _host
     cdef str _pool
     cdef object _headers              # Headers, built on first use
@@ -208,11 +209,20 @@ cdef class RequestCtx:
                              "have no spaces or control characters)")
         value.encode("latin-1")
         self._target = value
+        self._path = None
         self.changed = 1
 
     @property
     def path(self):
-        return self._target.partition("?")[0]
+        """The path in its normal form, as routing saw it (docs/parser-contract.md:
+        `/x/../admin/` and `/%61dmin/` are `/admin/`): match rules on this."""
+        if self._path is None:
+            raw = self._target.partition("?")[0]
+            try:
+                self._path = normalize_path(raw.encode("latin-1")).decode("latin-1")
+            except Exception:    # no normal form: routing would have refused it
+                self._path = raw
+        return self._path
 
     @property
     def query(self):

@@ -277,6 +277,69 @@ cdef Scratch _out = Scratch()
 cdef long long DELTA_SECONDS_MAX = 2147483648   # RFC 9111 §1.2.2 (policy.DELTA_SECONDS_MAX)
 
 
+# The routing path of the request _start_request is on (ext/normalize.pyx),
+# valid as long as the parser's results: the path in the target when it is
+# already normal (the common case: no copy), else its normal form in _npath.
+cdef Scratch _npath = Scratch()
+cdef const char *_rpath = NULL
+cdef size_t _rpath_len = 0
+cdef size_t _tpath_len = 0        # how much of the target is its path (the query follows)
+cdef bint _rpath_changed = 0      # _rpath is in _npath: differs from the path received
+
+
+cdef int _set_route_path(HeadParser hp) except -2:
+    """Find the routing path of hp's request: 0, or -1 with hp's error set
+    when the path is refused (400)."""
+    global _rpath, _rpath_len, _tpath_len, _rpath_changed
+    cdef Py_ssize_t r
+    cdef const char *err = NULL
+    _rpath_changed = 0
+    if hp.target_add_slash:
+        # absolute-form without a path ("http://h" or "http://h?q"): "/"
+        _rpath = b"/"
+        _rpath_len = 1
+        _tpath_len = 0
+        return 0
+    _rpath = hp.target
+    if hp.target[0] != b'/':
+        _rpath_len = _tpath_len = hp.target_len      # asterisk-form
+        return 0
+    _rpath_len = _tpath_len = _path_length(hp.target, hp.target_len)
+    if _path_is_normal(hp.target, _rpath_len):
+        return 0
+    if _npath.cap < _rpath_len:
+        _npath.n = 0
+        _npath.grow(_rpath_len)
+    r = _normalize_path(hp.target, _rpath_len, _npath.p, &err)
+    if r < 0:
+        return hp._fail(400, err)
+    _rpath = _npath.p
+    _rpath_len = <size_t>r
+    _rpath_changed = 1
+    return 0
+
+
+cdef bytes _target_bytes(ProxySettings cfg, HeadParser hp):
+    """What _add_target appends, as bytes (for the cache phase)."""
+    if _rpath_changed and cfg.normalize_target:
+        return _rpath[:_rpath_len] + hp.target[_tpath_len:hp.target_len]
+    return (b"/" if hp.target_add_slash else b"") + hp.target[:hp.target_len]
+
+
+cdef inline int _add_target(Scratch o, ProxySettings cfg, HeadParser hp) except -1:
+    """Append the target to forward (and to key the cache on): as received
+    (an absolute-form one in origin-form), or its routing path and query
+    when normalize_target is on and the two paths differ."""
+    if _rpath_changed and cfg.normalize_target:
+        o.add(_rpath, _rpath_len)
+        o.add(hp.target + _tpath_len, hp.target_len - _tpath_len)
+        return 0
+    if hp.target_add_slash:
+        o.add(b"/", 1)
+    o.add(hp.target, hp.target_len)
+    return 0
+
+
 def set_clock(double now, bytes date_line=None):
     """Called by the worker's ticker: the loop time, and the Date line when
     the second changed."""
@@ -367,11 +430,12 @@ cdef class ProxySettings:
     cdef public bytes server_line          # b"Server: x\r\n" or b""
     cdef public tuple hide                 # extra lower-case field names to drop
     cdef public object access_log          # object with .log(...) or None
+    cdef public bint normalize_target      # forward the routing path, not the path as received
 
     def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
                  max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,
                  t_connect=5.0, t_read=60.0, t_send=60.0, t_header=10.0, t_keepalive=75.0,
-                 server_header="", hide=(), access_log=None):
+                 server_header="", hide=(), access_log=None, normalize_target=False):
         self.max_line = max_line
         self.max_head = max_head
         self.max_fields = max_fields
@@ -388,6 +452,7 @@ cdef class ProxySettings:
         self.server_line = (b"Server: " + server_header.encode("latin-1") + b"\r\n") if server_header else b""
         self.hide = tuple(h.lower().encode("latin-1") for h in hide)
         self.access_log = access_log
+        self.normalize_target = normalize_target
 
 
 cdef class Backend:
@@ -639,9 +704,12 @@ cdef class Router:
         return self._in(self.default, 0, host, hl, path, pl)
 
     def route_for(self, host, path):
-        """The pool name for a host and path, or None (for tests and tools)."""
+        """The pool name for a host and path (normalised as a request's
+        is, or ParseError), or None (for tests and tools)."""
         cdef bytes h = host.encode("latin-1") if isinstance(host, str) else host
         cdef bytes p = path.encode("latin-1") if isinstance(path, str) else path
+        if p.startswith(b"/"):
+            p = normalize_path(p)
         r = self.route(h, len(h), p, len(p))
         return None if r is None else r.pool.name
 
@@ -1072,10 +1140,13 @@ cdef class ClientConn(Stream):
         if self.lst.redirect_port:
             self._redirect_https(hp)
             return -1
+        if _set_route_path(hp) < 0:
+            self._reply_error(hp.err_status, 0)
+            return -1
         if hp.has_host:
-            route = self.lst.router.route(hp.host, hp.host_len, hp.target, hp.target_len)
+            route = self.lst.router.route(hp.host, hp.host_len, _rpath, _rpath_len)
         else:
-            route = self.lst.router.route(b"", 0, hp.target, hp.target_len)
+            route = self.lst.router.route(b"", 0, _rpath, _rpath_len)
         if route is None:
             self._reply_error(404, hp.body == B_NONE)
             return -1
@@ -1174,6 +1245,8 @@ cdef class ClientConn(Stream):
         ctx._pool = route.pool.name
         ctx.clen = hp.content_length if hp.body == B_LENGTH else 0
         ctx.raw_head = PyBytes_FromStringAndSize(head, hp.head_len)
+        if _rpath_changed:       # rules match on the path routing used
+            ctx._path = _rpath[:_rpath_len].decode("latin-1")
         self.ctx = ctx
         self.route = route
         self.req_done = not has_body
@@ -1238,6 +1311,13 @@ cdef class ClientConn(Stream):
                 self._phase_answer(ctx)
                 return -1
             self.req_is_head = hp.method_len == 4 and memcmp(hp.method, b"HEAD", 4) == 0
+            if _set_route_path(hp) < 0:
+                # the target a hook set has no normal form (an escaped slash, ..)
+                _m[M_HOOK_ERRORS] += 1
+                _hook_log.error("hooks set a target that is refused: %s", (<bytes>hp.err_msg).decode())
+                ctx.answer = _Response(500, b"500 Internal Server Error\n")
+                self._phase_answer(ctx)
+                return -1
         pool = <Pool>ctx.chain.pools.get(ctx._pool, route.pool)
         self.hkey = pool.key_of(self, hp) if pool.algo == BAL_HASH else 0
         self.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
@@ -1765,9 +1845,7 @@ cdef class ClientConn(Stream):
         o.n = 0
         o.add(hp.method, hp.method_len)
         o.add(b" ", 1)
-        if hp.target_add_slash:
-            o.add(b"/", 1)
-        o.add(hp.target, hp.target_len)
+        _add_target(o, self.cfg, hp)
         o.add(b" HTTP/1.1\r\n", 11)
         for i in range(hp.nfields):
             h = hp.hid[i]

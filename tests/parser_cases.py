@@ -224,9 +224,20 @@ VALID_REQUESTS = {
     "empty-host": request(
         b"GET / HTTP/1.1\r\nHost:\r\n\r\n", host=b"", headers=[(b"Host", b"")]),
     "host-all-allowed-chars": request(
-        b"GET / HTTP/1.1\r\nHost: aZ09-._~%20!$&'()*+,;=:[v1.x]\r\n\r\n",
-        host=b"aZ09-._~%20!$&'()*+,;=:[v1.x]",
-        headers=[(b"Host", b"aZ09-._~%20!$&'()*+,;=:[v1.x]")]),
+        b"GET / HTTP/1.1\r\nHost: aZ09-._~%20!$&'()*+,;=:8080\r\n\r\n",
+        host=b"aZ09-._~%20!$&'()*+,;=:8080",
+        headers=[(b"Host", b"aZ09-._~%20!$&'()*+,;=:8080")]),
+    "host-ip-literal-port": request(
+        b"GET / HTTP/1.1\r\nHost: [v1.x:y]:65535\r\n\r\n",
+        host=b"[v1.x:y]:65535", headers=[(b"Host", b"[v1.x:y]:65535")]),
+    # RFC 3986 3.2.3: port = *DIGIT, so an empty port is allowed (6.2.3: it
+    # means the default one)
+    "host-empty-port": request(
+        b"GET / HTTP/1.1\r\nHost: example.com:\r\n\r\n",
+        host=b"example.com:", headers=[(b"Host", b"example.com:")]),
+    "host-port-leading-zeros": request(
+        b"GET / HTTP/1.1\r\nHost: example.com:0000080\r\n\r\n",
+        host=b"example.com:0000080", headers=[(b"Host", b"example.com:0000080")]),
     "lower-case-host-name-no-ows": request(
         b"GET / HTTP/1.1\r\nhOsT:example.com\r\n\r\n",
         headers=[(b"hOsT", b"example.com")]),
@@ -344,6 +355,18 @@ BAD_REQUESTS = {
     "host-at": (GET + b"Host: user@example.com\r\n\r\n", 400),
     "host-obs-text": (GET + b"Host: caf\xc3\xa9.example\r\n\r\n", 400),
     "host-quote": (GET + b'Host: "example.com"\r\n\r\n', 400),
+    "host-port-too-big": (GET + b"Host: t:99999\r\n\r\n", 400),
+    "host-port-65536": (GET + b"Host: t:65536\r\n\r\n", 400),
+    "host-port-letters": (GET + b"Host: t:abc\r\n\r\n", 400),
+    "host-port-two-colons": (GET + b"Host: t:80:81\r\n\r\n", 400),
+    "host-port-huge": (GET + b"Host: t:" + b"9" * 5000 + b"\r\n\r\n", 400),
+    "host-bracket-in-name": (GET + b"Host: a[b]\r\n\r\n", 400),
+    "host-ip-literal-unclosed": (GET + b"Host: [::1\r\n\r\n", 400),
+    "host-ip-literal-then-name": (GET + b"Host: [::1]x\r\n\r\n", 400),
+    "host-ip-literal-nested": (GET + b"Host: [[::1]]\r\n\r\n", 400),
+    "authority-port-too-big": (b"GET http://t:99999/ HTTP/1.1\r\n" + H + b"\r\n", 400),
+    "authority-port-letters": (b"GET http://t:abc HTTP/1.1\r\n" + H + b"\r\n", 400),
+    "authority-ip-literal-then-name": (b"GET http://[::1]x/ HTTP/1.1\r\n" + H + b"\r\n", 400),
     # Connection and Expect
     "connection-non-token": (GET + H + b"Connection: close, a b\r\n\r\n", 400),
     "connection-quoted": (GET + H + b'Connection: "close"\r\n\r\n', 400),

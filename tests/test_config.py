@@ -77,6 +77,7 @@ def test_full_file_parses_to_the_expected_dataclasses(tmp_path):
         workers = 0
         server_header = "edgeproxy"
         hide_headers = ["X-Debug", "x-Backend"]
+        normalize_target = true
 
         [[listen]]
         bind = ":80"
@@ -144,7 +145,7 @@ def test_full_file_parses_to_the_expected_dataclasses(tmp_path):
     assert config == Config(
         source=str(path),
         server=ServerConfig(workers=0, server_header="edgeproxy",
-                            hide_headers=("x-debug", "x-backend")),
+                            hide_headers=("x-debug", "x-backend"), normalize_target=True),
         listen=(
             ListenConfig(bind=":80", host="", port=80, backlog=16, redirect_http=True),
             ListenConfig(bind="[::1]:8443", host="::1", port=8443, tls=ListenTLSConfig(
@@ -382,6 +383,18 @@ ERROR_CASES = [
     ('[[route]]\npath = "/x"\npool = "wbe"', 'route[1].pool: no pool named "wbe" (did you mean "web"?)'),
     ('[[route]]\npath = "api/"\npool = "web"', 'route[1].path: "api/" must start with "/"'),
     ('[[route]]\npath = "/a?b"\npool = "web"', 'route[1].path: "/a?b" must be a path only'),
+    # a route path no request's routing path could ever start with
+    ('[[route]]\npath = "/a//b/./"\npool = "web"',
+     'route[1].path: "/a//b/./" is not in normal form: requests are routed on "/a/b/", so write that'),
+    ('[[route]]\npath = "/%61dmin/%3a"\npool = "web"',
+     'route[1].path: "/%61dmin/%3a" is not in normal form: requests are routed on "/admin/%3A"'),
+    ('[[route]]\npath = "/a%2Fb/"\npool = "web"',
+     'route[1].path: "/a%2Fb/" can never match: requests with it are refused '
+     '(encoded slash (%2F) in the path)'),
+    ('[[route]]\npath = "/../x"\npool = "web"', 'route[1].path: "/../x" can never match'),
+    ('[[route]]\npath = "/caf\u00e9/"\npool = "web"', 'route[1].path: "/café/" must be ASCII'),
+    ('[server]\nnormalize_target = "yes"',
+     'server.normalize_target: expected true or false, got "yes"'),
     ('[[route]]\nhost = "a.*.com"\npool = "web"',
      'route[1].host: "a.*.com" is not a host name or a "*.example.com" pattern'),
     ('[[route]]\nhost = "**.example.com"\npool = "web"', 'route[1].host: "**.example.com" is not a host name'),

@@ -423,3 +423,11 @@ def test_json_access_log_extra_fields(tmp_path):
     clf.close()
     line = (tmp_path / "c.log").read_text()
     assert line.count("\n") == 1 and 'who="a\\x0ab\\"c"' in line
+
+
+def test_hooks_match_on_the_normal_path(env):
+    """A rule on ctx.path cannot be dodged by spelling the path another way."""
+    for target in ("/x/../old", "/%6fld", "//old"):
+        r = get(env, "rewrite.test", target)
+        assert r.status == 200, target
+        assert r.json()["target"] == "/echo?moved=1", target

@@ -41,6 +41,8 @@ from edgeproxy.config.model import (
     ServerConfig,
     TimeoutConfig,
 )
+from edgeproxy.http._path import normalize_path
+from edgeproxy.http._pure import ParseError
 
 __all__ = ["ConfigError", "load_config", "parse_config", "quick_config"]
 
@@ -544,6 +546,24 @@ def url_path(value: Any, path: str, reader: Reader) -> str:
     return text
 
 
+def route_path(value: Any, path: str, reader: Reader) -> str:
+    """A route's path prefix, in the normal form requests are routed on
+    (edgeproxy/http/_path.py): any other spelling could never match."""
+    text = url_path(value, path, reader)
+    if not text.isascii():
+        raise Invalid(f"{show(text)} must be ASCII: requests carry other characters "
+                      "percent-encoded, so write them so")
+    try:
+        normal = normalize_path(text.encode("ascii")).decode("ascii")
+    except ParseError as exc:
+        raise Invalid(f"{show(text)} can never match: requests with it are refused "
+                      f"({exc.message})") from None
+    if normal != text:
+        raise Invalid(f"{show(text)} is not in normal form: requests are routed on "
+                      f"{show(normal)}, so write that")
+    return text
+
+
 def hash_key(value: Any, path: str, reader: Reader) -> str:
     """"ip", "header:<name>" or "cookie:<name>"."""
     text = string(value, path, reader)
@@ -738,7 +758,7 @@ LISTEN = Table(ListenConfig, (
 
 ROUTE = Table(RouteConfig, (
     Key("host", host_pattern),
-    Key("path", url_path),
+    Key("path", route_path),
     Key("pool", string, required=True),
     Key("cache", boolean),
     Key("hooks", list_of(hook_spec, what="\"module:attr\" strings")),
@@ -795,6 +815,7 @@ SERVER = Table(ServerConfig, (
     Key("hooks", list_of(hook_spec, what="\"module:attr\" strings")),
     Key("hooks_timeout", number, above(0)),
     Key("hooks_body_limit", size, above(0)),
+    Key("normalize_target", boolean),
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(

@@ -32,6 +32,7 @@ class ServerConfig:
     hooks: tuple[str, ...] = ()      # "module:attr" phase hooks run on every route, first
     hooks_timeout: float = 1.0       # seconds one hook call may take; then 503
     hooks_body_limit: int = 1 * MiB  # request bodies buffered for request_body hooks; 413 beyond
+    normalize_target: bool = False   # forward the normalised path instead of the path as received
 
     @property
     def hidden_headers(self) -> frozenset[str]:

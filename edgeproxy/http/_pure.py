@@ -398,6 +398,28 @@ def _fields_by_name(headers: list[tuple[bytes, bytes]], *names: bytes):
     return found
 
 
+def _valid_authority(host: bytes) -> bool:
+    """A Host value or a target's authority (its bytes already HOST_CHAR) is
+    a host and an optional ":" port, RFC 3986 §3.2.2-3.2.3: "[" and "]"
+    only around an IP literal at the start; the port empty (the URI grammar
+    allows it) or digits up to 65535."""
+    if host.startswith(b"["):
+        close = host.find(b"]")
+        if close < 0 or b"[" in host[1:close]:
+            return False
+        rest = host[close + 1:]
+    else:
+        colon = host.find(b":")
+        name, rest = (host, b"") if colon < 0 else (host[:colon], host[colon:])
+        if b"[" in name or b"]" in name:
+            return False
+    if not rest:
+        return True
+    port = rest[1:]
+    return rest.startswith(b":") and _made_of(port, _DIGIT) and (
+        not port or (len(port.lstrip(b"0")) <= 5 and int(port) <= 65535))
+
+
 def _split_target(method: bytes, target: bytes):
     """The origin-form target and the host it names, RFC 9112 §3.2.
 
@@ -422,7 +444,7 @@ def _split_target(method: bytes, target: bytes):
     host = rest[:path_start]
     # RFC 9110 §4.2.1: an http(s) URI with an empty host is invalid; the
     # host characters also exclude userinfo ("@") and fragments ("#").
-    if not host or not _made_of(host, HOST_CHAR):
+    if not host or not _made_of(host, HOST_CHAR) or not _valid_authority(host):
         raise ParseError(400, "invalid authority in the request target")
     path = rest[path_start:]
     if not path.startswith(b"/"):
@@ -451,7 +473,7 @@ def parse_request(data: bytes, *, max_line: int = 8192, max_head: int = 32768,
         raise ParseError(400, "more than one Host field")
     if not hosts and version == 1:
         raise ParseError(400, "HTTP/1.1 request without Host")
-    if hosts and not _made_of(hosts[0], HOST_CHAR):
+    if hosts and not (_made_of(hosts[0], HOST_CHAR) and _valid_authority(hosts[0])):
         raise ParseError(400, "invalid Host")
     if host is None and hosts:
         host = hosts[0]             # the target's authority wins, §3.2.2

@@ -27,6 +27,7 @@ def build_settings(config: Config, access_log=None) -> ProxySettings:
         server_header=config.server.server_header,
         hide=config.server.hide_headers,
         access_log=access_log,
+        normalize_target=config.server.normalize_target,
     )
 
 
