@@ -51,7 +51,9 @@ def test_metrics_sum_the_workers_and_survive_a_dead_one(proxy_factory, tmp_path,
     assert after["edgeproxy_worker_restarts_total"] == 1
     with Client(proxy.port) as c:
         c.request("GET", "/size/1")
-    assert metrics(port)[f'edgeproxy_requests_total{{{ROUTE},code="2xx"}}'] == 7
+    # counted when the request ends, just after its response is sent
+    wait_until(lambda: metrics(port)[f'edgeproxy_requests_total{{{ROUTE},code="2xx"}}'] == 7,
+               what="the new request counted")
 
 
 def test_status_json(proxy_factory, tmp_path, origin):
