@@ -1,5 +1,6 @@
 """The supervisor and its workers as real processes: shared sockets, a dead
-worker replaced, graceful stop on SIGTERM/SIGINT, SIGQUIT at once."""
+worker replaced, graceful stop on SIGTERM/SIGINT, SIGQUIT at once, a
+worker's ticker that outlives a failing step."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import threading
 import time
 
 import pytest
-from harness import Client, free_port, simple_config
-from ops_support import start, status, wait_until, worker_pids
+from harness import ROOT, Client, free_port, simple_config, wait_port
+from ops_support import json_lines, start, status, wait_until, worker_pids
 
 
 def test_workers_serve_and_a_dead_worker_is_replaced(proxy_factory, tmp_path, origin):
@@ -144,3 +145,59 @@ def test_sighup_as_soon_as_the_port_opens(tmp_path, origin, supervised):
         finally:
             proc.terminate()
             proc.wait(15)
+
+
+# A worker in its own process whose health-board step fails on every tick
+# (as a KeyError in it once did): the only thing not real is that fault.
+BROKEN_TICK_WORKER = """
+import sys
+from edgeproxy.cli import setup_logging
+from edgeproxy.config import load_config
+from edgeproxy.server.worker import Worker, bind_socket
+
+def broken(*args):
+    raise RuntimeError("the board is broken")
+
+setup_logging("info")
+config = load_config(sys.argv[1])
+worker = Worker(config, [bind_socket(lc) for lc in config.listen])
+worker.board.write_worker = broken
+sys.exit(worker.run())
+"""
+
+
+def test_a_failing_tick_step_is_logged_once_and_the_ticker_goes_on(tmp_path, origin):
+    port = free_port()
+    log_path = tmp_path / "access.log"
+    cfg = tmp_path / "edgeproxy.toml"
+    cfg.write_text(f'[[listen]]\nbind = "127.0.0.1:{port}"\n\n' + simple_config(
+        origin.url, f'[timeout]\nheader = 1.0\n[log]\naccess_log = "{log_path}"\n'
+                    'access_format = "json"\n'))
+    err = tmp_path / "worker.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", BROKEN_TICK_WORKER, str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=f, env=env)
+    try:
+        wait_port(port, proc)
+        with Client(port) as c:
+            first = c.request("GET", "/size/1").header("date")
+            wait_until(lambda: c.request("GET", "/size/1").header("date") != first,
+                       timeout=5, every=0.2, what="a new Date")
+            # a few more seconds of ticks, each one meeting the broken step
+            second = c.request("GET", "/size/1").header("date")
+            wait_until(lambda: c.request("GET", "/size/1").header("date") != second,
+                       timeout=5, every=0.2, what="another new Date")
+        with Client(port) as c:
+            c.send(b"GET / HTTP/1.1\r\nHost: a\r\n")      # never finished
+            c.sock.settimeout(8)
+            assert c.sock.recv(4096).startswith(b"HTTP/1.1 408")
+        wait_until(lambda: len(json_lines(log_path)) == len(origin.requests) + 1,
+                   what="every request in the access log")
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    text = err.read_text()
+    assert text.count("ticker: health board failed") == 1, text
+    assert text.count("Traceback") == 1 and "RuntimeError: the board is broken" in text
+

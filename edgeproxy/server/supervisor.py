@@ -18,6 +18,7 @@ SIGQUIT stops at once, SIGUSR1 is passed to the workers (reopen logs).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import json
@@ -32,8 +33,9 @@ from dataclasses import dataclass, field
 
 from edgeproxy.config import ConfigError
 from edgeproxy.config.load import normal_host
-from edgeproxy.config.model import Config, ListenConfig
+from edgeproxy.config.model import BackendConfig, Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
+from edgeproxy.health.board import backend_name
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import SlotLabels
 from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
@@ -93,6 +95,7 @@ class Generation:
     checksum: str
     loaded_at: float
     ops: list[dict] = field(default_factory=list)   # admin changes since the load
+    live: Config | None = None                      # config with the admin's added/removed backends
     tls: dict = field(default_factory=dict)         # listen index -> ServerTLS, built here
     board: HealthBoard | None = None                # backend health shared with its workers
 
@@ -173,15 +176,15 @@ class Supervisor:
                         tls: dict) -> Generation:
         self.gen_count += 1
         labels = SlotLabels(route_labels(config),
-                            [(name, _backend_name(b.host, b.port))
+                            [(name, backend_name(b.host, b.port))
                              for name, pc in config.pools.items() for b in pc.backends])
         board = HealthBoard(config, worker_count(config))   # shared memory: before any fork
         if self.gen is not None and self.gen.board is not None:
-            board.carry_over(self.gen.config, self.gen.board)  # health survives a reload
+            board.carry_over(self.gen.board)  # health survives a reload
         return Generation(self.gen_count, config, socks, labels, config_checksum(config),
-                          time.time(), tls=tls, board=board)
+                          time.time(), tls=tls, board=board, live=config)
 
-    def _spawn(self, gen: Generation) -> WorkerProcess:
+    def _spawn(self, gen: Generation, replacement: bool = False) -> WorkerProcess:
         slot = self.region.take()
         if slot is None:
             log.warning("no free metrics slot: this worker's requests are not counted")
@@ -316,8 +319,15 @@ class Supervisor:
         self._stop_health()
         self.checker = HealthChecker(gen.config, gen.board)
         self.checker.start()
-        self.state_writer = StateWriter(gen.config, gen.board, self.checker, pid=os.getpid())
+        self.state_writer = StateWriter(gen.config, gen.board, self.checker, pid=os.getpid(),
+                                        view=self._state_view)
         self.state_writer.start()
+
+    def _state_view(self):
+        # what /status shows too: the admin's changes, and requests counted
+        # since the start (across reloads and restarts)
+        gen = self.gen
+        return gen.live, _drained(gen), self.snapshot().counts.backend_requests
 
     def _stop_health(self) -> None:
         if getattr(self, "checker", None) is not None:
@@ -407,9 +417,20 @@ class Supervisor:
         if op["op"] == "add":
             if name in current:
                 return 409, f"{name} is already in pool {op['pool']}"
+            if len(current) >= 64:
+                return 409, f"pool {op['pool']} has 64 backends, the most a pool can have"
             if len(gen.labels.backends) >= 1024:
                 return 507, "too many backends"
+            slot = gen.board.add(op["pool"], name)   # its health slot, shared with the workers
+            if slot is None:
+                return 507, "too many backends"
+            op = {**op, "slot": slot}
             gen.labels.backends.append((op["pool"], name))
+            bc = BackendConfig(f"http://{name}", "http", op["host"], op["port"],
+                               weight=op.get("weight", 1))
+            gen.live = _with_backends(gen.live, op["pool"], gen.live.pools[op["pool"]].backends + (bc,))
+            if self.checker is not None:
+                self.checker.add(op["pool"], bc)
         elif name not in current:
             return 404, f"no backend {name} in pool {op['pool']}"
         elif op["op"] == "remove":
@@ -418,6 +439,10 @@ class Supervisor:
             for j, key in enumerate(gen.labels.backends):
                 if key == (op["pool"], name) and j not in gen.labels.removed:
                     gen.labels.removed.add(j)
+            gen.live = _with_backends(gen.live, op["pool"], tuple(
+                b for b in gen.live.pools[op["pool"]].backends if backend_name(b.host, b.port) != name))
+            if self.checker is not None:
+                self.checker.remove(op["pool"], name)
         gen.ops.append(op)
         for w in self.workers.values():
             if w.gen is gen:
@@ -453,7 +478,7 @@ class Supervisor:
             by_class[cls] = by_class.get(cls, 0) + n
             entry = routes.setdefault(route, {"route": route, "pool": pool, "requests": {}})
             entry["requests"][cls] = n
-        drained = {(op["pool"], op["backend"]) for op in self.gen.ops if op["op"] == "drain"}
+        drained = _drained(self.gen)
         backends = []
         for e in sorted(snap.backends.values(), key=lambda e: (e["pool"], e["backend"])):
             backends.append({**e, "drained": (e["pool"], e["backend"]) in drained})
@@ -599,9 +624,23 @@ class Supervisor:
                 pass
 
 
-def _backend_name(host: str, port: int) -> str:
-    # as edgeproxy._ext.Backend.name spells it
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _with_backends(config: Config, pool: str, backends: tuple[BackendConfig, ...]) -> Config:
+    """config with the backends of one pool replaced (an admin change)."""
+    pools = dict(config.pools)
+    pools[pool] = dataclasses.replace(pools[pool], backends=backends)
+    return dataclasses.replace(config, pools=pools)
+
+
+def _drained(gen: Generation) -> set[tuple[str, str]]:
+    """(pool, backend) drained through the admin API and not enabled,
+    removed or added again since."""
+    drained: set[tuple[str, str]] = set()
+    for op in gen.ops:
+        if op["op"] == "drain":
+            drained.add((op["pool"], op["backend"]))
+        else:
+            drained.discard((op["pool"], op["backend"]))
+    return drained
 
 
 def _exit_cause(status: int) -> str:
