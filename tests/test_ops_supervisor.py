@@ -1,6 +1,8 @@
 """The supervisor and its workers as real processes: shared sockets, a dead
-worker replaced, graceful stop on SIGTERM/SIGINT, SIGQUIT at once, a
-worker's ticker that outlives a failing step."""
+worker replaced (after growing delays when replacements die at start-up,
+until the supervisor gives up when none can start), graceful stop on
+SIGTERM/SIGINT, SIGQUIT at once, start-up failures that exit non-zero with
+one clear line, a worker's ticker that outlives a failing step."""
 
 from __future__ import annotations
 
@@ -201,3 +203,100 @@ def test_a_failing_tick_step_is_logged_once_and_the_ticker_goes_on(tmp_path, ori
     assert text.count("ticker: health board failed") == 1, text
     assert text.count("Traceback") == 1 and "RuntimeError: the board is broken" in text
 
+
+def _with_cache(tmp_path):
+    """A caching route and its cache directory: each new worker opens it
+    (after fork), so turning the path into a file makes new workers fail
+    at start-up while the running ones keep the store they opened."""
+    cache = tmp_path / "cache"
+    extra = (f'[[route]]\npath = "/cached/"\npool = "web"\ncache = true\n\n'
+             f'[cache]\npath = "{cache}"\nmax_size = "16MiB"\nmax_object = "1MiB"\n')
+
+    def block():
+        cache.rename(tmp_path / "cache.away")
+        cache.write_text("not a directory")
+
+    def unblock():
+        cache.unlink()
+        (tmp_path / "cache.away").rename(cache)
+
+    return extra, block, unblock
+
+
+def _settled(admin_port):
+    """Wait until every worker has lived past the quick-death time, so that
+    killing one is an ordinary death (replaced at once)."""
+    wait_until(lambda: all(w["uptime"] > 1.2 for w in status(admin_port)["workers"]),
+               what="workers older than a second")
+
+
+def test_workers_that_die_before_ready_are_replaced_with_back_off(proxy_factory, tmp_path, origin):
+    extra, block, unblock = _with_cache(tmp_path)
+    proxy, admin_port = start(proxy_factory, tmp_path, origin.url, workers=2, admin=True,
+                              extra=extra)
+    pids = wait_until(lambda: len(p := worker_pids(admin_port)) == 2 and p, what="two workers")
+    _settled(admin_port)
+    block()
+    os.kill(pids[0], signal.SIGKILL)
+    # its replacements fail at start-up; each is replaced after a longer delay
+    wait_until(lambda: "starting another in 1s (quick death 2 in a row)" in proxy.log(),
+               what="two quick deaths")
+    assert "starting another in 0.5s (quick death 1 in a row)" in proxy.log()
+    unblock()
+    wait_until(lambda: len(p := [w for w in status(admin_port)["workers"]
+                                 if w["state"] == "serving"]) == 2 and pids[0] not in p,
+               timeout=15, what="two workers serving again")
+    log = proxy.log()
+    assert "exists and is not a directory" in log
+    # a worker that chose to exit (SystemExit(1)) is no crash: no traceback
+    assert "crashed" not in log and "Traceback" not in log
+    for line in log.splitlines():
+        if "exited before it was ready" in line:
+            pid = line.split("worker ")[1].split()[0]
+            assert log.count(f"worker {pid} exited before it was ready") == 1
+    assert proxy.proc.poll() is None
+    for _ in range(4):
+        with Client(proxy.port) as c:
+            assert c.request("GET", "/size/3").status == 200
+
+
+def test_no_worker_can_start_exits_non_zero(proxy_factory, tmp_path, origin):
+    extra, block, _ = _with_cache(tmp_path)
+    proxy, admin_port = start(proxy_factory, tmp_path, origin.url, admin=True, extra=extra)
+    [pid] = worker_pids(admin_port)
+    _settled(admin_port)
+    block()
+    os.kill(pid, signal.SIGKILL)
+    # replaced at once, then after 0.5, 1, 2 and 4 s; the fifth quick death ends it
+    assert proxy.proc.wait(30) == 1
+    log = proxy.log()
+    assert log.count("none serves; exiting") == 1
+    assert "5 workers in a row died within 1s of their start and none serves; exiting" in log
+    assert "signal SIGTERM" not in log and "Traceback" not in log
+    with pytest.raises(ConnectionRefusedError):
+        Client(proxy.port)
+
+
+def _run_to_exit(tmp_path, body: str, timeout: float = 30) -> tuple[int, str]:
+    """`edgeproxy run` on a config that must not start: (exit code, its log)."""
+    cfg = tmp_path / "fails.toml"
+    cfg.write_text(f'[server]\npid_file = "{tmp_path}/fails.pid"\n' + body)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "edgeproxy", "run", "-c", str(cfg)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=env, timeout=timeout)
+    return out.returncode, out.stderr
+
+
+def test_a_worker_that_cannot_start_is_reported_once(tmp_path, origin):
+    (tmp_path / "cache").write_text("not a directory")
+    port = free_port()
+    code, log = _run_to_exit(tmp_path, f'\n[[listen]]\nbind = "127.0.0.1:{port}"\n\n'
+                             + simple_config(origin.url, f'[[route]]\npath = "/c/"\npool = "web"\n'
+                                             f'cache = true\n\n[cache]\npath = "{tmp_path}/cache"\n'
+                                             'max_size = "16MiB"\nmax_object = "1MiB"\n'))
+    assert code == 1, log
+    assert "exists and is not a directory" in log
+    # SystemExit(1) from the worker is its chosen exit, not a crash
+    assert "crashed" not in log and "Traceback" not in log, log
+    assert log.count("exited before it was ready (exit code 1)") == 1, log

@@ -11,6 +11,12 @@ old ones to retire: they stop accepting, answer requests in flight with
 last connection ends or after server.drain_timeout.  Connections waiting in
 a listening socket's queue are never lost: the socket itself is shared.
 
+A worker that dies is replaced.  One that dies quickly (before it is
+ready, or within RESPAWN_QUICK_DEATH of its start) is replaced after a
+delay that doubles with each quick death in a row (RESPAWN_DELAYS); after
+RESPAWN_GIVE_UP of them in a row with no worker serving, the supervisor
+says why and exits 1 rather than hold a port nobody answers on.
+
 Signals: SIGHUP reloads, SIGTERM/SIGINT stop gracefully (server.grace),
 SIGQUIT stops at once, SIGUSR1 is passed to the workers (reopen logs).
 """
@@ -44,8 +50,9 @@ from edgeproxy.tls import TLSConfigError
 log = logging.getLogger("edgeproxy.supervisor")
 
 READY_TIMEOUT = 20.0        # a new worker must be serving within this
-RESPAWN_QUICK_DEATH = 1.0   # a worker dying sooner than this is replaced after a pause
-RESPAWN_PAUSE = 0.5
+RESPAWN_QUICK_DEATH = 1.0   # a worker dying sooner than this (or before it is ready) died quickly
+RESPAWN_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before replacing it, by quick deaths in a row
+RESPAWN_GIVE_UP = 5         # quick deaths in a row with no worker serving: exit 1
 KILL_AFTER = 5.0            # beyond grace, workers still alive get SIGKILL
 
 
@@ -111,6 +118,7 @@ class WorkerProcess:
     retiring: bool = False
     buf: bytes = b""
     row: int = 0            # its row in the generation's health board
+    replacement: bool = False   # started to replace one that died (not by a generation start)
 
 
 class Supervisor:
@@ -126,6 +134,8 @@ class Supervisor:
         self.region: MetricsRegion | None = None
         self.stopping = False
         self.restarts = 0
+        self.quick_deaths = 0       # in a row, in the current generation
+        self.exit_code = 0
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload: dict = {}
@@ -207,6 +217,11 @@ class Supervisor:
                 code = Worker(gen.config, gen.socks, control=child_end, slot=ws,
                               ops=gen.ops, tls=gen.tls, board=gen.board, board_row=row,
                               monitor=False).run()
+            except SystemExit as exc:   # a chosen exit: the worker logged why
+                if isinstance(exc.code, int):
+                    code = exc.code
+                elif exc.code is not None:
+                    log.error("%s", exc.code)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
@@ -214,7 +229,7 @@ class Supervisor:
         child_end.close()
         parent_end.setblocking(False)
         w = WorkerProcess(pid, gen, slot, parent_end, time.monotonic(),
-                          self.loop.create_future(), row=row)
+                          self.loop.create_future(), row=row, replacement=replacement)
         self.workers[pid] = w
         self.loop.add_reader(parent_end.fileno(), self._on_control, w)
         log.info("worker %d started (generation %d)", pid, gen.number)
@@ -262,29 +277,50 @@ class Supervisor:
                 continue
             self._forget(w)
             cause = _exit_cause(status)
+            ready = w.ready.done() and w.ready.exception() is None
             if not w.ready.done():
-                log.error("worker %d exited before it was ready (%s)", pid, cause)
                 w.ready.set_exception(RuntimeError(f"worker {pid} exited before it was ready ({cause})"))
                 w.ready.exception()   # retrieved: the waiter may be gone
-            elif self.stopping or w.retiring:
+            if self.stopping or w.retiring:
                 log.info("worker %d exited (%s)", pid, cause)
+            elif not ready and not w.replacement:
+                pass    # its generation's start fails and says why, once
             elif w.gen is self.gen:
                 self.restarts += 1
-                quick = time.monotonic() - w.started < RESPAWN_QUICK_DEATH
-                log.error("worker %d died (%s); starting another%s", pid, cause,
-                          f" in {RESPAWN_PAUSE}s" if quick else "")
-                if quick:
-                    self.loop.call_later(RESPAWN_PAUSE, self._respawn, w.gen)
-                else:
-                    self._spawn(w.gen)
+                self._replace(w, cause, ready)
             else:
                 log.warning("worker %d of an old generation exited (%s)", pid, cause)
         if self.stopping and not self.workers and self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    def _replace(self, w: WorkerProcess, cause: str, ready: bool) -> None:
+        """Start a worker in place of w, which died; after a delay when it
+        died quickly, and not at all (the supervisor exits 1) when quick
+        deaths keep coming with no worker serving."""
+        what = "died" if ready else "exited before it was ready"
+        if ready and time.monotonic() - w.started >= RESPAWN_QUICK_DEATH:
+            self.quick_deaths = 0
+            log.error("worker %d %s (%s); starting another", w.pid, what, cause)
+            self._spawn(w.gen, replacement=True)
+            return
+        self.quick_deaths += 1
+        serving = sum(1 for x in self.workers.values() if x.gen is w.gen and not x.retiring
+                      and x.ready.done() and x.ready.exception() is None)
+        if self.quick_deaths >= RESPAWN_GIVE_UP and not serving:
+            log.error("worker %d %s (%s): %d workers in a row died within %gs of their start "
+                      "and none serves; exiting", w.pid, what, cause, self.quick_deaths,
+                      RESPAWN_QUICK_DEATH)
+            self.exit_code = 1
+            self._stop(quick=False)
+            return
+        delay = RESPAWN_DELAYS[min(self.quick_deaths, len(RESPAWN_DELAYS)) - 1]
+        log.error("worker %d %s (%s); starting another in %gs (quick death %d in a row)",
+                  w.pid, what, cause, delay, self.quick_deaths)
+        self.loop.call_later(delay, self._respawn, w.gen)
+
     def _respawn(self, gen: Generation) -> None:
         if gen is self.gen and not self.stopping:
-            self._spawn(gen)
+            self._spawn(gen, replacement=True)
 
     def _forget(self, w: WorkerProcess) -> None:
         try:
@@ -384,6 +420,7 @@ class Supervisor:
         old = self.gen
         self.gen = gen
         self.config = config
+        self.quick_deaths = 0
         self._start_health(gen)
         for w in list(self.workers.values()):
             if w.gen is old:
@@ -511,6 +548,10 @@ class Supervisor:
             return
         log.info("signal %s: %s", signal.Signals(signum).name,
                  "exiting now" if quick else f"stopping (grace {self.config.server.grace:g}s)")
+        self._stop(quick)
+
+    def _stop(self, quick: bool) -> None:
+        """Stop the workers (at once, or within server.grace) and then exit."""
         self.stopping = True
         for sock in self.socks.values():
             sock.close()      # the workers keep their own copies while they drain
@@ -602,7 +643,7 @@ class Supervisor:
                 self.admin.close()
             self._remove_pid_file()
         log.info("supervisor %d: stopped", os.getpid())
-        return 0
+        return self.exit_code
 
     def _write_pid_file(self) -> None:
         try:
