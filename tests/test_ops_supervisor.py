@@ -288,6 +288,27 @@ def _run_to_exit(tmp_path, body: str, timeout: float = 30) -> tuple[int, str]:
     return out.returncode, out.stderr
 
 
+def test_an_admin_port_in_use_fails_the_start(tmp_path, origin):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        admin_port = taken.getsockname()[1]
+        port = free_port()
+        code, log = _run_to_exit(tmp_path, f'admin = "127.0.0.1:{admin_port}"\n\n'
+                                 f'[[listen]]\nbind = "127.0.0.1:{port}"\n\n'
+                                 + simple_config(origin.url))
+    finally:
+        taken.close()
+    assert code == 1, log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"admin listener 127.0.0.1:{admin_port}: Address already in use"), log
+    assert "SIGTERM" not in log and "worker" not in log       # no worker was started
+    with pytest.raises(ConnectionRefusedError):
+        Client(port)
+
+
 def test_a_worker_that_cannot_start_is_reported_once(tmp_path, origin):
     (tmp_path / "cache").write_text("not a directory")
     port = free_port()

@@ -612,6 +612,18 @@ class Supervisor:
             except OSError as exc:
                 log.error("%s", exc.strerror or exc)
                 return 1
+            admin_sock = None
+            if self.config.server.admin:
+                from edgeproxy.admin import bind_admin
+                try:
+                    admin_sock = bind_admin(self.config.server.admin_host,
+                                            self.config.server.admin_port)
+                except OSError as exc:
+                    log.error("admin listener %s: %s", self.config.server.admin,
+                              exc.strerror or exc)
+                    for sock in socks:
+                        sock.close()
+                    return 1
             self._adopt_sockets(self.config, socks)
             self.gen = self._new_generation(self.config, socks, self.tls)
             self._start_health(self.gen)
@@ -620,20 +632,17 @@ class Supervisor:
             except RuntimeError as exc:
                 log.error("%s", exc)
                 self.stopping = True
+                if admin_sock is not None:
+                    admin_sock.close()
                 if self.workers:
                     await asyncio.sleep(0.5)
                     self._reap()
                 return 1
         finally:
             self._reload_lock.release()
-        if self.config.server.admin:
+        if admin_sock is not None:
             from edgeproxy.admin import start_admin
-            try:
-                self.admin = await start_admin(self, self.config.server.admin_host,
-                                               self.config.server.admin_port)
-            except OSError as exc:
-                log.error("admin listener %s: %s", self.config.server.admin, exc.strerror)
-                self._on_stop(signal.SIGTERM)
+            self.admin = await start_admin(self, admin_sock)
         self._write_pid_file()
         log.info("supervisor %d: %d workers, pid file %s", os.getpid(), n, self.pid_file)
         try:
