@@ -120,6 +120,11 @@ class WorkerProcess:
     row: int = 0            # its row in the generation's health board
     replacement: bool = False   # started to replace one that died (not by a generation start)
 
+    @property
+    def serving(self) -> bool:
+        # (a start that timed out cancels the future)
+        return self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
+
 
 class Supervisor:
     def __init__(self, config: Config, load: Callable[[], Config]):
@@ -277,7 +282,7 @@ class Supervisor:
                 continue
             self._forget(w)
             cause = _exit_cause(status)
-            ready = w.ready.done() and w.ready.exception() is None
+            ready = w.serving
             if not w.ready.done():
                 w.ready.set_exception(RuntimeError(f"worker {pid} exited before it was ready ({cause})"))
                 w.ready.exception()   # retrieved: the waiter may be gone
@@ -304,8 +309,8 @@ class Supervisor:
             self._spawn(w.gen, replacement=True)
             return
         self.quick_deaths += 1
-        serving = sum(1 for x in self.workers.values() if x.gen is w.gen and not x.retiring
-                      and x.ready.done() and x.ready.exception() is None)
+        serving = sum(1 for x in self.workers.values()
+                      if x.gen is w.gen and not x.retiring and x.serving)
         if self.quick_deaths >= RESPAWN_GIVE_UP and not serving:
             log.error("worker %d %s (%s): %d workers in a row died within %gs of their start "
                       "and none serves; exiting", w.pid, what, cause, self.quick_deaths,
@@ -528,7 +533,7 @@ class Supervisor:
                         "last": self.last_reload or None},
             "workers": [{"pid": w.pid, "generation": w.gen.number,
                          "state": "retiring" if w.retiring else
-                         ("serving" if w.ready.done() and not w.ready.exception() else "starting"),
+                         ("serving" if w.serving else "starting"),
                          "uptime": round(time.monotonic() - w.started, 3)}
                         for w in sorted(self.workers.values(), key=lambda w: w.pid)],
             "worker_restarts": self.restarts,
