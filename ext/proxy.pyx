@@ -315,21 +315,20 @@ def expire_timeouts():
 
 def close_idle_clients(double min_idle=0.0):
     """Close client connections that have no request in flight (shutdown)
-    and have been idle for at least min_idle seconds (by the ticker's
-    clock); returns how many.  A draining worker passes a min_idle so that
-    a connection a client is about to reuse gets its next request answered
-    with "Connection: close" instead of being cut under it."""
+    and have been idle for at least min_idle seconds; returns how many.  A
+    draining worker passes a min_idle so that a connection a client is
+    about to reuse gets its next request answered with "Connection: close"
+    instead of being cut under it.  Idle time is measured on the monotonic
+    clock itself: the ticker's _now lags it by up to a tick (a second with
+    default timeouts), which would make a connection idle for 20 ms look
+    idle for a second."""
     cdef ClientConn c
-    cdef double since
+    cdef double now = _mono()
     cdef int n = 0
     for c in list(_conns):
         if c.state == C_HEAD and c.pending is None:
-            if min_idle > 0:
-                if c.deadline == 0:
-                    continue
-                since = c.deadline - (c.cfg.t_keepalive if c.nreq else c.cfg.t_header)
-                if _now - since < min_idle:
-                    continue
+            if min_idle > 0 and now - c.t_idle < min_idle:
+                continue
             c.close()
             n += 1
     return n
@@ -836,6 +835,7 @@ cdef class ClientConn(Stream):
         bint eof
         public double deadline
         int nreq
+        double t_idle             # _mono() when it last had no request (accepted, or one ended)
         bytes peer
         bytes fwd_for
         bytes subject             # verified client certificate subject (mTLS), or None
@@ -882,6 +882,7 @@ cdef class ClientConn(Stream):
             if subj:
                 self.subject = subj.encode("utf-8")
         self.deadline = _now + self.cfg.t_header
+        self.t_idle = _mono()
         _conns.add(self)
         _m[M_CONNECTIONS] += 1
 
@@ -1721,10 +1722,12 @@ cdef class ClientConn(Stream):
     cdef void _request_end(self, int status):
         """Count the request that ends here and log it; every way a request
         ends (response done, error answered, connection closed) comes here."""
-        cdef double d = _mono() - self.t_start
+        cdef double t = _mono()
+        cdef double d = t - self.t_start
         cdef long long us = <long long>(d * 1e6)
         cdef int i = 0
         self.in_req = 0
+        self.t_idle = t
         if us < 0:
             us = 0
         _m[M_ROUTES + self.route_id * 6 + (status // 100 if 100 <= status < 600 else 0)] += 1
