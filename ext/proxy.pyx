@@ -1561,9 +1561,8 @@ cdef class ClientConn(Stream):
         self.upq = None
         self.queued = 0
         if keep:
-            self.state = C_HEAD
-            self.deadline = _now + self.cfg.t_keepalive
             self._resume(P_CONNECT)
+            self._next_request()
         else:
             self._linger()
 
@@ -1690,7 +1689,6 @@ cdef class ClientConn(Stream):
 
     cdef void _response_done(self):
         """The backend's response has been passed on whole."""
-        cdef object owner
         cdef object ctx = self.cache
         if self.in_req:
             self._request_end(self.resp_status)
@@ -1711,13 +1709,23 @@ cdef class ClientConn(Stream):
         if not self.resp_keep or self.eof or _draining:
             self.close()
             return
+        self._next_request()
+
+    cdef void _next_request(self):
+        """The request is answered and the connection stays: wait for the
+        next one, and take at once any the client pipelined meanwhile
+        (every keep-alive answer comes here, a forwarded response or one
+        of our own errors)."""
+        cdef object owner
         self.state = C_HEAD
         self.deadline = _now + self.cfg.t_keepalive
+        # reading resumes first, so that a pipelined request that now waits
+        # for its own response pauses it again
+        self._resume(P_PIPELINE)
         if self.pending is not None:
             owner = self.pending
             self.pending = None
             self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
-        self._resume(P_PIPELINE)
 
     cdef void _request_end(self, int status):
         """Count the request that ends here and log it; every way a request
@@ -1792,8 +1800,7 @@ cdef class ClientConn(Stream):
             self.up = None
         self.upq = None
         if keep:
-            self.state = C_HEAD
-            self.deadline = _now + self.cfg.t_keepalive
+            self._next_request()
         else:
             self._linger()
 

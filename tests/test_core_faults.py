@@ -12,6 +12,8 @@ import signal
 import threading
 import time
 
+import pytest
+from harness import Client, free_port
 from ops_support import start, status, wait_until
 
 
@@ -86,3 +88,29 @@ def test_reloads_lose_nothing_with_clients_that_do_not_retry(proxy_factory, tmp_
             time.sleep(0.3)
     assert load.failures == [], (len(load.failures), load.ok, load.failures[:5])
     assert load.ok > 200
+
+
+# ---- a pipelined request after an error answer ----------------------------
+
+def two_pools(origin_url: str, dead_url: str, extra: str = "") -> str:
+    return (f'[[route]]\npath = "/dead/"\npool = "dead"\n\n[[route]]\npath = "/"\npool = "web"\n\n'
+            f'[pool.dead]\nbackends = ["{dead_url}"]\n\n[pool.web]\nbackends = ["{origin_url}"]\n\n'
+            f'{extra}')
+
+
+@pytest.mark.parametrize("first", ["/dead/refused", "/reset"])
+def test_pipelined_request_after_a_502_is_answered_at_once(proxy_factory, origin, first):
+    # the first request fails after its head was parsed (connect refused, or
+    # the backend resets): its 502 keeps the connection, and the request
+    # pipelined behind it is answered at once, not after timeout.keepalive
+    p = proxy_factory(two_pools(origin.url, f"http://127.0.0.1:{free_port()}"))
+    with Client(p.port, timeout=8) as c:
+        t = time.monotonic()
+        c.send(f"GET {first} HTTP/1.1\r\nHost: a\r\n\r\n"
+               "GET /size/3 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        r1 = c.read_response()
+        r2 = c.read_response()
+        assert (r1.status, r1.header("connection")) == (502, None)
+        assert (r2.status, r2.body) == (200, b"xxx")
+        assert time.monotonic() - t < 5
+        assert c.request("GET", "/size/2").body == b"xx"     # and the connection goes on
