@@ -57,7 +57,8 @@ class ProxySettings:
     def __init__(self, *, max_line: int = ..., max_head: int = ..., max_fields: int = ...,
                  max_body: int = ..., resp_max_head: int = ..., resp_max_fields: int = ...,
                  t_connect: float = ..., t_read: float = ..., t_send: float = ...,
-                 t_header: float = ..., t_keepalive: float = ..., server_header: str = ...,
+                 t_header: float = ..., t_keepalive: float = ..., t_body: float = ...,
+                 server_header: str = ...,
                  hide: Iterable[str] = ..., access_log: Any = ...) -> None: ...
 
 class SharedMemory:

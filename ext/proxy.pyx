@@ -38,6 +38,12 @@ cdef enum:
     HIGH_WATER = 512 * 1024
     LOW_WATER = 128 * 1024
     CHUNK_LINE_MAX = 4096
+    INTERIM_MAX = 10             # 1xx responses a backend may send before its final one (then 502)
+
+# How long a request with "Expect: 100-continue" waits for its backend's
+# 100 (Continue) before the proxy sends its own and the body goes anyway
+# (RFC 9110 §10.1.1; curl waits as long before sending it regardless).
+cdef double CONTINUE_WAIT = 1.0
 
 # reasons a client transport's reading is paused (a bit each)
 cdef enum:
@@ -359,7 +365,7 @@ cdef class ProxySettings:
     the config by edgeproxy.server)."""
     cdef public size_t max_line, max_head, max_fields, resp_max_head, resp_max_fields
     cdef public long long max_body
-    cdef public double t_connect, t_read, t_send, t_header, t_keepalive
+    cdef public double t_connect, t_read, t_send, t_header, t_keepalive, t_body
     cdef public bytes server_line          # b"Server: x\r\n" or b""
     cdef public tuple hide                 # extra lower-case field names to drop
     cdef public object access_log          # object with .log(...) or None
@@ -367,7 +373,7 @@ cdef class ProxySettings:
     def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
                  max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,
                  t_connect=5.0, t_read=60.0, t_send=60.0, t_header=10.0, t_keepalive=75.0,
-                 server_header="", hide=(), access_log=None):
+                 t_body=60.0, server_header="", hide=(), access_log=None):
         self.max_line = max_line
         self.max_head = max_head
         self.max_fields = max_fields
@@ -379,6 +385,7 @@ cdef class ProxySettings:
         self.t_send = t_send
         self.t_header = t_header
         self.t_keepalive = t_keepalive
+        self.t_body = t_body
         if "\r" in server_header or "\n" in server_header:
             raise ValueError("server_header must not contain CR or LF")
         self.server_line = (b"Server: " + server_header.encode("latin-1") + b"\r\n") if server_header else b""
@@ -828,6 +835,7 @@ cdef class ClientConn(Stream):
         int req_minor
         bint req_upgrade
         bint req_done
+        bint expect_wait            # the client waits for 100 (Continue) before its body
         bint resp_started
         bint resp_keep
         int paused
@@ -912,7 +920,9 @@ cdef class ClientConn(Stream):
 
     def resume_writing(self):
         self.writing_paused = 0
-        if self.state != C_HEAD:
+        if self.state == C_BODY and self.paused == 0:
+            self.deadline = _now + self.cfg.t_body
+        elif self.state != C_HEAD:
             self.deadline = 0
         if self.up is not None:
             self.up._resume()
@@ -922,6 +932,11 @@ cdef class ClientConn(Stream):
     cdef void _pause(self, int why):
         if self.paused == 0 and self.transport is not None:
             self.transport.pause_reading()
+            if self.state == C_BODY and not self.writing_paused:
+                # the body waits on the backend side now (connect, max_conns
+                # queue, a backend not taking it): those timeouts run, the
+                # client's body timeout does not
+                self.deadline = 0
         self.paused |= why
 
     cdef void _resume(self, int why):
@@ -930,6 +945,8 @@ cdef class ClientConn(Stream):
         self.paused &= ~why
         if self.paused == 0 and self.transport is not None and self.state != C_CLOSED:
             self.transport.resume_reading()
+            if self.state == C_BODY and not self.writing_paused:
+                self.deadline = _now + self.cfg.t_body
 
     cdef void _stash(self, object owner, const char *base, size_t off, size_t n):
         """Keep base[off:n] for later, without sharing the owner's memory."""
@@ -965,7 +982,8 @@ cdef class ClientConn(Stream):
                     # (the request had no body)
                 off += _parser.head_len
             elif self.state == C_BODY:
-                self.deadline = _now + self.cfg.t_read
+                self.deadline = _now + self.cfg.t_body
+                self.expect_wait = 0
                 if self.body_kind == B_LENGTH:
                     k = n - off
                     if k > self.body_left:
@@ -1016,8 +1034,16 @@ cdef class ClientConn(Stream):
         self.req_done = 1
         self.state = C_WAIT
         self.deadline = 0
-        if self.up is not None and not self.up.got_bytes:
+        # the wait for the final response head starts (an interim 100 may
+        # have come already: it does not count)
+        if self.up is not None and self.up.state == U_HEAD and not self.up.paused:
             self.up.deadline = _now + self.cfg.t_read
+
+    cdef inline void _body_wait(self, bint expect):
+        """The request has a body to come: time the client's first body
+        byte, or first (with "Expect: 100-continue") the backend's 100."""
+        self.expect_wait = expect
+        self.deadline = _now + (CONTINUE_WAIT if expect else self.cfg.t_body)
 
     # -- one request --
 
@@ -1044,6 +1070,7 @@ cdef class ClientConn(Stream):
         self.req_upgrade = hp.upgrade
         self.body_kind = hp.body
         self.resp_started = 0
+        self.expect_wait = 0
         self.retried = 0
         self.attempts = 0
         self.tried = 0
@@ -1090,6 +1117,7 @@ cdef class ClientConn(Stream):
         else:
             self.req_done = 0
             self.state = C_BODY
+            self._body_wait(hp.expect_continue)
         return self._send_picked(pool, b, head)
 
     cdef int _send_to_pool(self, Pool pool, bytes head) except -2:
@@ -1135,6 +1163,8 @@ cdef class ClientConn(Stream):
         cdef object ctx = None
         self.req_done = not has_body
         self.state = C_BODY if has_body else C_WAIT
+        if has_body:
+            self._body_wait(hp.expect_continue)
         self.cache = None
         self.tee = 0
         try:
@@ -1428,6 +1458,7 @@ cdef class ClientConn(Stream):
         u.state = U_HEAD
         u.reused = reused
         u.got_bytes = 0
+        u.interim = 0
         u.pending = None
         u.pending_seen = 0
         # the read timeout runs once the request is sent whole; while its
@@ -1857,6 +1888,17 @@ cdef class ClientConn(Stream):
                 self._reply_error(408, 0)
             else:
                 self.close()       # idle keep-alive connection
+        elif self.state == C_BODY and not self.writing_paused and not self.resp_started:
+            if self.expect_wait:
+                # no 100 (Continue) from the backend in time: let the body
+                # come anyway; the backend was told to expect it
+                self.expect_wait = 0
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.deadline = _now + self.cfg.t_body
+                return
+            _log.info("client %s: no request body for %.1fs", self.peer.decode("latin-1"),
+                      self.cfg.t_body)
+            self._reply_error(408, 0)
         else:
             _log.info("client %s: timed out (state %d)", self.peer.decode("latin-1"), self.state)
             self.close()
@@ -1923,6 +1965,7 @@ cdef class UpstreamConn(Stream):
         bint reused
         bint got_bytes
         bint paused
+        int interim              # 1xx responses to the current request
         public double deadline
 
     def __init__(self, Backend backend):
@@ -1970,7 +2013,9 @@ cdef class UpstreamConn(Stream):
             self.close()         # a backend must not talk out of turn
             return 0
         self.got_bytes = 1
-        if not self.paused:
+        # between two reads of a response body; the wait for the final
+        # response head is one timeout, however many 1xx come first
+        if not self.paused and self.state != U_HEAD:
             self.deadline = _now + self.client.cfg.t_read
         return 1
 
@@ -1986,7 +2031,7 @@ cdef class UpstreamConn(Stream):
     def resume_writing(self):
         if self.client is not None:
             self.client._resume(P_BACKPRESSURE)
-            if not self.client.req_done and not self.got_bytes:
+            if not self.client.req_done and self.state == U_HEAD:
                 self.deadline = 0
 
     cdef void _pause(self):
@@ -2062,6 +2107,15 @@ cdef class UpstreamConn(Stream):
                     return
                 off += _parser.head_len
                 if _parser.status < 200 and _parser.status != 101:
+                    self.interim += 1
+                    if self.interim > INTERIM_MAX:
+                        _log.warning("backend %s: more than %d interim responses", self.backend.name,
+                                     INTERIM_MAX)
+                        c._reply_error(502, 0)
+                        return
+                    if _parser.status == 100 and c.expect_wait:
+                        c.expect_wait = 0
+                        c.deadline = _now + c.cfg.t_body
                     # interim response: pass it on to HTTP/1.1 clients
                     if c.req_minor == 1:
                         c.transport.write(self._build_head(c, _parser, 0))
@@ -2203,6 +2257,8 @@ cdef class UpstreamConn(Stream):
             self.state = U_BODY
         elif hp.body == B_CLOSE:
             self.state = U_BODY
+        if self.state == U_BODY and not self.paused:
+            self.deadline = _now + c.cfg.t_read    # from now on, between two reads
         self._build_head_into(c, hp, 1)
         if extra:                # the cache phase's fields (Cache-Status)
             _out.n -= 2

@@ -9,11 +9,12 @@ from __future__ import annotations
 import http.client
 import random
 import signal
+import socket
 import threading
 import time
 
 import pytest
-from harness import Client, free_port
+from harness import Client, free_port, simple_config
 from ops_support import start, status, wait_until
 
 
@@ -114,3 +115,148 @@ def test_pipelined_request_after_a_502_is_answered_at_once(proxy_factory, origin
         assert (r2.status, r2.body) == (200, b"xxx")
         assert time.monotonic() - t < 5
         assert c.request("GET", "/size/2").body == b"xx"     # and the connection goes on
+
+
+# ---- bodies and interim responses that never end ---------------------------
+
+class RawBackend:
+    """A backend that runs `handler(conn)` on a thread for each connection it
+    accepts, and records when each connection reached EOF from the proxy."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.eof = threading.Event()     # some connection saw the proxy close it
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(20)
+        try:
+            self.handler(conn)
+            while conn.recv(65536):
+                pass
+            self.eof.set()
+        except OSError:
+            self.eof.set()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a head")
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def raw_backend():
+    made = []
+
+    def make(handler):
+        made.append(RawBackend(handler))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def test_a_request_body_that_never_comes_is_timed_out(proxy_factory, raw_backend):
+    backend = raw_backend(read_head)     # takes the head, then waits for the body
+    p = proxy_factory(simple_config(backend.url, "[timeout]\nbody = 1.0\n"))
+    with Client(p.port, timeout=8) as c:
+        t = time.monotonic()
+        c.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        r = c.read_response()
+        assert r.status == 408 and r.header("connection") == "close"
+        assert time.monotonic() - t < 5
+        assert c.is_closed()
+    assert backend.eof.wait(5)           # the backend connection was let go too
+    assert "no request body for 1.0s" in p.log()
+
+
+def test_a_body_trickling_in_is_timed_between_reads(proxy_factory, origin):
+    # two pieces 0.6 s apart with timeout.body = 1: not a timeout
+    p = proxy_factory(simple_config(origin.url, "[timeout]\nbody = 1.0\n"))
+    with Client(p.port, timeout=8) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\n")
+        for piece in (b"ab", b"cd", b"ef"):
+            time.sleep(0.6)
+            c.send(piece)
+        r = c.read_response()
+    assert r.status == 200 and r.json()["body_len"] == 6
+
+
+def _no_continue(conn: socket.socket) -> None:
+    # a backend that ignores "Expect: 100-continue" but reads the body when it comes
+    head = read_head(conn)
+    n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    body = head.split(b"\r\n\r\n", 1)[1]
+    while len(body) < n:
+        body += conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_a_backend_that_never_answers_100_continue_gets_the_body_anyway(proxy_factory, raw_backend):
+    backend = raw_backend(_no_continue)
+    p = proxy_factory(simple_config(backend.url))
+    with Client(p.port, timeout=8) as c:
+        t = time.monotonic()
+        c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        assert c._read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 100 Continue")
+        assert time.monotonic() - t < 5
+        c.send(b"body")
+        r = c.read_response()
+    assert (r.status, r.body) == (200, b"body")
+
+
+def _interim(count: int, every: float, final: bool):
+    def handler(conn: socket.socket) -> None:
+        read_head(conn)
+        for _ in range(count):
+            conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+            time.sleep(every)
+        if final:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    return handler
+
+
+def test_interim_responses_do_not_extend_the_read_timeout(proxy_factory, raw_backend):
+    # a 103 every 0.4 s for 8 s: the read timeout (1 s) covers the whole wait
+    # for the final response, so it is a 504 long before the 103s stop
+    backend = raw_backend(_interim(20, 0.4, True))
+    p = proxy_factory(simple_config(backend.url, "[timeout]\nread = 1.0\n"))
+    with Client(p.port, timeout=10) as c:
+        t = time.monotonic()
+        r = c.request("GET", "/")
+        assert r.status == 504
+        assert time.monotonic() - t < 3.5
+    assert backend.eof.wait(5)
+
+
+def test_an_interim_response_storm_is_a_502(proxy_factory, raw_backend):
+    backend = raw_backend(_interim(12, 0, True))
+    p = proxy_factory(simple_config(backend.url))
+    with Client(p.port, timeout=8) as c:
+        r = c.request("GET", "/")
+    assert r.status == 502 and len(r.interim) == 10
+    assert "more than 10 interim responses" in p.log()

@@ -777,7 +777,7 @@ SERVER = Table(ServerConfig, (
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(
-    Key(name, number, above(0)) for name in ("connect", "read", "send", "header", "keepalive")
+    Key(name, number, above(0)) for name in ("connect", "read", "send", "header", "keepalive", "body")
 ))
 
 LIMITS = Table(LimitsConfig, (

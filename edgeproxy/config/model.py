@@ -129,6 +129,7 @@ class TimeoutConfig:
     send: float = 60.0               # between two writes to a backend that make progress
     header: float = 10.0             # a client must send a complete request head within this
     keepalive: float = 75.0          # an idle client connection is closed after this
+    body: float = 60.0               # between two reads of a request body (nginx's client_body_timeout)
 
 
 @dataclass(frozen=True)

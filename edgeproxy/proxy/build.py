@@ -22,6 +22,7 @@ def build_settings(config: Config, access_log=None) -> ProxySettings:
         t_send=t.send,
         t_header=t.header,
         t_keepalive=t.keepalive,
+        t_body=t.body,
         server_header=config.server.server_header,
         hide=config.server.hide_headers,
         access_log=access_log,

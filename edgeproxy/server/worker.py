@@ -60,7 +60,7 @@ def bind_socket(lc: ListenConfig) -> socket.socket:
 
 def _tick_interval(config: Config) -> float:
     t = config.timeout
-    shortest = min(t.connect, t.read, t.send, t.header, t.keepalive)
+    shortest = min(t.connect, t.read, t.send, t.header, t.keepalive, t.body)
     # pool ticks end ejections, notice health changes and expire queued requests
     for pc in config.pools.values():
         shortest = min(shortest, pc.queue_timeout)
