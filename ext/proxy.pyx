@@ -423,6 +423,8 @@ cdef class Backend:
     cdef public bint ejected
     cdef public double eject_until
     cdef public int ejections        # in a row: the ejection time doubles
+    cdef bint close_seen             # a fresh connection closed before answering since its last answer
+    cdef unsigned long long close_sig  # ... for this request (balance.pyx _request_sig)
     cdef public double up_since      # when it last became available (slow start)
     cdef bint seen_up
     cdef long long cw                # smooth weighted round-robin's current weight
@@ -1108,7 +1110,7 @@ cdef class ClientConn(Stream):
         _budget_note_request()
         b = pool.pick(self.hkey, 0)
         if b is None and not pool.busy:
-            self._reply_unavailable(pool.retry_after(), hp.body == B_NONE)
+            self._reply_unavailable(1, hp.body == B_NONE)
             return -1
         head = self._build_request_head(hp, b if b is not None else <Backend>pool.backends[0])
         if hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0):
@@ -1127,7 +1129,7 @@ cdef class ClientConn(Stream):
         _budget_note_request()
         b = pool.pick(self.hkey, 0)
         if b is None and not pool.busy:
-            self._reply_unavailable(pool.retry_after(), self.req_done)
+            self._reply_unavailable(1, self.req_done)
             return -1
         return self._send_picked(pool, b, head)
 
@@ -1995,8 +1997,8 @@ cdef class UpstreamConn(Stream):
                 c._retry()
             else:
                 _log.warning("backend %s: closed the connection before answering", self.backend.name)
-                if not self.reused:
-                    _note_failure(self.backend, "closed before answering")
+                if not self.reused:    # a reused one may have met the backend's idle close
+                    _note_closed_before_answer(self.backend, c.up_head)
                 c.up = None
                 if not c._retry_sent():
                     c._reply_error(502, c.req_done)
@@ -2230,7 +2232,7 @@ cdef class UpstreamConn(Stream):
         """Decide the framing toward the client and build its head into _out."""
         cdef HeadParser hp = _parser
         cdef bytes extra = None
-        if self.backend.fails or self.backend.ejections:
+        if self.backend.fails or self.backend.ejections or self.backend.close_seen:
             _note_success(self.backend)
         if c.cache is not None:
             extra = c._cache_response(hp, self)

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from harness import Client, free_port, simple_config
+from harness import Client, Origin, free_port, simple_config
 from ops_support import start, status, wait_until
 
 
@@ -260,3 +260,71 @@ def test_an_interim_response_storm_is_a_502(proxy_factory, raw_backend):
         r = c.request("GET", "/")
     assert r.status == 502 and len(r.interim) == 10
     assert "more than 10 interim responses" in p.log()
+
+
+# ---- passive ejection never takes a pool down -------------------------------
+
+def pool_config(urls: list[str], extra: str = "") -> str:
+    listed = ", ".join(f'"{u}"' for u in urls)
+    return f'[[route]]\npath = "/"\npool = "web"\n\n[pool.web]\nbackends = [{listed}]\n{extra}\n'
+
+
+def get(port: int, target: str) -> int:
+    with Client(port, timeout=10) as c:
+        return c.request("GET", target).status
+
+
+def test_requests_dropped_on_purpose_do_not_eject_the_only_backend(proxy_factory, origin):
+    # the RFC 9111 conformance run: its origin drops the connection on
+    # purpose for six tests that start together; the rest must go on
+    p = proxy_factory(pool_config([origin.url]))
+    got = []
+    threads = [threading.Thread(target=lambda i=i: got.append(get(p.port, f"/reset/{i}")))
+               for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert got == [502] * 6
+    assert [get(p.port, f"/size/{i}") for i in range(20)] == [200] * 20
+    log = p.log()
+    assert "ejected for" not in log
+    assert "not ejected: it is the last available backend of the pool" in log
+
+
+def test_one_request_that_a_backend_drops_is_not_a_backend_failure(proxy_factory):
+    # the same request, dropped by both backends again and again, says
+    # nothing about them: no ejection
+    a, b = Origin().start(), Origin().start()
+    try:
+        p = proxy_factory(pool_config([a.url, b.url], "passive.failures = 2"))
+        assert [get(p.port, "/reset/same") for _ in range(6)] == [502] * 6
+        assert [get(p.port, f"/size/{i}") for i in range(6)] == [200] * 6
+        assert len(a.requests) >= 6 and len(b.requests) >= 6   # both kept their share
+        assert "ejected" not in p.log() and "failed 2 times" not in p.log()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_backend_that_drops_different_requests_is_still_ejected(proxy_factory, origin):
+    from pool_origins import ResetServer
+    rst = ResetServer(read_first=True)      # resets every connection after reading its request
+    try:
+        p = proxy_factory(pool_config([rst.url, origin.url], "passive.failures = 3"))
+        for i in range(12):
+            get(p.port, f"/size/{i}")
+        assert f"backend 127.0.0.1:{rst.port} ejected for 10.0s after 3 failures" in p.log()
+        assert [get(p.port, f"/size/{i}") for i in range(6)] == [200] * 6
+    finally:
+        rst.stop()
+
+
+def test_ejection_takes_at_most_max_ejected_of_a_pool(proxy_factory, origin):
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]     # connect refused
+    p = proxy_factory(pool_config([*dead, origin.url], "passive.failures = 2"))   # max_ejected: 0.5
+    for i in range(30):
+        get(p.port, f"/size/{i}")
+    log = p.log()
+    assert log.count("ejected for 10.0s") == 2, log           # half of four backends
+    assert "not ejected: 2 of 4 backends are ejected already (max_ejected 0.5)" in log

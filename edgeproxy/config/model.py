@@ -95,6 +95,7 @@ class HealthConfig:
 class PassiveConfig:
     failures: int = 5                # consecutive connect errors/resets/timeouts that eject; 0 = off
     eject: float = 10.0              # seconds out, doubled on each ejection in a row
+    max_ejected: float = 0.5         # share of the primaries (or backups) ejected at once; never the last
 
 
 @dataclass(frozen=True)

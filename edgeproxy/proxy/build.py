@@ -50,7 +50,8 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
         pools[name] = Pool(name, backends, balance=pc.balance, hash_key=pc.hash_key,
                            retries=pc.retries, max_conns=pc.max_conns,
                            queue_timeout=pc.queue_timeout, slow_start=pc.slow_start,
-                           failures=pc.passive.failures, eject=pc.passive.eject)
+                           failures=pc.passive.failures, eject=pc.passive.eject,
+                           max_ejected=pc.passive.max_ejected)
     return pools
 
 
