@@ -15,6 +15,7 @@
 #   stream body to the client -> release the backend connection -> log.
 
 import asyncio
+import errno
 import logging
 import ssl
 import os
@@ -514,6 +515,32 @@ cdef class Backend:
         asyncio.get_running_loop().create_task(_connect(self, c))
 
 
+# Errors that say this host is out of something (descriptors, ports,
+# buffers, memory), not that the backend is sick: they never count against
+# it, and no other backend would do better.
+RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EADDRNOTAVAIL,
+                             errno.ENOMEM))
+cdef dict _resource_logged = {}      # kind -> [when it last logged (_mono), errors not logged since]
+
+
+def resource_error(str kind, str what):
+    """Log that this host ran out of a resource, at error level and at most
+    once a second per kind ("connect", "accept"): when descriptors run out,
+    every connection meets it."""
+    cdef double now = _mono()
+    cdef list seen = _resource_logged.get(kind)
+    if seen is None:
+        seen = _resource_logged[kind] = [-1e9, 0]
+    if now - <double>seen[0] < 1.0:
+        seen[1] += 1
+        return
+    _log.error("%s: this host is out of descriptors, ports or memory (see Limits in "
+               "docs/operations.md)%s", what,
+               f"; {seen[1]} more in the last second" if seen[1] else "")
+    seen[0] = now
+    seen[1] = 0
+
+
 async def _connect(Backend b, ClientConn c):
     loop = asyncio.get_running_loop()
     try:
@@ -533,6 +560,10 @@ async def _connect(Backend b, ClientConn c):
         c._upstream_failed(b, 502)
         return
     except Exception as exc:
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS):
+            resource_error("connect", f"backend {b.name}: connect failed: {exc}")
+            c._upstream_failed(b, 503, 0)
+            return
         _log.warning("backend %s: connect failed: %s", b.name, exc)
         _note_failure(b, "connect: " + (exc.strerror if isinstance(exc, OSError) and exc.strerror
                                         else type(exc).__name__))
@@ -1521,11 +1552,11 @@ cdef class ClientConn(Stream):
         else:
             self._linger()
 
-    cdef _upstream_failed(self, Backend b, int status):
+    cdef _upstream_failed(self, Backend b, int status, bint retry=1):
         if self.state >= C_LINGER or self.backend is not b or self.upq is None:
             return
         # nothing reached the backend: any request may go to another one
-        if self._try_other():
+        if retry and self._try_other():
             return
         self.upq = None
         self._resume(P_CONNECT)

@@ -7,7 +7,9 @@ pool down."""
 from __future__ import annotations
 
 import http.client
+import os
 import random
+import resource
 import signal
 import socket
 import threading
@@ -328,3 +330,58 @@ def test_ejection_takes_at_most_max_ejected_of_a_pool(proxy_factory, origin):
     log = p.log()
     assert log.count("ejected for 10.0s") == 2, log           # half of four backends
     assert "not ejected: 2 of 4 backends are ejected already (max_ejected 0.5)" in log
+
+
+# ---- this host out of descriptors -------------------------------------------
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_running_out_of_descriptors_never_counts_against_a_backend(proxy_factory, loop):
+    a, b = Origin().start(), Origin().start()
+    conns: list[socket.socket] = []
+    try:
+        # one failure would eject a backend, if this host's errors counted
+        p = proxy_factory(pool_config([a.url, b.url], "passive.failures = 1"),
+                          args=("--no-supervisor",), env={"EDGEPROXY_LOOP": loop})
+        pid = p.proc.pid
+        time.sleep(0.3)                  # the start-up probe connection is gone
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        limit = open_fds(pid) + 4
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            # client connections until the proxy has no descriptor left
+            for _ in range(40):
+                if open_fds(pid) >= limit:
+                    break
+                conns.append(socket.create_connection(("127.0.0.1", p.port), timeout=3))
+                time.sleep(0.05)
+            assert open_fds(pid) >= limit
+            extra = socket.create_connection(("127.0.0.1", p.port), timeout=3)  # meets it at accept
+            time.sleep(1.2)                  # the worker's ticker looks once a second
+            answers = []
+            for c in conns:
+                try:
+                    c.sendall(b"GET /size/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+                    answers.append(c.recv(4096).split(b"\r\n")[0])
+                except OSError as exc:
+                    answers.append(type(exc).__name__.encode())
+            assert b"HTTP/1.1 503 Service Unavailable" in answers, answers
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for c in conns + [extra]:
+            c.close()
+        # it recovers at once, on both backends: neither was ejected
+        assert [get(p.port, f"/size/{i}") for i in range(4)] == [200] * 4
+        assert a.requests and b.requests
+        log = p.log()
+        assert "ejected" not in log and "retrying on backend" not in log, log[-3000:]
+        assert "connect failed: [Errno 24] Too many open files: this host is out of descriptors" in log
+        assert "no descriptor left, new connections are closed at accept" in log \
+            or "accept failed: Too many open files" in log
+        assert log.count("this host is out of descriptors") <= 6     # rate-limited
+    finally:
+        a.stop()
+        b.stop()

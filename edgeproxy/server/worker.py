@@ -23,7 +23,7 @@ from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.server.accesslog import AccessLog
-from edgeproxy.server.loop import new_event_loop
+from edgeproxy.server.loop import check_descriptors, new_event_loop
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -127,6 +127,7 @@ class Worker:
                     for warning in stls.expiry_warnings():
                         log.warning("%s", warning)
             self.board.write_worker(self.board_row, os.getpid(), self.pools)
+            check_descriptors()
         else:
             _ext.set_clock(now, None)
         _ext.expire_timeouts()
