@@ -23,7 +23,7 @@ from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.server.accesslog import AccessLog
-from edgeproxy.server.loop import new_event_loop
+from edgeproxy.server.loop import check_descriptors, new_event_loop
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -60,7 +60,7 @@ def bind_socket(lc: ListenConfig) -> socket.socket:
 
 def _tick_interval(config: Config) -> float:
     t = config.timeout
-    shortest = min(t.connect, t.read, t.send, t.header, t.keepalive)
+    shortest = min(t.connect, t.read, t.send, t.header, t.keepalive, t.body)
     # pool ticks end ejections, notice health changes and expire queued requests
     for pc in config.pools.values():
         shortest = min(shortest, pc.queue_timeout)
@@ -148,6 +148,7 @@ class Worker:
         if self.tls:
             second.append(("certificate expiry check", self._check_expiry))
         second.append(("health board", self._write_board))
+        second.append(("descriptor check", check_descriptors))
         tick: list[tuple[str, Callable[[], object]]] = [
             ("timeouts", _ext.expire_timeouts), ("pools", _ext.pools_tick)]
         if self.cache is not None:
