@@ -18,7 +18,10 @@
 # A backend is available when it is administratively up (Backend.up), the
 # active checks say so (Backend.health, a slot of memory shared with the
 # prober, edgeproxy/health/) and this worker has not ejected it after
-# consecutive connection failures (passive checks).
+# consecutive connection failures (passive checks).  Passive checks never
+# take a pool down: they eject at most a share of it (max_ejected), never
+# its last available backend, and when nothing else is left an ejected
+# backend takes traffic again.
 
 from libc.math cimport log as _c_log
 from libc.stdlib cimport malloc, free
@@ -194,10 +197,17 @@ cdef void _note_failure(Backend b, str what):
     """A connect error, a reset before any response byte, or a timeout."""
     cdef Pool pool = b.pool
     cdef double t
+    cdef str refused
     b.fails += 1
     b.failures_total += 1
     b.last_error = what
     if pool is None or pool.fail_max == 0 or b.ejected or b.fails < pool.fail_max:
+        return
+    refused = pool.eject_refusal(b)
+    if refused is not None:
+        if b.fails == pool.fail_max:     # said once per run of failures
+            _log.warning("pool %s: backend %s failed %d times in a row (%s); not ejected: %s",
+                         pool.name, b.name, b.fails, what, refused)
         return
     t = pool.eject_base * (1 << (b.ejections if b.ejections < EJECT_DOUBLINGS else EJECT_DOUBLINGS))
     b.ejections += 1
@@ -211,6 +221,26 @@ cdef void _note_failure(Backend b, str what):
 cdef inline void _note_success(Backend b) noexcept:
     b.fails = 0
     b.ejections = 0
+    b.close_seen = 0
+
+
+cdef unsigned long long _request_sig(bytes head):
+    """What tells one request from another: a hash of its request line."""
+    cdef const char *p = head
+    cdef const char *e = <const char *>memchr(p, b'\r', len(head))
+    return _hash_bytes(p, <size_t>(e - p) if e != NULL else <size_t>len(head))
+
+
+cdef void _note_closed_before_answer(Backend b, bytes head):
+    """A fresh connection was closed or reset before any response byte.  A
+    backend may do that on purpose to one request (a handler that drops
+    its connection), so it counts as a failure only once a different
+    request has met the same since the backend last answered."""
+    cdef unsigned long long sig = _request_sig(head) if head is not None else 0
+    if b.close_seen and b.close_sig != sig:
+        _note_failure(b, "closed before answering")
+    b.close_seen = 1
+    b.close_sig = sig
 
 
 cdef inline double _weight_now(Backend b, double slow_start) noexcept:
@@ -443,6 +473,7 @@ cdef class Pool:
     cdef public double slow_start
     cdef public int fail_max
     cdef public double eject_base
+    cdef public double max_ejected    # share of the backends passive checks may eject at once
     cdef Group primary
     cdef Group backup             # None when there are no backups
     cdef int algo
@@ -452,7 +483,8 @@ cdef class Pool:
     cdef object waiting           # deque of queued ClientConn (max_conns)
 
     def __init__(self, name, backends, *, balance="round_robin", hash_key="ip", retries=2,
-                 max_conns=0, queue_timeout=5.0, slow_start=0.0, failures=5, eject=10.0):
+                 max_conns=0, queue_timeout=5.0, slow_start=0.0, failures=5, eject=10.0,
+                 max_ejected=0.5):
         cdef Backend b
         if balance not in _BALANCE_NAMES:
             raise ValueError(f"unknown balance {balance!r}")
@@ -478,6 +510,7 @@ cdef class Pool:
         self.slow_start = slow_start
         self.fail_max = failures
         self.eject_base = eject
+        self.max_ejected = max_ejected
         self.waiting = _deque()
         self.set_backends(self.backends)
 
@@ -529,6 +562,12 @@ cdef class Pool:
         """A backend that can take a request now, skipping those in `avoid`
         (a bit per Backend.index); None with `busy` set when every one that
         is up is at max_conns."""
+        cdef Backend b = self._pick(key, avoid)
+        if b is None and not self.busy and self._end_ejections():
+            b = self._pick(key, avoid)
+        return b
+
+    cdef inline Backend _pick(self, unsigned long long key, unsigned long long avoid):
         cdef Backend b
         self.busy = 0
         b = self.primary.pick(self, key, avoid)
@@ -536,17 +575,54 @@ cdef class Pool:
             return b
         return self.backup.pick(self, key, avoid)
 
-    cdef int retry_after(self):
-        """Seconds until the earliest ejection ends (at least 1)."""
-        cdef double t = 0
-        cdef Backend b
-        for x in self.backends:
-            b = <Backend>x
-            if b.ejected and b.up and b.health.up and (t == 0 or b.eject_until < t):
-                t = b.eject_until
-        if t == 0 or t - _now <= 1:
-            return 1
-        return <int>(t - _now + 0.999)
+    cdef str eject_refusal(self, Backend b):
+        """Why b, at the end of a run of failures, must not be ejected now
+        (None: it may be).  Passive checks never take the last available
+        backend out, nor more than max_ejected of its group (the primaries,
+        or the backups; one may always go, as in Envoy), except that
+        primaries may all go while a backup is there to take over: that is
+        what the operator made backups for."""
+        cdef Backend x
+        cdef int ejected = 0, members = 0, others = 0
+        cdef bint backup_up = 0
+        for o in self.backends:
+            x = <Backend>o
+            if x is not b and _available(x):
+                others += 1
+                if x.backup:
+                    backup_up = 1
+            if x.backup == b.backup:
+                members += 1
+                if x.ejected:
+                    ejected += 1
+        if others == 0:
+            return "it is the last available backend of the pool"
+        if ejected and ejected + 1 > self.max_ejected * members and not (backup_up and not b.backup):
+            return "%d of %d %s are ejected already (max_ejected %g)" % (
+                ejected, members, "backups" if b.backup else "backends", self.max_ejected)
+        return None
+
+    cdef int _end_ejections(self):
+        """No backend is available: if that is because of ejections (other
+        backends went down since, or were drained), take the ejected ones
+        that are up back at once rather than answer 503.  Returns how many
+        came back."""
+        cdef Backend x
+        cdef int n = 0
+        for o in self.backends:
+            x = <Backend>o
+            if _available(x):
+                return 0         # the pick skipped it (already tried)
+        for o in self.backends:
+            x = <Backend>o
+            if x.ejected and x.up and x.health.up:
+                x.ejected = 0
+                x.up_since = _now
+                x.cw = 0
+                n += 1
+                _log.warning("pool %s: no other backend available; backend %s back before its "
+                             "ejection ends", self.name, x.name)
+        return n
 
     # -- the max_conns queue --
 

@@ -98,6 +98,8 @@ cdef int _start_cached(ClientConn c, Route route, HeadParser hp) except -2:
     cdef object ctx = None
     c.req_done = not has_body
     c.state = C_BODY if has_body else C_WAIT
+    if has_body:
+        c._body_wait(hp.expect_continue)
     c.stage = None
     c.tap = 0
     try:

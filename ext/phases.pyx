@@ -183,6 +183,7 @@ cdef class RequestCtx:
     cdef bint in_error
     cdef bint body_wait               # the request phase is done; request_body waits for the body
     cdef long long clen               # the request's Content-Length (B_LENGTH)
+    cdef bint drop_expect             # the proxy answered "Expect: 100-continue" itself
     cdef public object upstream_headers  # Headers of the head the backend gets (upstream_request)
     cdef bint resp_changed            # the response hooks changed the status or fields
 
@@ -407,6 +408,8 @@ cdef bytes _ctx_request_head(RequestCtx ctx, int minor, int body_kind, long long
                 continue
         elif low == "host":
             has_host = 1
+        elif low == "expect" and ctx.drop_expect:
+            continue
         out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
     if not has_host and ctx._host:
         out.append(b"Host: %s\r\n" % ctx._host.encode("latin-1"))

@@ -15,6 +15,7 @@
 #   stream body to the client -> release the backend connection -> log.
 
 import asyncio
+import errno
 import logging
 import ssl
 import os
@@ -38,6 +39,12 @@ cdef enum:
     HIGH_WATER = 512 * 1024
     LOW_WATER = 128 * 1024
     CHUNK_LINE_MAX = 4096
+    INTERIM_MAX = 10             # 1xx responses a backend may send before its final one (then 502)
+
+# How long a request with "Expect: 100-continue" waits for its backend's
+# 100 (Continue) before the proxy sends its own and the body goes anyway
+# (RFC 9110 §10.1.1; curl waits as long before sending it regardless).
+cdef double CONTINUE_WAIT = 1.0
 
 # reasons a client transport's reading is paused (a bit each)
 cdef enum:
@@ -381,21 +388,20 @@ def expire_timeouts():
 
 def close_idle_clients(double min_idle=0.0):
     """Close client connections that have no request in flight (shutdown)
-    and have been idle for at least min_idle seconds (by the ticker's
-    clock); returns how many.  A draining worker passes a min_idle so that
-    a connection a client is about to reuse gets its next request answered
-    with "Connection: close" instead of being cut under it."""
+    and have been idle for at least min_idle seconds; returns how many.  A
+    draining worker passes a min_idle so that a connection a client is
+    about to reuse gets its next request answered with "Connection: close"
+    instead of being cut under it.  Idle time is measured on the monotonic
+    clock itself: the ticker's _now lags it by up to a tick (a second with
+    default timeouts), which would make a connection idle for 20 ms look
+    idle for a second."""
     cdef ClientConn c
-    cdef double since
+    cdef double now = _mono()
     cdef int n = 0
     for c in list(_conns):
         if c.state == C_HEAD and c.pending is None:
-            if min_idle > 0:
-                if c.deadline == 0:
-                    continue
-                since = c.deadline - (c.cfg.t_keepalive if c.nreq else c.cfg.t_header)
-                if _now - since < min_idle:
-                    continue
+            if min_idle > 0 and now - c.t_idle < min_idle:
+                continue
             c.close()
             n += 1
     return n
@@ -426,7 +432,7 @@ cdef class ProxySettings:
     the config by edgeproxy.server)."""
     cdef public size_t max_line, max_head, max_fields, resp_max_head, resp_max_fields
     cdef public long long max_body
-    cdef public double t_connect, t_read, t_send, t_header, t_keepalive
+    cdef public double t_connect, t_read, t_send, t_header, t_keepalive, t_body
     cdef public bytes server_line          # b"Server: x\r\n" or b""
     cdef public tuple hide                 # extra lower-case field names to drop
     cdef public object access_log          # object with .log(...) or None
@@ -435,7 +441,7 @@ cdef class ProxySettings:
     def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
                  max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,
                  t_connect=5.0, t_read=60.0, t_send=60.0, t_header=10.0, t_keepalive=75.0,
-                 server_header="", hide=(), access_log=None, normalize_target=False):
+                 t_body=60.0, server_header="", hide=(), access_log=None, normalize_target=False):
         self.max_line = max_line
         self.max_head = max_head
         self.max_fields = max_fields
@@ -447,6 +453,7 @@ cdef class ProxySettings:
         self.t_send = t_send
         self.t_header = t_header
         self.t_keepalive = t_keepalive
+        self.t_body = t_body
         if "\r" in server_header or "\n" in server_header:
             raise ValueError("server_header must not contain CR or LF")
         self.server_line = (b"Server: " + server_header.encode("latin-1") + b"\r\n") if server_header else b""
@@ -485,6 +492,8 @@ cdef class Backend:
     cdef public bint ejected
     cdef public double eject_until
     cdef public int ejections        # in a row: the ejection time doubles
+    cdef bint close_seen             # a fresh connection closed before answering since its last answer
+    cdef unsigned long long close_sig  # ... for this request (balance.pyx _request_sig)
     cdef public double up_since      # when it last became available (slow start)
     cdef bint seen_up
     cdef long long cw                # smooth weighted round-robin's current weight
@@ -574,6 +583,32 @@ cdef class Backend:
         asyncio.get_running_loop().create_task(_connect(self, c))
 
 
+# Errors that say this host is out of something (descriptors, ports,
+# buffers, memory), not that the backend is sick: they never count against
+# it, and no other backend would do better.
+RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EADDRNOTAVAIL,
+                             errno.ENOMEM))
+cdef dict _resource_logged = {}      # kind -> [when it last logged (_mono), errors not logged since]
+
+
+def resource_error(str kind, str what):
+    """Log that this host ran out of a resource, at error level and at most
+    once a second per kind ("connect", "accept"): when descriptors run out,
+    every connection meets it."""
+    cdef double now = _mono()
+    cdef list seen = _resource_logged.get(kind)
+    if seen is None:
+        seen = _resource_logged[kind] = [-1e9, 0]
+    if now - <double>seen[0] < 1.0:
+        seen[1] += 1
+        return
+    _log.error("%s: this host is out of descriptors, ports or memory (see Limits in "
+               "docs/operations.md)%s", what,
+               f"; {seen[1]} more in the last second" if seen[1] else "")
+    seen[0] = now
+    seen[1] = 0
+
+
 async def _connect(Backend b, ClientConn c):
     loop = asyncio.get_running_loop()
     try:
@@ -593,6 +628,10 @@ async def _connect(Backend b, ClientConn c):
         c._upstream_failed(b, 502)
         return
     except Exception as exc:
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS):
+            resource_error("connect", f"backend {b.name}: connect failed: {exc}")
+            c._upstream_failed(b, 503, 0)
+            return
         _log.warning("backend %s: connect failed: %s", b.name, exc)
         _note_failure(b, "connect: " + (exc.strerror if isinstance(exc, OSError) and exc.strerror
                                         else type(exc).__name__))
@@ -883,6 +922,7 @@ cdef class ClientConn(Stream):
         int req_minor
         bint req_upgrade
         bint req_done
+        bint expect_wait            # the client waits for 100 (Continue) before its body
         bint resp_started
         bint resp_keep
         int paused
@@ -890,6 +930,7 @@ cdef class ClientConn(Stream):
         bint eof
         public double deadline
         int nreq
+        double t_idle             # _mono() when it last had no request (accepted, or one ended)
         bytes peer
         bytes fwd_for
         bytes subject             # verified client certificate subject (mTLS), or None
@@ -941,6 +982,7 @@ cdef class ClientConn(Stream):
             if subj:
                 self.subject = subj.encode("utf-8")
         self.deadline = _now + self.cfg.t_header
+        self.t_idle = _mono()
         _conns.add(self)
         _m[M_CONNECTIONS] += 1
         if self.lst.phases is not None and self.lst.phases.wants & (1 << PHASE_CONNECT):
@@ -972,7 +1014,9 @@ cdef class ClientConn(Stream):
 
     def resume_writing(self):
         self.writing_paused = 0
-        if self.state != C_HEAD:
+        if self.state == C_BODY and self.paused == 0:
+            self.deadline = _now + self.cfg.t_body
+        elif self.state != C_HEAD:
             self.deadline = 0
         if self.up is not None:
             self.up._resume()
@@ -982,6 +1026,11 @@ cdef class ClientConn(Stream):
     cdef void _pause(self, int why):
         if self.paused == 0 and self.transport is not None:
             self.transport.pause_reading()
+            if self.state == C_BODY and not self.writing_paused:
+                # the body waits on the backend side now (connect, max_conns
+                # queue, a backend not taking it): those timeouts run, the
+                # client's body timeout does not
+                self.deadline = 0
         self.paused |= why
 
     cdef void _resume(self, int why):
@@ -990,6 +1039,8 @@ cdef class ClientConn(Stream):
         self.paused &= ~why
         if self.paused == 0 and self.transport is not None and self.state != C_CLOSED:
             self.transport.resume_reading()
+            if self.state == C_BODY and not self.writing_paused:
+                self.deadline = _now + self.cfg.t_body
 
     cdef void _stash(self, object owner, const char *base, size_t off, size_t n):
         """Keep base[off:n] for later, without sharing the owner's memory."""
@@ -1029,7 +1080,8 @@ cdef class ClientConn(Stream):
                     # (the request had no body)
                 off += _parser.head_len
             elif self.state == C_BODY:
-                self.deadline = _now + self.cfg.t_read
+                self.deadline = _now + self.cfg.t_body
+                self.expect_wait = 0
                 if self.body_kind == B_LENGTH:
                     k = n - off
                     if k > self.body_left:
@@ -1093,8 +1145,16 @@ cdef class ClientConn(Stream):
         if self.body_buf is not None and self.ctx is not None and self.ctx.body_wait:
             self._request_body_phase()
             return
-        if self.up is not None and not self.up.got_bytes:
+        # the wait for the final response head starts (an interim 100 may
+        # have come already: it does not count)
+        if self.up is not None and self.up.state == U_HEAD and not self.up.paused:
             self.up.deadline = _now + self.cfg.t_read
+
+    cdef inline void _body_wait(self, bint expect):
+        """The request has a body to come: time the client's first body
+        byte, or first (with "Expect: 100-continue") the backend's 100."""
+        self.expect_wait = expect
+        self.deadline = _now + (CONTINUE_WAIT if expect else self.cfg.t_body)
 
     # -- one request --
 
@@ -1122,6 +1182,7 @@ cdef class ClientConn(Stream):
         self.req_upgrade = hp.upgrade
         self.body_kind = hp.body
         self.resp_started = 0
+        self.expect_wait = 0
         self.retried = 0
         self.attempts = 0
         self.tried = 0
@@ -1164,7 +1225,7 @@ cdef class ClientConn(Stream):
         _budget_note_request()
         b = pool.pick(self.hkey, 0)
         if b is None and not pool.busy:
-            self._reply_unavailable(pool.retry_after(), hp.body == B_NONE)
+            self._reply_unavailable(1, hp.body == B_NONE)
             return -1
         head = self._build_request_head(hp, b if b is not None else <Backend>pool.backends[0])
         if hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0):
@@ -1173,6 +1234,7 @@ cdef class ClientConn(Stream):
         else:
             self.req_done = 0
             self.state = C_BODY
+            self._body_wait(hp.expect_continue)
         return self._send_picked(pool, b, head)
 
     cdef int _send_to_pool(self, Pool pool, bytes head) except -2:
@@ -1182,7 +1244,7 @@ cdef class ClientConn(Stream):
         _budget_note_request()
         b = pool.pick(self.hkey, 0)
         if b is None and not pool.busy:
-            self._reply_unavailable(pool.retry_after(), self.req_done)
+            self._reply_unavailable(1, self.req_done)
             return -1
         return self._send_picked(pool, b, head)
 
@@ -1251,9 +1313,18 @@ cdef class ClientConn(Stream):
         self.route = route
         self.req_done = not has_body
         self.state = C_BODY if has_body else C_WAIT
+        if has_body:
+            self._body_wait(hp.expect_continue)
         self.upq = []              # body bytes wait here while the hooks decide
         if has_body and ch.wants & (1 << PHASE_REQUEST_BODY):
             self.body_buf = bytearray()
+            if hp.expect_continue and self.req_minor == 1:
+                # the body is read here before a backend is asked: say so now
+                # (as nginx does when it reads the body itself)
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.expect_wait = 0
+                self.deadline = _now + self.cfg.t_body
+                ctx.drop_expect = 1
         if ch.wants & (1 << PHASE_REQUEST):
             v = _run_phase(ctx, PHASE_REQUEST, 0, None, self._hook_done)
         if v == PH_HELD:
@@ -1333,12 +1404,12 @@ cdef class ClientConn(Stream):
         if ctx.backend is not None:
             b = pool.backend_named(ctx.backend)
             if b is None or not _available(b):
-                self._reply_unavailable(pool.retry_after(), self.req_done)
+                self._reply_unavailable(1, self.req_done)
                 return -1
         else:
             b = pool.pick(self.hkey, 0)
             if b is None and not pool.busy:
-                self._reply_unavailable(pool.retry_after(), self.req_done)
+                self._reply_unavailable(1, self.req_done)
                 return -1
         head = self._build_request_head(hp, b if b is not None else <Backend>pool.backends[0])
         ctx.request_id = self.req_id.decode("latin-1") if self.req_id is not None else None
@@ -1682,6 +1753,7 @@ cdef class ClientConn(Stream):
         u.state = U_HEAD
         u.reused = reused
         u.got_bytes = 0
+        u.interim = 0
         u.pending = None
         u.pending_seen = 0
         # the read timeout runs once the request is sent whole; while its
@@ -1742,11 +1814,11 @@ cdef class ClientConn(Stream):
         else:
             self._linger()
 
-    cdef _upstream_failed(self, Backend b, int status):
+    cdef _upstream_failed(self, Backend b, int status, bint retry=1):
         if self.state >= C_LINGER or self.backend is not b or self.upq is None:
             return
         # nothing reached the backend: any request may go to another one
-        if self._try_other():
+        if retry and self._try_other():
             return
         self.upq = None
         self._resume(P_CONNECT)
@@ -1819,9 +1891,8 @@ cdef class ClientConn(Stream):
         self.upq = None
         self.queued = 0
         if keep:
-            self.state = C_HEAD
-            self.deadline = _now + self.cfg.t_keepalive
             self._resume(P_CONNECT)
+            self._next_request()
         else:
             self._linger()
 
@@ -1946,7 +2017,6 @@ cdef class ClientConn(Stream):
 
     cdef void _response_done(self):
         """The backend's response has been passed on whole."""
-        cdef object owner
         if self.in_req:
             self._request_end(self.resp_status)
         if self.stage is not None:
@@ -1961,21 +2031,33 @@ cdef class ClientConn(Stream):
         if not self.resp_keep or self.eof or _draining:
             self.close()
             return
+        self._next_request()
+
+    cdef void _next_request(self):
+        """The request is answered and the connection stays: wait for the
+        next one, and take at once any the client pipelined meanwhile
+        (every keep-alive answer comes here, a forwarded response or one
+        of our own errors)."""
+        cdef object owner
         self.state = C_HEAD
         self.deadline = _now + self.cfg.t_keepalive
+        # reading resumes first, so that a pipelined request that now waits
+        # for its own response pauses it again
+        self._resume(P_PIPELINE)
         if self.pending is not None:
             owner = self.pending
             self.pending = None
             self._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
-        self._resume(P_PIPELINE)
 
     cdef void _request_end(self, int status):
         """Count the request that ends here and log it; every way a request
         ends (response done, error answered, connection closed) comes here."""
-        cdef double d = _mono() - self.t_start
+        cdef double t = _mono()
+        cdef double d = t - self.t_start
         cdef long long us = <long long>(d * 1e6)
         cdef int i = 0
         self.in_req = 0
+        self.t_idle = t
         if us < 0:
             us = 0
         _m[M_ROUTES + self.route_id * 6 + (status // 100 if 100 <= status < 600 else 0)] += 1
@@ -2054,8 +2136,7 @@ cdef class ClientConn(Stream):
             self.up = None
         self.upq = None
         if keep:
-            self.state = C_HEAD
-            self.deadline = _now + self.cfg.t_keepalive
+            self._next_request()
         else:
             self._linger()
 
@@ -2106,6 +2187,17 @@ cdef class ClientConn(Stream):
                 self._reply_error(408, 0)
             else:
                 self.close()       # idle keep-alive connection
+        elif self.state == C_BODY and not self.writing_paused and not self.resp_started:
+            if self.expect_wait:
+                # no 100 (Continue) from the backend in time: let the body
+                # come anyway; the backend was told to expect it
+                self.expect_wait = 0
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.deadline = _now + self.cfg.t_body
+                return
+            _log.info("client %s: no request body for %.1fs", self.peer.decode("latin-1"),
+                      self.cfg.t_body)
+            self._reply_error(408, 0)
         else:
             _log.info("client %s: timed out (state %d)", self.peer.decode("latin-1"), self.state)
             self.close()
@@ -2177,6 +2269,7 @@ cdef class UpstreamConn(Stream):
         bint reused
         bint got_bytes
         bint paused
+        int interim              # 1xx responses to the current request
         public double deadline
 
     def __init__(self, Backend backend):
@@ -2206,8 +2299,8 @@ cdef class UpstreamConn(Stream):
                 c._retry()
             else:
                 _log.warning("backend %s: closed the connection before answering", self.backend.name)
-                if not self.reused:
-                    _note_failure(self.backend, "closed before answering")
+                if not self.reused:    # a reused one may have met the backend's idle close
+                    _note_closed_before_answer(self.backend, c.up_head)
                 c.up = None
                 if not c._retry_sent():
                     c._reply_error(502, c.req_done)
@@ -2224,7 +2317,9 @@ cdef class UpstreamConn(Stream):
             self.close()         # a backend must not talk out of turn
             return 0
         self.got_bytes = 1
-        if not self.paused:
+        # between two reads of a response body; the wait for the final
+        # response head is one timeout, however many 1xx come first
+        if not self.paused and self.state != U_HEAD:
             self.deadline = _now + self.client.cfg.t_read
         return 1
 
@@ -2240,7 +2335,7 @@ cdef class UpstreamConn(Stream):
     def resume_writing(self):
         if self.client is not None:
             self.client._resume(P_BACKPRESSURE)
-            if not self.client.req_done and not self.got_bytes:
+            if not self.client.req_done and self.state == U_HEAD:
                 self.deadline = 0
 
     cdef void _pause(self):
@@ -2316,6 +2411,15 @@ cdef class UpstreamConn(Stream):
                     return
                 off += _parser.head_len
                 if _parser.status < 200 and _parser.status != 101:
+                    self.interim += 1
+                    if self.interim > INTERIM_MAX:
+                        _log.warning("backend %s: more than %d interim responses", self.backend.name,
+                                     INTERIM_MAX)
+                        c._reply_error(502, 0)
+                        return
+                    if _parser.status == 100 and c.expect_wait:
+                        c.expect_wait = 0
+                        c.deadline = _now + c.cfg.t_body
                     # interim response: pass it on to HTTP/1.1 clients
                     if c.req_minor == 1:
                         c.transport.write(self._build_head(c, _parser, 0))
@@ -2430,7 +2534,7 @@ cdef class UpstreamConn(Stream):
         """Decide the framing toward the client and build its head into _out."""
         cdef HeadParser hp = _parser
         cdef bytes extra = None
-        if self.backend.fails or self.backend.ejections:
+        if self.backend.fails or self.backend.ejections or self.backend.close_seen:
             _note_success(self.backend)
         if c.stage is not None:
             extra = c.stage.response(c, hp, self)
@@ -2460,6 +2564,8 @@ cdef class UpstreamConn(Stream):
             self.state = U_BODY
         elif hp.body == B_CLOSE:
             self.state = U_BODY
+        if self.state == U_BODY and not self.paused:
+            self.deadline = _now + c.cfg.t_read    # from now on, between two reads
         self._build_head_into(c, hp, 1)
         if extra:                # the stage's fields (the cache's Cache-Status)
             _out.n -= 2

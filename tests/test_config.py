@@ -120,6 +120,7 @@ def test_full_file_parses_to_the_expected_dataclasses(tmp_path):
         send = 3
         header = 4
         keepalive = 5
+        body = 6
 
         [limits]
         request_line = 4096
@@ -170,7 +171,7 @@ def test_full_file_parses_to_the_expected_dataclasses(tmp_path):
             keepalive=0, keepalive_timeout=2.0,
             tls=PoolTLSConfig(verify=False, ca=f"{d}/up-ca.pem", server_name="api.internal",
                               client_cert=f"{d}/client.pem", client_key=f"{d}/client.key"))},
-        timeout=TimeoutConfig(connect=1.0, read=2.5, send=3.0, header=4.0, keepalive=5.0),
+        timeout=TimeoutConfig(connect=1.0, read=2.5, send=3.0, header=4.0, keepalive=5.0, body=6.0),
         limits=LimitsConfig(request_line=4096, header_size=16384, header_count=50, body_size=0,
                             response_header_size=1_000_000),
         log=LogConfig(level="debug", access_log=f"{d}/logs/access.log", access_format="json"),
@@ -318,6 +319,7 @@ ERROR_CASES = [
     ("[server]\nworkers = -1", "server.workers: -1 must be 0 or more"),
     ("[timeout]\nconnect = 0", "timeout.connect: 0 must be greater than 0"),
     ("[timeout]\nkeepalive = -1.5", "timeout.keepalive: -1.5 must be greater than 0"),
+    ("[timeout]\nbody = 0", "timeout.body: 0 must be greater than 0"),
     ('[limits]\nheader_size = "0KiB"', 'limits.header_size: "0KiB" must be greater than 0'),
     ("[limits]\nheader_count = 0", "limits.header_count: 0 must be greater than 0"),
     ("[limits]\nbody_size = -1", "limits.body_size: -1 must be 0 or more"),
@@ -325,6 +327,10 @@ ERROR_CASES = [
     ('[pool.x]\nbackends = ["http://h"]\nkeepalive = -1', "pool.x.keepalive: -1 must be 0 or more"),
     ('[pool.x]\nbackends = ["http://h"]\nkeepalive_timeout = 0',
      "pool.x.keepalive_timeout: 0 must be greater than 0"),
+    ('[pool.x]\nbackends = ["http://h"]\npassive.max_ejected = 0',
+     "pool.x.passive.max_ejected: 0 must be more than 0 and at most 1"),
+    ('[pool.x]\nbackends = ["http://h"]\npassive.max_ejected = 1.5',
+     "pool.x.passive.max_ejected: 1.5 must be more than 0 and at most 1"),
     ('[cache]\npath = "c"\nstale_grace = -1', "cache.stale_grace: -1 must be 0 or more"),
     ('[cache]\npath = "c"\nmax_size = "1MiB"\nmax_object = "2MiB"',
      "cache.max_object: 2097152 bytes is larger than cache.max_size (1048576 bytes)"),

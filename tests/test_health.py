@@ -1,6 +1,7 @@
 """Active and passive health end to end: a backend that stops is routed
 around with no client-visible error and gets traffic again once its checks
-pass; one prober serves every worker; `edgeproxy status` shows it all."""
+pass; one prober serves every worker, and checks backends added at run
+time too; `edgeproxy status` shows it all."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import time
 from collections import Counter
 
 import pytest
-from harness import ROOT, Client
+from harness import ROOT, Client, free_port
+from ops_support import admin
 from pool_origins import PortOrigin, ResetServer
 
 from edgeproxy.config import load_config
@@ -228,3 +230,26 @@ def test_status_shows_a_passive_ejection(proxy_factory, port_origins):
     out = run_status(proxy)
     line = next(ln for ln in out.stdout.splitlines() if dead_url in ln)
     assert "ejected (" in line
+
+
+def test_a_backend_added_at_run_time_is_checked(port_origins, proxy_factory, tmp_path):
+    a, b = port_origins(2)
+    b.health_status = 500
+    admin_port = free_port()
+    proxy = proxy_factory(config([a.url], HEALTH, workers=2).replace(
+        "[server]\n", f'[server]\nadmin = "127.0.0.1:{admin_port}"\n'
+                      f'pid_file = "{tmp_path}/edgeproxy.pid"\n'))
+    wait_for(lambda: backend_state(proxy, a.url), 5, "the state file")
+    assert admin(admin_port, "PUT", f"/pools/web/backends/127.0.0.1:{b.port}").status == 200
+    wait_for(lambda: (backend_state(proxy, b.url) or {}).get("state") == "down", 5,
+             "the added backend probed and down")
+    assert backend_state(proxy, b.url)["check"]["status"] == 500
+    before = b.traffic()
+    with Client(proxy.port) as c:
+        for _ in range(10):
+            assert c.request("GET", "/size/1").status == 200
+        assert b.traffic() == before              # a down backend gets nothing
+        b.health_status = 200
+        wait_for(lambda: (backend_state(proxy, b.url) or {}).get("state") == "up", 5, "back up")
+        wait_for(lambda: c.request("GET", "/size/1").status == 200 and b.traffic() > before,
+                 5, "traffic to it")

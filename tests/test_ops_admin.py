@@ -1,18 +1,21 @@
 """The admin listener against a real supervisor: Prometheus metrics summed
 over workers (and kept when a worker dies), /status, taking backends out,
-in, adding and removing them, the config checks of `server.admin`, and the
-status page rendered by headless Chromium."""
+in, adding and removing them (with `edgeproxy status` showing the same),
+the config checks of `server.admin`, and the status page rendered by
+headless Chromium."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
-from harness import Client, Origin
-from ops_support import admin, metrics, start, status, wait_until, worker_pids
+from harness import ROOT, Client, Origin
+from ops_support import admin, json_lines, metrics, start, status, wait_until, worker_pids
 
 from edgeproxy.config import ConfigError, parse_config
 
@@ -51,7 +54,9 @@ def test_metrics_sum_the_workers_and_survive_a_dead_one(proxy_factory, tmp_path,
     assert after["edgeproxy_worker_restarts_total"] == 1
     with Client(proxy.port) as c:
         c.request("GET", "/size/1")
-    assert metrics(port)[f'edgeproxy_requests_total{{{ROUTE},code="2xx"}}'] == 7
+    # counted when the request ends, just after its response is sent
+    wait_until(lambda: metrics(port)[f'edgeproxy_requests_total{{{ROUTE},code="2xx"}}'] == 7,
+               what="the new request counted")
 
 
 def test_status_json(proxy_factory, tmp_path, origin):
@@ -156,3 +161,92 @@ def test_status_page_in_chromium(proxy_factory, tmp_path, origin):
     assert '<b id="total">3</b>' in dom
     assert '<b id="workers">1</b>' in dom
     assert '<div id="error"></div>' in dom       # no fetch error shown
+
+
+def test_an_added_backend_keeps_every_ticker_running(proxy_factory, tmp_path, origin):
+    """A backend added at run time gets its health slot in every worker: the
+    workers' tickers go on (access log, Date, timeout.header) and it shows
+    as up while it serves."""
+    log_path = tmp_path / "access.log"
+    proxy, port = start(proxy_factory, tmp_path, origin.url, workers=2, admin=True,
+                        extra=f'[timeout]\nheader = 1.0\n[log]\naccess_log = "{log_path}"\n'
+                              'access_format = "json"\n')
+    second = Origin().start()
+    try:
+        added = f"127.0.0.1:{second.port}"
+        assert admin(port, "PUT", f"/pools/web/backends/{added}").status == 200
+        wait_until(lambda: _get(proxy.port) == 200 and second.requests, what="traffic to the new one")
+        # the Date line advances
+        with Client(proxy.port) as c:
+            first = c.request("GET", "/size/1").header("date")
+            wait_until(lambda: c.request("GET", "/size/1").header("date") != first,
+                       timeout=5, every=0.2, what="a new Date")
+        # timeout.header is enforced
+        with Client(proxy.port) as c:
+            c.send(b"GET / HTTP/1.1\r\nHost: a\r\n")      # never finished
+            c.sock.settimeout(8)
+            assert c.sock.recv(4096).startswith(b"HTTP/1.1 408")
+        # every request so far reaches the access log (the tickers flush it)
+        sent = len(origin.requests) + len(second.requests) + 1      # + the 408
+        wait_until(lambda: len(json_lines(log_path)) == sent, what="the log lines")
+        # it shows as up, with its requests counted
+        entry = wait_until(lambda: [b for b in status(port)["backends"]
+                                    if b["backend"] == added and b["up"]
+                                    and b["requests"] == len(second.requests)],
+                           what="the new one up")
+        assert len(entry) == 1
+        assert "Traceback" not in proxy.log()
+    finally:
+        second.stop()
+
+
+def _cli_status(proxy) -> dict | None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "edgeproxy", "status", "-c", str(proxy.config_path),
+                          "--json"], capture_output=True, text=True, env=env, timeout=20)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def _agree(proxy, port) -> dict | None:
+    """{backend: (drained, requests)} when `edgeproxy status` and /status say
+    the same of every backend, else None."""
+    cli = _cli_status(proxy)
+    if cli is None:
+        return None
+    shown = {b["backend"]: (b["drained"], b["requests"]) for p in cli["pools"] for b in p["backends"]}
+    admin_ = {b["backend"]: (b["drained"], b["requests"]) for b in status(port)["backends"]}
+    return shown if shown == admin_ else None
+
+
+def test_edgeproxy_status_agrees_with_the_admin_status(proxy_factory, tmp_path, origin):
+    proxy, port = start(proxy_factory, tmp_path, origin.url, workers=2, admin=True)
+    first = f"127.0.0.1:{origin.port}"
+    for _ in range(3):
+        assert _get(proxy.port) == 200
+    second = Origin().start()
+    try:
+        added = f"127.0.0.1:{second.port}"
+        assert admin(port, "PUT", f"/pools/web/backends/{added}").status == 200
+        assert admin(port, "POST", f"/backends/web/{first}/drain").status == 200
+        for _ in range(4):
+            assert _get(proxy.port) == 200
+        assert len(second.requests) == 4 and len(origin.requests) == 3
+        shown = wait_until(lambda: _agree(proxy, port), what="the same backends")
+        assert shown == {first: (True, 3), added: (False, 4)}
+        text = subprocess.run([sys.executable, "-m", "edgeproxy", "status", "-c",
+                               str(proxy.config_path)], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=20).stdout
+        assert "drained" in text and f"http://{added}" in text
+        # enabled again: neither says drained any more
+        assert admin(port, "POST", f"/backends/web/{first}/enable").status == 200
+        assert wait_until(lambda: _agree(proxy, port), what="enabled")[first] == (False, 3)
+        # a reload forgets the admin's changes but not the requests counted
+        assert admin(port, "POST", "/reload").status == 200
+        wait_until(lambda: [w["generation"] for w in status(port)["workers"]] == [2, 2],
+                   what="the old workers gone")
+        assert wait_until(lambda: _agree(proxy, port), what="after the reload") == {first: (False, 3)}
+        assert _get(proxy.port) == 200
+        assert wait_until(lambda: (s := _agree(proxy, port)) and s[first][1] == 4 and s,
+                          what="counting on") == {first: (False, 4)}
+    finally:
+        second.stop()

@@ -1,5 +1,8 @@
 """The supervisor and its workers as real processes: shared sockets, a dead
-worker replaced, graceful stop on SIGTERM/SIGINT, SIGQUIT at once."""
+worker replaced (after growing delays when replacements die at start-up,
+until the supervisor gives up when none can start), graceful stop on
+SIGTERM/SIGINT, SIGQUIT at once, start-up failures that exit non-zero with
+one clear line, a worker's ticker that outlives a failing step."""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import threading
 import time
 
 import pytest
-from harness import Client, free_port, simple_config
-from ops_support import start, status, wait_until, worker_pids
+from harness import ROOT, Client, free_port, simple_config, wait_port
+from ops_support import json_lines, start, status, wait_until, worker_pids
 
 
 def test_workers_serve_and_a_dead_worker_is_replaced(proxy_factory, tmp_path, origin):
@@ -144,3 +147,177 @@ def test_sighup_as_soon_as_the_port_opens(tmp_path, origin, supervised):
         finally:
             proc.terminate()
             proc.wait(15)
+
+
+# A worker in its own process whose health-board step fails on every tick
+# (as a KeyError in it once did): the only thing not real is that fault.
+BROKEN_TICK_WORKER = """
+import sys
+from edgeproxy.cli import setup_logging
+from edgeproxy.config import load_config
+from edgeproxy.server.worker import Worker, bind_socket
+
+def broken(*args):
+    raise RuntimeError("the board is broken")
+
+setup_logging("info")
+config = load_config(sys.argv[1])
+worker = Worker(config, [bind_socket(lc) for lc in config.listen])
+worker.board.write_worker = broken
+sys.exit(worker.run())
+"""
+
+
+def test_a_failing_tick_step_is_logged_once_and_the_ticker_goes_on(tmp_path, origin):
+    port = free_port()
+    log_path = tmp_path / "access.log"
+    cfg = tmp_path / "edgeproxy.toml"
+    cfg.write_text(f'[[listen]]\nbind = "127.0.0.1:{port}"\n\n' + simple_config(
+        origin.url, f'[timeout]\nheader = 1.0\n[log]\naccess_log = "{log_path}"\n'
+                    'access_format = "json"\n'))
+    err = tmp_path / "worker.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", BROKEN_TICK_WORKER, str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=f, env=env)
+    try:
+        wait_port(port, proc)
+        with Client(port) as c:
+            first = c.request("GET", "/size/1").header("date")
+            wait_until(lambda: c.request("GET", "/size/1").header("date") != first,
+                       timeout=5, every=0.2, what="a new Date")
+            # a few more seconds of ticks, each one meeting the broken step
+            second = c.request("GET", "/size/1").header("date")
+            wait_until(lambda: c.request("GET", "/size/1").header("date") != second,
+                       timeout=5, every=0.2, what="another new Date")
+        with Client(port) as c:
+            c.send(b"GET / HTTP/1.1\r\nHost: a\r\n")      # never finished
+            c.sock.settimeout(8)
+            assert c.sock.recv(4096).startswith(b"HTTP/1.1 408")
+        wait_until(lambda: len(json_lines(log_path)) == len(origin.requests) + 1,
+                   what="every request in the access log")
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    text = err.read_text()
+    assert text.count("ticker: health board failed") == 1, text
+    assert text.count("Traceback") == 1 and "RuntimeError: the board is broken" in text
+
+
+def _with_cache(tmp_path):
+    """A caching route and its cache directory: each new worker opens it
+    (after fork), so turning the path into a file makes new workers fail
+    at start-up while the running ones keep the store they opened."""
+    cache = tmp_path / "cache"
+    extra = (f'[[route]]\npath = "/cached/"\npool = "web"\ncache = true\n\n'
+             f'[cache]\npath = "{cache}"\nmax_size = "16MiB"\nmax_object = "1MiB"\n')
+
+    def block():
+        cache.rename(tmp_path / "cache.away")
+        cache.write_text("not a directory")
+
+    def unblock():
+        cache.unlink()
+        (tmp_path / "cache.away").rename(cache)
+
+    return extra, block, unblock
+
+
+def _settled(admin_port):
+    """Wait until every worker has lived past the quick-death time, so that
+    killing one is an ordinary death (replaced at once)."""
+    wait_until(lambda: all(w["uptime"] > 1.2 for w in status(admin_port)["workers"]),
+               what="workers older than a second")
+
+
+def test_workers_that_die_before_ready_are_replaced_with_back_off(proxy_factory, tmp_path, origin):
+    extra, block, unblock = _with_cache(tmp_path)
+    proxy, admin_port = start(proxy_factory, tmp_path, origin.url, workers=2, admin=True,
+                              extra=extra)
+    pids = wait_until(lambda: len(p := worker_pids(admin_port)) == 2 and p, what="two workers")
+    _settled(admin_port)
+    block()
+    os.kill(pids[0], signal.SIGKILL)
+    # its replacements fail at start-up; each is replaced after a longer delay
+    wait_until(lambda: "starting another in 1s (quick death 2 in a row)" in proxy.log(),
+               what="two quick deaths")
+    assert "starting another in 0.5s (quick death 1 in a row)" in proxy.log()
+    unblock()
+    wait_until(lambda: len(p := [w for w in status(admin_port)["workers"]
+                                 if w["state"] == "serving"]) == 2 and pids[0] not in p,
+               timeout=15, what="two workers serving again")
+    log = proxy.log()
+    assert "exists and is not a directory" in log
+    # a worker that chose to exit (SystemExit(1)) is no crash: no traceback
+    assert "crashed" not in log and "Traceback" not in log
+    for line in log.splitlines():
+        if "exited before it was ready" in line:
+            pid = line.split("worker ")[1].split()[0]
+            assert log.count(f"worker {pid} exited before it was ready") == 1
+    assert proxy.proc.poll() is None
+    for _ in range(4):
+        with Client(proxy.port) as c:
+            assert c.request("GET", "/size/3").status == 200
+
+
+def test_no_worker_can_start_exits_non_zero(proxy_factory, tmp_path, origin):
+    extra, block, _ = _with_cache(tmp_path)
+    proxy, admin_port = start(proxy_factory, tmp_path, origin.url, admin=True, extra=extra)
+    [pid] = worker_pids(admin_port)
+    _settled(admin_port)
+    block()
+    os.kill(pid, signal.SIGKILL)
+    # replaced at once, then after 0.5, 1, 2 and 4 s; the fifth quick death ends it
+    assert proxy.proc.wait(30) == 1
+    log = proxy.log()
+    assert log.count("none serves; exiting") == 1
+    assert "5 workers in a row died within 1s of their start and none serves; exiting" in log
+    assert "signal SIGTERM" not in log and "Traceback" not in log
+    with pytest.raises(ConnectionRefusedError):
+        Client(proxy.port)
+
+
+def _run_to_exit(tmp_path, body: str, timeout: float = 30) -> tuple[int, str]:
+    """`edgeproxy run` on a config that must not start: (exit code, its log)."""
+    cfg = tmp_path / "fails.toml"
+    cfg.write_text(f'[server]\npid_file = "{tmp_path}/fails.pid"\n' + body)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "edgeproxy", "run", "-c", str(cfg)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=env, timeout=timeout)
+    return out.returncode, out.stderr
+
+
+def test_an_admin_port_in_use_fails_the_start(tmp_path, origin):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        admin_port = taken.getsockname()[1]
+        port = free_port()
+        code, log = _run_to_exit(tmp_path, f'admin = "127.0.0.1:{admin_port}"\n\n'
+                                 f'[[listen]]\nbind = "127.0.0.1:{port}"\n\n'
+                                 + simple_config(origin.url))
+    finally:
+        taken.close()
+    assert code == 1, log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"admin listener 127.0.0.1:{admin_port}: Address already in use"), log
+    assert "SIGTERM" not in log and "worker" not in log       # no worker was started
+    with pytest.raises(ConnectionRefusedError):
+        Client(port)
+
+
+def test_a_worker_that_cannot_start_is_reported_once(tmp_path, origin):
+    (tmp_path / "cache").write_text("not a directory")
+    port = free_port()
+    code, log = _run_to_exit(tmp_path, f'\n[[listen]]\nbind = "127.0.0.1:{port}"\n\n'
+                             + simple_config(origin.url, f'[[route]]\npath = "/c/"\npool = "web"\n'
+                                             f'cache = true\n\n[cache]\npath = "{tmp_path}/cache"\n'
+                                             'max_size = "16MiB"\nmax_object = "1MiB"\n'))
+    assert code == 1, log
+    assert "exists and is not a directory" in log
+    # SystemExit(1) from the worker is its chosen exit, not a crash
+    assert "crashed" not in log and "Traceback" not in log, log
+    assert log.count("exited before it was ready (exit code 1)") == 1, log

@@ -431,3 +431,19 @@ def test_hooks_match_on_the_normal_path(env):
         r = get(env, "rewrite.test", target)
         assert r.status == 200, target
         assert r.json()["target"] == "/echo?moved=1", target
+
+
+def test_expect_continue_with_a_body_hook_is_answered_at_once(env):
+    """The proxy reads the body itself for request_body hooks, so it says
+    100 Continue at once (not after the backend's wait) and the backend is
+    not asked to say it again."""
+    with Client(env["proxy"].port) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: body.test\r\nContent-Length: 5\r\n"
+               b"Expect: 100-continue\r\n\r\n")
+        c.sock.settimeout(0.5)
+        assert c.sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        c.sock.settimeout(5)
+        c.send(b"hello")
+        r = c.read_response()
+    assert r.status == 200 and r.json()["body_len"] == 5
+    assert seen_last(env["a"]).header("Expect") is None

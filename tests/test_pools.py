@@ -287,17 +287,20 @@ def run_requests_fresh(port, n):
     return statuses
 
 
-def test_503_with_retry_after_when_every_backend_is_ejected(proxy_factory):
+def test_the_last_available_backend_is_never_ejected(proxy_factory):
+    from pool_origins import PortOrigin
     dead = ResetServer()
     dead.stop()
     proxy = proxy_factory(config([f"http://127.0.0.1:{dead.port}"],
-                                 "passive.failures = 1\npassive.eject = 5.0"))
+                                 "passive.failures = 1\npassive.eject = 30.0"))
     with Client(proxy.port) as c:
-        assert c.request("GET", "/").status == 502
-        r = c.request("GET", "/")
-    assert r.status == 503
-    assert r.header("retry-after") in ("4", "5")
-    assert "ejected for 5.0s" in proxy.log()
+        assert [c.request("GET", "/").status for _ in range(3)] == [502] * 3
+    assert "not ejected: it is the last available backend of the pool" in proxy.log()
+    back = PortOrigin(dead.port).start()     # it comes back: served at once, not 503 for 30 s
+    try:
+        assert run_requests(proxy.port, 5) == {200: 5}
+    finally:
+        back.stop()
 
 
 def test_max_conns_queues_then_serves(origins, proxy_factory):
@@ -382,11 +385,12 @@ def test_pool_config_reaches_the_compiled_pool():
         ["http://127.0.0.1:2 weight=3", "http://127.0.0.1:3 backup"],
         'balance = "hash"\nhash_key = "cookie:sid"\nretries = 1\nmax_conns = 7\n'
         'queue_timeout = 2.5\nslow_start = 4.0\npassive.failures = 2\npassive.eject = 3.0\n'
+        'passive.max_ejected = 0.25\n'
         'health.path = "/h"\nhealth.expect = "204"')
     cfg = parse_config(text)
     assert cfg.pools["web"].health.expect == (204, 204)
     pool = build_pools(cfg)["web"]
     assert (pool.balance, pool.hash_key, pool.retries, pool.max_conns, pool.queue_timeout,
-            pool.slow_start, pool.fail_max, pool.eject_base) == \
-        ("hash", "cookie:sid", 1, 7, 2.5, 4.0, 2, 3.0)
+            pool.slow_start, pool.fail_max, pool.eject_base, pool.max_ejected) == \
+        ("hash", "cookie:sid", 1, 7, 2.5, 4.0, 2, 3.0, 0.25)
     assert [b.weight for b in pool.backends] == [3, 1] and pool.backends[1].backup

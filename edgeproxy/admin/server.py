@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -139,8 +140,25 @@ def _only(method: str, allowed: str):
     return None if method == allowed else (405, {"error": f"use {allowed}"})
 
 
-async def start_admin(supervisor, host: str, port: int) -> asyncio.AbstractServer:
+def bind_admin(host: str, port: int) -> socket.socket:
+    """The admin listener's socket, bound before any worker starts so that
+    an address in use fails the start (OSError) rather than a running proxy."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def start_admin(supervisor, sock: socket.socket) -> asyncio.AbstractServer:
+    """Serve the admin endpoints on sock (from bind_admin)."""
     admin = AdminServer(supervisor)
-    server = await asyncio.start_server(admin.handle, host, port, limit=MAX_HEAD)
+    server = await asyncio.start_server(admin.handle, sock=sock, limit=MAX_HEAD)
+    host, port = sock.getsockname()[:2]
     log.info("admin listener on http://%s:%d", host if ":" not in host else f"[{host}]", port)
     return server

@@ -605,6 +605,11 @@ def at_least(limit: float) -> Callable[[Any], str | None]:
     return check
 
 
+def share(value: Any) -> str | None:
+    """A fraction of a whole: more than 0, at most 1."""
+    return None if 0 < value <= 1 else "must be more than 0 and at most 1"
+
+
 # --- checks across keys of one table -----------------------------------------
 
 def listen_finish(values: dict, path: str, reader: Reader) -> None:
@@ -784,6 +789,7 @@ HEALTH = Table(HealthConfig, (
 PASSIVE = Table(PassiveConfig, (
     Key("failures", integer, at_least(0)),
     Key("eject", number, above(0)),
+    Key("max_ejected", number, share),
 ))
 
 POOL = Table(PoolConfig, (
@@ -819,7 +825,7 @@ SERVER = Table(ServerConfig, (
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(
-    Key(name, number, above(0)) for name in ("connect", "read", "send", "header", "keepalive")
+    Key(name, number, above(0)) for name in ("connect", "read", "send", "header", "keepalive", "body")
 ))
 
 LIMITS = Table(LimitsConfig, (

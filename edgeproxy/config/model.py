@@ -99,6 +99,7 @@ class HealthConfig:
 class PassiveConfig:
     failures: int = 5                # consecutive connect errors/resets/timeouts that eject; 0 = off
     eject: float = 10.0              # seconds out, doubled on each ejection in a row
+    max_ejected: float = 0.5         # share of the primaries (or backups) ejected at once; never the last
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class TimeoutConfig:
     send: float = 60.0               # between two writes to a backend that make progress
     header: float = 10.0             # a client must send a complete request head within this
     keepalive: float = 75.0          # an idle client connection is closed after this
+    body: float = 60.0               # between two reads of a request body (nginx's client_body_timeout)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 `health.path` on its interval, applies the rise/fall thresholds, and
 publishes each verdict on the shared board.  One instance runs per proxy
 (in the only worker, or in the monitor process when there are several), so
-a backend sees one probe per interval whatever the number of workers."""
+a backend sees one probe per interval whatever the number of workers.
+A backend added through the admin API to a checked pool is checked too."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from edgeproxy.config.model import Config, PoolConfig
-from edgeproxy.health.board import CHECK_FAIL, CHECK_PASS, Health, HealthBoard
+from edgeproxy.config.model import BackendConfig, Config, PoolConfig
+from edgeproxy.health.board import CHECK_FAIL, CHECK_PASS, Health, HealthBoard, backend_name
 from edgeproxy.health.probe import ProbeResult, probe
 
 log = logging.getLogger("edgeproxy.health")
@@ -32,43 +33,57 @@ class Verdict:
 class HealthChecker:
     config: Config
     board: HealthBoard
-    verdicts: dict[tuple[str, int], Verdict] = field(default_factory=dict)
-    _tasks: list[asyncio.Task] = field(default_factory=list)
+    verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)   # (pool, backend)
+    _tasks: dict[tuple[str, str], asyncio.Task] = field(default_factory=dict)
+    _contexts: dict[str, object] = field(default_factory=dict)   # pool -> TLS context for https
 
     def start(self) -> None:
         """One task per checked backend, on the running loop."""
-        loop = asyncio.get_running_loop()
         for name, pc in self.config.pools.items():
-            if pc.health is None:
-                continue
-            ctx = self._tls_context(name, pc)
-            for i, bc in enumerate(pc.backends):
-                if bc.scheme == "https" and ctx is None:
-                    continue
-                self.verdicts[(name, i)] = Verdict()
-                self._tasks.append(loop.create_task(self._watch(name, i, pc, ctx)))
+            for bc in pc.backends:
+                self.add(name, bc)
+
+    def add(self, name: str, bc: BackendConfig) -> None:
+        """Check this backend of pool `name` too (if the pool has checks)."""
+        pc = self.config.pools[name]
+        if pc.health is None:
+            return
+        ctx = self._tls_context(name, pc) if bc.scheme == "https" else None
+        if bc.scheme == "https" and ctx is None:
+            return
+        key = (name, backend_name(bc.host, bc.port))
+        self.remove(*key)
+        self.verdicts[key] = Verdict()
+        self._tasks[key] = asyncio.get_running_loop().create_task(self._watch(name, bc, pc, ctx))
+
+    def remove(self, name: str, backend: str) -> None:
+        task = self._tasks.pop((name, backend), None)
+        if task is not None:
+            task.cancel()
+        self.verdicts.pop((name, backend), None)
 
     def stop(self) -> None:
-        for t in self._tasks:
+        for t in self._tasks.values():
             t.cancel()
         self._tasks.clear()
 
     def _tls_context(self, name: str, pc: PoolConfig):
-        if not any(b.scheme == "https" for b in pc.backends):
-            return None
+        if name in self._contexts:
+            return self._contexts[name]
+        self._contexts[name] = None
         try:
             from edgeproxy.tls import build_client_context
         except ImportError:
             log.error("pool %s: https backends are not health-checked (no TLS support "
                       "in this build); they stay up", name)
             return None
-        return build_client_context(pc.tls)
+        self._contexts[name] = build_client_context(pc.tls)
+        return self._contexts[name]
 
-    async def _watch(self, name: str, i: int, pc: PoolConfig, ctx) -> None:
+    async def _watch(self, name: str, bc: BackendConfig, pc: PoolConfig, ctx) -> None:
         hc = pc.health
-        bc = pc.backends[i]
-        host_header = pc.tls.server_name if (ctx is not None and pc.tls.server_name) else (
-            f"[{bc.host}]:{bc.port}" if ":" in bc.host else f"{bc.host}:{bc.port}")
+        host_header = pc.tls.server_name if (ctx is not None and pc.tls.server_name) else \
+            backend_name(bc.host, bc.port)
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
@@ -76,14 +91,14 @@ class HealthChecker:
                                  expect=hc.expect, host_header=host_header,
                                  ssl=ctx if bc.scheme == "https" else None,
                                  server_hostname=pc.tls.server_name)
-            self.record(name, i, result)
+            self.record(name, bc, result)
             await asyncio.sleep(max(0.0, hc.interval - (loop.time() - started)))
 
-    def record(self, name: str, i: int, result: ProbeResult) -> None:
+    def record(self, name: str, bc: BackendConfig, result: ProbeResult) -> None:
         """Apply one probe's result to the backend's verdict and the board."""
-        pc = self.config.pools[name]
-        hc = pc.health
-        v = self.verdicts[(name, i)]
+        hc = self.config.pools[name].health
+        key = (name, backend_name(bc.host, bc.port))
+        v = self.verdicts[key]
         v.last = result
         v.when = time.time()
         if result.ok:
@@ -93,7 +108,7 @@ class HealthChecker:
                 v.up = True
                 v.changes += 1
                 log.warning("pool %s: backend %s is up (%d checks passed: %s)",
-                            name, pc.backends[i].url, v.passes, result.detail)
+                            name, bc.url, v.passes, result.detail)
         else:
             v.failures += 1
             v.passes = 0
@@ -101,8 +116,8 @@ class HealthChecker:
                 v.up = False
                 v.changes += 1
                 log.warning("pool %s: backend %s is down (%d checks failed: %s)",
-                            name, pc.backends[i].url, v.failures, result.detail)
-        self.board.write_health(name, i, Health(
+                            name, bc.url, v.failures, result.detail)
+        self.board.write_health(*key, Health(
             up=v.up, checked=CHECK_PASS if result.ok else CHECK_FAIL,
             streak=v.passes or v.failures, status=result.status, changes=v.changes,
             when=v.when))

@@ -5,6 +5,10 @@ running proxy rewrites each second and `edgeproxy status` reads and prints.
 It lives at `server.state_file`, or by default in the temp directory under
 a name derived from the configuration file's absolute path, so `edgeproxy
 status -c FILE` finds the proxy started with `edgeproxy run -c FILE`.
+
+Under a supervisor it shows what the admin `/status` shows: backends added,
+removed and drained through the admin API, and request counts that go on
+across reloads and worker restarts (the supervisor's metrics totals).
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Collection, Mapping
 
 from edgeproxy.config.model import Config
-from edgeproxy.health.board import CHECK_FAIL, CHECK_NONE, HealthBoard
+from edgeproxy.health.board import CHECK_FAIL, CHECK_NONE, HealthBoard, backend_name
 
 log = logging.getLogger("edgeproxy.health")
 
@@ -35,8 +40,13 @@ def state_path(config: Config) -> str:
     return os.path.join(tempfile.gettempdir(), f"edgeproxy-{digest}.state.json")
 
 
-def snapshot(config: Config, board: HealthBoard, checker=None, pid: int | None = None) -> dict:
-    """The state of every backend, summed over the workers."""
+def snapshot(config: Config, board: HealthBoard, checker=None, pid: int | None = None, *,
+             drained: Collection[tuple[str, str]] = (),
+             requests: Mapping[tuple[str, str], int] | None = None) -> dict:
+    """The state of every backend of `config`, summed over the workers.
+    `drained`: (pool, backend) taken out through the admin API; `requests`:
+    the requests of each (pool, backend) since the start (None: what the
+    board's workers count)."""
     now = time.time()
     rows = []
     for slot in range(board.workers):
@@ -46,14 +56,15 @@ def snapshot(config: Config, board: HealthBoard, checker=None, pid: int | None =
     pools = []
     for name, pc in config.pools.items():
         backends = []
-        for i, bc in enumerate(pc.backends):
-            k = board.index[(name, i)]
-            h = board.read_health(name, i)
+        for bc in pc.backends:
+            key = (name, backend_name(bc.host, bc.port))
+            k = board.index[key]
+            h = board.read_health(*key)
             per = [stats[k] for _, _, stats in rows]
             ejected = [s for s in per if s.ejected_left > 0]
             check = None
             if pc.health is not None and h.checked != CHECK_NONE:
-                verdict = checker.verdicts.get((name, i)) if checker is not None else None
+                verdict = checker.verdicts.get(key) if checker is not None else None
                 check = {
                     "ok": h.checked != CHECK_FAIL,
                     "status": h.status,
@@ -61,7 +72,9 @@ def snapshot(config: Config, board: HealthBoard, checker=None, pid: int | None =
                     "age": round(max(0.0, now - h.when), 1),
                     "streak": h.streak,
                 }
-            if not h.up:
+            if key in drained:
+                state = "drained"
+            elif not h.up:
                 state = "down"
             elif ejected and len(ejected) == len(per):
                 state = "ejected"
@@ -70,13 +83,16 @@ def snapshot(config: Config, board: HealthBoard, checker=None, pid: int | None =
             else:
                 state = "up"
             backends.append({
+                "backend": key[1],
                 "url": bc.url,
                 "weight": bc.weight,
                 "backup": bc.backup,
                 "state": state,
                 "healthy": h.up,
                 "active": sum(s.active for s in per),
-                "requests": sum(s.requests for s in per),
+                "requests": (sum(s.requests for s in per) if requests is None
+                             else requests.get(key, 0)),
+                "drained": key in drained,
                 "fails": max((s.fails for s in per), default=0),
                 "failures": sum(s.failures for s in per),
                 "ejected_for": round(max((s.ejected_left for s in ejected), default=0.0), 1),
@@ -117,13 +133,17 @@ def read_state(path: str) -> dict | None:
 
 class StateWriter:
     """Rewrites the state file each second on the running loop; removes it
-    when stopped."""
+    when stopped.  `view`, when given, says what the supervisor knows
+    beyond the board: (the configuration with the admin's changes, the
+    drained backends, the requests per backend since the start)."""
 
-    def __init__(self, config: Config, board: HealthBoard, checker=None, pid: int | None = None):
+    def __init__(self, config: Config, board: HealthBoard, checker=None, pid: int | None = None,
+                 view: Callable[[], tuple[Config, Collection, Mapping]] | None = None):
         self.config = config
         self.board = board
         self.checker = checker
         self.pid = pid
+        self.view = view
         self.path = state_path(config)
         self._task: asyncio.Task | None = None
         self._warned = False
@@ -133,8 +153,14 @@ class StateWriter:
 
     def write_once(self) -> None:
         # a few KiB to a local temp file: quick enough to do on the loop
+        if self.view is not None:
+            config, drained, requests = self.view()
+            data = snapshot(config, self.board, self.checker, self.pid, drained=drained,
+                            requests=requests)
+        else:
+            data = snapshot(self.config, self.board, self.checker, self.pid)
         try:
-            write_state(self.path, snapshot(self.config, self.board, self.checker, self.pid))
+            write_state(self.path, data)
         except OSError as exc:
             if not self._warned:
                 self._warned = True

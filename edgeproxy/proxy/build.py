@@ -24,6 +24,7 @@ def build_settings(config: Config, access_log=None) -> ProxySettings:
         t_send=t.send,
         t_header=t.header,
         t_keepalive=t.keepalive,
+        t_body=t.body,
         server_header=config.server.server_header,
         hide=config.server.hide_headers,
         access_log=access_log,
@@ -52,7 +53,8 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
         pools[name] = Pool(name, backends, balance=pc.balance, hash_key=pc.hash_key,
                            retries=pc.retries, max_conns=pc.max_conns,
                            queue_timeout=pc.queue_timeout, slow_start=pc.slow_start,
-                           failures=pc.passive.failures, eject=pc.passive.eject)
+                           failures=pc.passive.failures, eject=pc.passive.eject,
+                           max_ejected=pc.passive.max_ejected)
     return pools
 
 

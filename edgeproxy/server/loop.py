@@ -1,8 +1,9 @@
-"""The event loop a worker runs: uvloop, imported so that it tracks its transports in a C map (_ext.TransportsByFd), or the standard asyncio loop when EDGEPROXY_LOOP=asyncio."""
+"""The event loop a worker runs: uvloop, imported so that it tracks its transports in a C map (_ext.TransportsByFd), or the standard asyncio loop when EDGEPROXY_LOOP=asyncio; and how a worker notices that it has run out of descriptors."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import weakref
@@ -10,7 +11,7 @@ from types import ModuleType
 
 from edgeproxy import _ext
 
-__all__ = ["new_event_loop", "uvloop_module"]
+__all__ = ["new_event_loop", "uvloop_module", "check_descriptors"]
 
 
 def uvloop_module() -> ModuleType:
@@ -35,5 +36,37 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop, unless EDGEPROXY_LOOP=asyncio asks for the standard loop (the
     tests run the data plane on both, since transports differ in detail)."""
     if os.environ.get("EDGEPROXY_LOOP", "uvloop") == "asyncio":
-        return asyncio.new_event_loop()
-    return uvloop_module().new_event_loop()
+        loop = asyncio.new_event_loop()
+    else:
+        loop = uvloop_module().new_event_loop()
+    loop.set_exception_handler(_on_loop_error)
+    return loop
+
+
+def _on_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    # The standard loop reports an accept that found no descriptor once per
+    # connection waiting (up to the backlog), with a traceback each: one
+    # rate-limited line instead.
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno in _ext.RESOURCE_ERRNOS \
+            and "accept" in context.get("message", ""):
+        _ext.resource_error("accept", f"accept failed: {exc.strerror}")
+        return
+    loop.default_exception_handler(context)
+
+
+def check_descriptors() -> bool:
+    """Whether this process can still open a descriptor (the worker's
+    ticker asks once a second).  uvloop's accept, out of descriptors, closes
+    the connections waiting without telling anyone (libuv's EMFILE trick):
+    this is how that gets logged."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        _ext.resource_error("accept", f"no descriptor left, new connections are closed at accept "
+                                      f"({exc.strerror})")
+        return False
+    os.close(fd)
+    return True

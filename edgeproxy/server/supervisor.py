@@ -11,6 +11,12 @@ old ones to retire: they stop accepting, answer requests in flight with
 last connection ends or after server.drain_timeout.  Connections waiting in
 a listening socket's queue are never lost: the socket itself is shared.
 
+A worker that dies is replaced.  One that dies quickly (before it is
+ready, or within RESPAWN_QUICK_DEATH of its start) is replaced after a
+delay that doubles with each quick death in a row (RESPAWN_DELAYS); after
+RESPAWN_GIVE_UP of them in a row with no worker serving, the supervisor
+says why and exits 1 rather than hold a port nobody answers on.
+
 Signals: SIGHUP reloads, SIGTERM/SIGINT stop gracefully (server.grace),
 SIGQUIT stops at once, SIGUSR1 is passed to the workers (reopen logs).
 """
@@ -18,6 +24,7 @@ SIGQUIT stops at once, SIGUSR1 is passed to the workers (reopen logs).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import json
@@ -32,8 +39,9 @@ from dataclasses import dataclass, field
 
 from edgeproxy.config import ConfigError
 from edgeproxy.config.load import normal_host
-from edgeproxy.config.model import Config, ListenConfig
+from edgeproxy.config.model import BackendConfig, Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
+from edgeproxy.health.board import backend_name
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import SlotLabels
 from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
@@ -42,8 +50,9 @@ from edgeproxy.tls import TLSConfigError
 log = logging.getLogger("edgeproxy.supervisor")
 
 READY_TIMEOUT = 20.0        # a new worker must be serving within this
-RESPAWN_QUICK_DEATH = 1.0   # a worker dying sooner than this is replaced after a pause
-RESPAWN_PAUSE = 0.5
+RESPAWN_QUICK_DEATH = 1.0   # a worker dying sooner than this (or before it is ready) died quickly
+RESPAWN_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # before replacing it, by quick deaths in a row
+RESPAWN_GIVE_UP = 5         # quick deaths in a row with no worker serving: exit 1
 KILL_AFTER = 5.0            # beyond grace, workers still alive get SIGKILL
 
 
@@ -93,6 +102,7 @@ class Generation:
     checksum: str
     loaded_at: float
     ops: list[dict] = field(default_factory=list)   # admin changes since the load
+    live: Config | None = None                      # config with the admin's added/removed backends
     tls: dict = field(default_factory=dict)         # listen index -> ServerTLS, built here
     board: HealthBoard | None = None                # backend health shared with its workers
 
@@ -108,6 +118,12 @@ class WorkerProcess:
     retiring: bool = False
     buf: bytes = b""
     row: int = 0            # its row in the generation's health board
+    replacement: bool = False   # started to replace one that died (not by a generation start)
+
+    @property
+    def serving(self) -> bool:
+        # (a start that timed out cancels the future)
+        return self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
 
 
 class Supervisor:
@@ -123,6 +139,8 @@ class Supervisor:
         self.region: MetricsRegion | None = None
         self.stopping = False
         self.restarts = 0
+        self.quick_deaths = 0       # in a row, in the current generation
+        self.exit_code = 0
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload: dict = {}
@@ -173,15 +191,15 @@ class Supervisor:
                         tls: dict) -> Generation:
         self.gen_count += 1
         labels = SlotLabels(route_labels(config),
-                            [(name, _backend_name(b.host, b.port))
+                            [(name, backend_name(b.host, b.port))
                              for name, pc in config.pools.items() for b in pc.backends])
         board = HealthBoard(config, worker_count(config))   # shared memory: before any fork
         if self.gen is not None and self.gen.board is not None:
-            board.carry_over(self.gen.config, self.gen.board)  # health survives a reload
+            board.carry_over(self.gen.board)  # health survives a reload
         return Generation(self.gen_count, config, socks, labels, config_checksum(config),
-                          time.time(), tls=tls, board=board)
+                          time.time(), tls=tls, board=board, live=config)
 
-    def _spawn(self, gen: Generation) -> WorkerProcess:
+    def _spawn(self, gen: Generation, replacement: bool = False) -> WorkerProcess:
         slot = self.region.take()
         if slot is None:
             log.warning("no free metrics slot: this worker's requests are not counted")
@@ -204,6 +222,11 @@ class Supervisor:
                 code = Worker(gen.config, gen.socks, control=child_end, slot=ws,
                               ops=gen.ops, tls=gen.tls, board=gen.board, board_row=row,
                               monitor=False).run()
+            except SystemExit as exc:   # a chosen exit: the worker logged why
+                if isinstance(exc.code, int):
+                    code = exc.code
+                elif exc.code is not None:
+                    log.error("%s", exc.code)
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
@@ -211,7 +234,7 @@ class Supervisor:
         child_end.close()
         parent_end.setblocking(False)
         w = WorkerProcess(pid, gen, slot, parent_end, time.monotonic(),
-                          self.loop.create_future(), row=row)
+                          self.loop.create_future(), row=row, replacement=replacement)
         self.workers[pid] = w
         self.loop.add_reader(parent_end.fileno(), self._on_control, w)
         log.info("worker %d started (generation %d)", pid, gen.number)
@@ -259,29 +282,50 @@ class Supervisor:
                 continue
             self._forget(w)
             cause = _exit_cause(status)
+            ready = w.serving
             if not w.ready.done():
-                log.error("worker %d exited before it was ready (%s)", pid, cause)
                 w.ready.set_exception(RuntimeError(f"worker {pid} exited before it was ready ({cause})"))
                 w.ready.exception()   # retrieved: the waiter may be gone
-            elif self.stopping or w.retiring:
+            if self.stopping or w.retiring:
                 log.info("worker %d exited (%s)", pid, cause)
+            elif not ready and not w.replacement:
+                pass    # its generation's start fails and says why, once
             elif w.gen is self.gen:
                 self.restarts += 1
-                quick = time.monotonic() - w.started < RESPAWN_QUICK_DEATH
-                log.error("worker %d died (%s); starting another%s", pid, cause,
-                          f" in {RESPAWN_PAUSE}s" if quick else "")
-                if quick:
-                    self.loop.call_later(RESPAWN_PAUSE, self._respawn, w.gen)
-                else:
-                    self._spawn(w.gen)
+                self._replace(w, cause, ready)
             else:
                 log.warning("worker %d of an old generation exited (%s)", pid, cause)
         if self.stopping and not self.workers and self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    def _replace(self, w: WorkerProcess, cause: str, ready: bool) -> None:
+        """Start a worker in place of w, which died; after a delay when it
+        died quickly, and not at all (the supervisor exits 1) when quick
+        deaths keep coming with no worker serving."""
+        what = "died" if ready else "exited before it was ready"
+        if ready and time.monotonic() - w.started >= RESPAWN_QUICK_DEATH:
+            self.quick_deaths = 0
+            log.error("worker %d %s (%s); starting another", w.pid, what, cause)
+            self._spawn(w.gen, replacement=True)
+            return
+        self.quick_deaths += 1
+        serving = sum(1 for x in self.workers.values()
+                      if x.gen is w.gen and not x.retiring and x.serving)
+        if self.quick_deaths >= RESPAWN_GIVE_UP and not serving:
+            log.error("worker %d %s (%s): %d workers in a row died within %gs of their start "
+                      "and none serves; exiting", w.pid, what, cause, self.quick_deaths,
+                      RESPAWN_QUICK_DEATH)
+            self.exit_code = 1
+            self._stop(quick=False)
+            return
+        delay = RESPAWN_DELAYS[min(self.quick_deaths, len(RESPAWN_DELAYS)) - 1]
+        log.error("worker %d %s (%s); starting another in %gs (quick death %d in a row)",
+                  w.pid, what, cause, delay, self.quick_deaths)
+        self.loop.call_later(delay, self._respawn, w.gen)
+
     def _respawn(self, gen: Generation) -> None:
         if gen is self.gen and not self.stopping:
-            self._spawn(gen)
+            self._spawn(gen, replacement=True)
 
     def _forget(self, w: WorkerProcess) -> None:
         try:
@@ -316,8 +360,15 @@ class Supervisor:
         self._stop_health()
         self.checker = HealthChecker(gen.config, gen.board)
         self.checker.start()
-        self.state_writer = StateWriter(gen.config, gen.board, self.checker, pid=os.getpid())
+        self.state_writer = StateWriter(gen.config, gen.board, self.checker, pid=os.getpid(),
+                                        view=self._state_view)
         self.state_writer.start()
+
+    def _state_view(self):
+        # what /status shows too: the admin's changes, and requests counted
+        # since the start (across reloads and restarts)
+        gen = self.gen
+        return gen.live, _drained(gen), self.snapshot().counts.backend_requests
 
     def _stop_health(self) -> None:
         if getattr(self, "checker", None) is not None:
@@ -374,6 +425,7 @@ class Supervisor:
         old = self.gen
         self.gen = gen
         self.config = config
+        self.quick_deaths = 0
         self._start_health(gen)
         for w in list(self.workers.values()):
             if w.gen is old:
@@ -407,9 +459,20 @@ class Supervisor:
         if op["op"] == "add":
             if name in current:
                 return 409, f"{name} is already in pool {op['pool']}"
+            if len(current) >= 64:
+                return 409, f"pool {op['pool']} has 64 backends, the most a pool can have"
             if len(gen.labels.backends) >= 1024:
                 return 507, "too many backends"
+            slot = gen.board.add(op["pool"], name)   # its health slot, shared with the workers
+            if slot is None:
+                return 507, "too many backends"
+            op = {**op, "slot": slot}
             gen.labels.backends.append((op["pool"], name))
+            bc = BackendConfig(f"http://{name}", "http", op["host"], op["port"],
+                               weight=op.get("weight", 1))
+            gen.live = _with_backends(gen.live, op["pool"], gen.live.pools[op["pool"]].backends + (bc,))
+            if self.checker is not None:
+                self.checker.add(op["pool"], bc)
         elif name not in current:
             return 404, f"no backend {name} in pool {op['pool']}"
         elif op["op"] == "remove":
@@ -418,6 +481,10 @@ class Supervisor:
             for j, key in enumerate(gen.labels.backends):
                 if key == (op["pool"], name) and j not in gen.labels.removed:
                     gen.labels.removed.add(j)
+            gen.live = _with_backends(gen.live, op["pool"], tuple(
+                b for b in gen.live.pools[op["pool"]].backends if backend_name(b.host, b.port) != name))
+            if self.checker is not None:
+                self.checker.remove(op["pool"], name)
         gen.ops.append(op)
         for w in self.workers.values():
             if w.gen is gen:
@@ -453,7 +520,7 @@ class Supervisor:
             by_class[cls] = by_class.get(cls, 0) + n
             entry = routes.setdefault(route, {"route": route, "pool": pool, "requests": {}})
             entry["requests"][cls] = n
-        drained = {(op["pool"], op["backend"]) for op in self.gen.ops if op["op"] == "drain"}
+        drained = _drained(self.gen)
         backends = []
         for e in sorted(snap.backends.values(), key=lambda e: (e["pool"], e["backend"])):
             backends.append({**e, "drained": (e["pool"], e["backend"]) in drained})
@@ -466,7 +533,7 @@ class Supervisor:
                         "last": self.last_reload or None},
             "workers": [{"pid": w.pid, "generation": w.gen.number,
                          "state": "retiring" if w.retiring else
-                         ("serving" if w.ready.done() and not w.ready.exception() else "starting"),
+                         ("serving" if w.serving else "starting"),
                          "uptime": round(time.monotonic() - w.started, 3)}
                         for w in sorted(self.workers.values(), key=lambda w: w.pid)],
             "worker_restarts": self.restarts,
@@ -486,6 +553,10 @@ class Supervisor:
             return
         log.info("signal %s: %s", signal.Signals(signum).name,
                  "exiting now" if quick else f"stopping (grace {self.config.server.grace:g}s)")
+        self._stop(quick)
+
+    def _stop(self, quick: bool) -> None:
+        """Stop the workers (at once, or within server.grace) and then exit."""
         self.stopping = True
         for sock in self.socks.values():
             sock.close()      # the workers keep their own copies while they drain
@@ -546,6 +617,18 @@ class Supervisor:
             except OSError as exc:
                 log.error("%s", exc.strerror or exc)
                 return 1
+            admin_sock = None
+            if self.config.server.admin:
+                from edgeproxy.admin import bind_admin
+                try:
+                    admin_sock = bind_admin(self.config.server.admin_host,
+                                            self.config.server.admin_port)
+                except OSError as exc:
+                    log.error("admin listener %s: %s", self.config.server.admin,
+                              exc.strerror or exc)
+                    for sock in socks:
+                        sock.close()
+                    return 1
             self._adopt_sockets(self.config, socks)
             self.gen = self._new_generation(self.config, socks, self.tls)
             self._start_health(self.gen)
@@ -554,20 +637,17 @@ class Supervisor:
             except RuntimeError as exc:
                 log.error("%s", exc)
                 self.stopping = True
+                if admin_sock is not None:
+                    admin_sock.close()
                 if self.workers:
                     await asyncio.sleep(0.5)
                     self._reap()
                 return 1
         finally:
             self._reload_lock.release()
-        if self.config.server.admin:
+        if admin_sock is not None:
             from edgeproxy.admin import start_admin
-            try:
-                self.admin = await start_admin(self, self.config.server.admin_host,
-                                               self.config.server.admin_port)
-            except OSError as exc:
-                log.error("admin listener %s: %s", self.config.server.admin, exc.strerror)
-                self._on_stop(signal.SIGTERM)
+            self.admin = await start_admin(self, admin_sock)
         self._write_pid_file()
         log.info("supervisor %d: %d workers, pid file %s", os.getpid(), n, self.pid_file)
         try:
@@ -577,7 +657,7 @@ class Supervisor:
                 self.admin.close()
             self._remove_pid_file()
         log.info("supervisor %d: stopped", os.getpid())
-        return 0
+        return self.exit_code
 
     def _write_pid_file(self) -> None:
         try:
@@ -599,9 +679,23 @@ class Supervisor:
                 pass
 
 
-def _backend_name(host: str, port: int) -> str:
-    # as edgeproxy._ext.Backend.name spells it
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _with_backends(config: Config, pool: str, backends: tuple[BackendConfig, ...]) -> Config:
+    """config with the backends of one pool replaced (an admin change)."""
+    pools = dict(config.pools)
+    pools[pool] = dataclasses.replace(pools[pool], backends=backends)
+    return dataclasses.replace(config, pools=pools)
+
+
+def _drained(gen: Generation) -> set[tuple[str, str]]:
+    """(pool, backend) drained through the admin API and not enabled,
+    removed or added again since."""
+    drained: set[tuple[str, str]] = set()
+    for op in gen.ops:
+        if op["op"] == "drain":
+            drained.add((op["pool"], op["backend"]))
+        else:
+            drained.discard((op["pool"], op["backend"]))
+    return drained
 
 
 def _exit_cause(status: int) -> str:

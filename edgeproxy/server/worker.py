@@ -24,7 +24,7 @@ from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.proxy.build import Hooks
 from edgeproxy.server.accesslog import AccessLog
-from edgeproxy.server.loop import new_event_loop
+from edgeproxy.server.loop import check_descriptors, new_event_loop
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -61,7 +61,7 @@ def bind_socket(lc: ListenConfig) -> socket.socket:
 
 def _tick_interval(config: Config) -> float:
     t = config.timeout
-    shortest = min(t.connect, t.read, t.send, t.header, t.keepalive)
+    shortest = min(t.connect, t.read, t.send, t.header, t.keepalive, t.body)
     # pool ticks end ejections, notice health changes and expire queued requests
     for pc in config.pools.values():
         shortest = min(shortest, pc.queue_timeout)
@@ -110,6 +110,9 @@ class Worker:
         self._drain_deadline: float | None = None
         self._date_second = -1
         self._ticker: asyncio.Task | None = None
+        self._each_second: list = []       # the ticker's steps (_tick_steps)
+        self._each_tick: list = []
+        self._failed_steps: set[str] = set()
         self.cache = None        # EdgeCache, opened in start() (after fork)
 
     # -- clock --
@@ -120,22 +123,54 @@ class Worker:
         if wall != self._date_second:
             self._date_second = wall
             _ext.set_clock(now, b"Date: " + formatdate(wall, usegmt=True).encode() + b"\r\n")
-            if self.access_log is not None:
-                self.access_log.flush()
-            if self.tls and wall >= self._next_expiry_check:
-                self._next_expiry_check = wall + 86400
-                for stls in self.tls.values():
-                    for warning in stls.expiry_warnings():
-                        log.warning("%s", warning)
-            self.board.write_worker(self.board_row, os.getpid(), self.pools)
+            self._run_steps(self._each_second)
         else:
             _ext.set_clock(now, None)
-        _ext.expire_timeouts()
-        _ext.pools_tick()
+        self._run_steps(self._each_tick)
+
+    def _run_steps(self, steps: list[tuple[str, Callable[[], object]]]) -> None:
+        # One failing step must not stop the others, nor the ticker: the
+        # clock, timeouts and log flushes of every connection depend on it.
+        for name, step in steps:
+            try:
+                step()
+            except Exception:
+                if name not in self._failed_steps:   # once, not on every tick
+                    self._failed_steps.add(name)
+                    log.exception("ticker: %s failed (the ticker goes on; not logged again)",
+                                  name)
+
+    def _tick_steps(self) -> None:
+        """What the ticker does besides the clock: only what this worker
+        uses (set once start() has built it)."""
+        second: list[tuple[str, Callable[[], object]]] = []
+        if self.access_log is not None:
+            second.append(("access log flush", self.access_log.flush))
+        if self.tls:
+            second.append(("certificate expiry check", self._check_expiry))
+        second.append(("health board", self._write_board))
+        second.append(("descriptor check", check_descriptors))
+        tick: list[tuple[str, Callable[[], object]]] = [
+            ("timeouts", _ext.expire_timeouts), ("pools", _ext.pools_tick)]
         if self.cache is not None:
-            self.cache.sync_hot()
+            tick.append(("cache sync", self.cache.sync_hot))
         if self.slot is not None:
-            self.slot.publish(self.backends)
+            tick.append(("metrics", self._publish))
+        self._each_second, self._each_tick = second, tick
+
+    def _check_expiry(self) -> None:
+        wall = self._date_second
+        if wall >= self._next_expiry_check:
+            self._next_expiry_check = wall + 86400
+            for stls in self.tls.values():
+                for warning in stls.expiry_warnings():
+                    log.warning("%s", warning)
+
+    def _write_board(self) -> None:
+        self.board.write_worker(self.board_row, os.getpid(), self.pools)
+
+    def _publish(self) -> None:
+        self.slot.publish(self.backends)
 
     async def _run_ticker(self, interval: float) -> None:
         while True:
@@ -177,6 +212,7 @@ class Worker:
             self.servers.append(srv)
             log.info("listening on %s://%s (pid %d)", "https" if ssl_ctx else "http", lc.bind,
                      os.getpid())
+        self._tick_steps()
         self._ticker = self.loop.create_task(self._run_ticker(_tick_interval(self.config)))
 
     def drain(self, timeout: float) -> None:
@@ -258,6 +294,9 @@ class Worker:
             b = _ext.Backend(op["host"], op["port"], weight=op.get("weight", 1),
                              idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
                              t_connect=self.config.timeout.connect)
+            # its health slot: the supervisor gave it one on the shared board
+            self.board.place(op["pool"], name, op["slot"])
+            self.board.attach_backend(op["pool"], b)
             pool.set_backends(pool.backends + [b])
             self.backends.append(b)
             return
