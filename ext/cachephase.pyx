@@ -93,7 +93,7 @@ cdef int _start_cached(ClientConn c, Route route, HeadParser hp) except -2:
     """A request on a route with a cache phase: the phase answers it
     (respond), holds it (and later calls respond or forward), or returns
     the head to forward now (its own, e.g. a revalidation, or ours)."""
-    cdef bytes head = c._build_request_head(hp, None)
+    cdef bytes head = _request_head(c, hp, None)
     cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
     cdef object ctx = None
     c.req_done = not has_body

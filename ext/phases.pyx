@@ -1,6 +1,6 @@
 # The phase pipeline: the named points of a request at which hooks run.
 #
-# The core (proxy.pyx) owns all I/O and calls the phases in a fixed order:
+# The core (client.pyx, upstream.pyx) owns all I/O and calls the phases in a fixed order:
 #   connect -> request -> request_body -> upstream_request -> response ->
 #   error (instead of a backend's answer) -> log.
 # A PhaseChain holds, per phase, the hooks that define it (global hooks
@@ -481,3 +481,345 @@ cdef bytes _decoded_body(bytes raw, int body_kind):
         if st.phase == CS_DONE:
             break
     return b"".join(parts)
+
+
+# ---- the core's side of the phases (called from ClientConn) ----------------
+
+cdef RequestCtx _new_ctx(ClientConn c, PhaseChain ch):
+    cdef RequestCtx ctx = RequestCtx.__new__(RequestCtx)
+    ctx.chain = ch
+    ctx.client_ip = c.peer.decode("latin-1")
+    ctx.scheme = "https" if c.lst.proto == b"https" else "http"
+    ctx.vars = {}
+    ctx.log = {}
+    return ctx
+
+
+cdef void _connect_phase(ClientConn c):
+    cdef RequestCtx ctx = _new_ctx(c, c.lst.phases)
+    cdef int v
+    c.conn_ctx = ctx
+    v = _run_phase(ctx, PHASE_CONNECT, 0, None, c._hook_done)
+    if v == PH_HELD:
+        c._pause(P_HOLD)
+    elif v == PH_ANSWERED:
+        _phase_went(c, ctx, PHASE_CONNECT, v)
+
+
+cdef int _start_phased(ClientConn c, Route route, HeadParser hp, const char *head) except -2:
+    """A request on a route with hooks: the request phase, then (after
+    the body, for request_body hooks) the forward."""
+    cdef PhaseChain ch = route.phases
+    cdef RequestCtx ctx = _new_ctx(c, ch)
+    cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
+    cdef int v = PH_GO
+    ctx.route = route.index - 1
+    ctx.connection = c.conn_ctx
+    ctx._method = hp.method[:hp.method_len].decode("latin-1")
+    ctx._target = ("/" if hp.target_add_slash else "") + hp.target[:hp.target_len].decode("latin-1")
+    ctx._host = hp.host[:hp.host_len].decode("latin-1") if hp.has_host else ""
+    ctx._pool = route.pool.name
+    ctx.clen = hp.content_length if hp.body == B_LENGTH else 0
+    ctx.raw_head = PyBytes_FromStringAndSize(head, hp.head_len)
+    if _rpath_changed:       # rules match on the path routing used
+        ctx._path = _rpath[:_rpath_len].decode("latin-1")
+    c.ctx = ctx
+    c.route = route
+    c.req_done = not has_body
+    c.state = C_BODY if has_body else C_WAIT
+    if has_body:
+        c._body_wait(hp.expect_continue)
+    c.upq = []              # body bytes wait here while the hooks decide
+    if has_body and ch.wants & (1 << PHASE_REQUEST_BODY):
+        c.body_buf = bytearray()
+        if hp.expect_continue and c.req_minor == 1:
+            # the body is read here before a backend is asked: say so now
+            # (as nginx does when it reads the body itself)
+            c.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            c.expect_wait = 0
+            c.deadline = _now + c.cfg.t_body
+            ctx.drop_expect = 1
+    if ch.wants & (1 << PHASE_REQUEST):
+        v = _run_phase(ctx, PHASE_REQUEST, 0, None, c._hook_done)
+    if v == PH_HELD:
+        return 0
+    if v == PH_ANSWERED:
+        _phase_answer(c, ctx)
+        return -1
+    return _after_request_phase(c, ctx, hp)
+
+
+cdef int _after_request_phase(ClientConn c, RequestCtx ctx, HeadParser hp) except -2:
+    """The request hooks let it go on: wait for the body when request_body
+    hooks want it, then forward.  hp: the live head, or None (rebuilt
+    from the context)."""
+    if c.body_buf is not None:
+        if not c.req_done:
+            ctx.body_wait = 1      # _body_done goes on
+            return 0
+        return _request_body_phase(c, )
+    return _forward_phased(c, ctx, hp)
+
+
+cdef int _request_body_phase(ClientConn c) except -2:
+    cdef RequestCtx ctx = c.ctx
+    cdef bytes raw = bytes(c.body_buf)
+    cdef int v
+    ctx.body_wait = 0
+    c.body_buf = None
+    c.upq = [raw] if raw else []
+    v = _run_phase(ctx, PHASE_REQUEST_BODY, 0, _decoded_body(raw, c.body_kind), c._hook_done)
+    if v == PH_HELD:
+        return 0
+    if v == PH_ANSWERED:
+        _phase_answer(c, ctx)
+        return -1
+    return _forward_phased(c, ctx, None)
+
+
+cdef int _forward_phased(ClientConn c, RequestCtx ctx, HeadParser hp) except -2:
+    """Send the request as the hooks left it to its pool (or the cache)."""
+    cdef Route route = c.route
+    cdef Pool pool
+    cdef Backend b = None
+    cdef bytes src = None
+    cdef bytes head
+    cdef list rest = c.upq
+    cdef int r
+    if hp is None or ctx.modified():
+        # the strict parser checks what the hooks made, as it checks clients
+        src = _ctx_request_head(ctx, c.req_minor, c.body_kind, ctx.clen)
+        hp = _hook_parser
+        if hp.parse_request(src, len(src), 0, 1 << 16, 1 << 18, MAX_FIELDS_CAP) <= 0:
+            _m[M_HOOK_ERRORS] += 1
+            _hook_log.error("hooks made an invalid request head (%s): %r",
+                            (<bytes>hp.err_msg).decode() if hp.err_msg != NULL else "incomplete",
+                            src[:200])
+            ctx.answer = _Response(500, b"500 Internal Server Error\n")
+            _phase_answer(c, ctx)
+            return -1
+        c.req_is_head = hp.method_len == 4 and memcmp(hp.method, b"HEAD", 4) == 0
+        if _set_route_path(hp) < 0:
+            # the target a hook set has no normal form (an escaped slash, ..)
+            _m[M_HOOK_ERRORS] += 1
+            _hook_log.error("hooks set a target that is refused: %s", (<bytes>hp.err_msg).decode())
+            ctx.answer = _Response(500, b"500 Internal Server Error\n")
+            _phase_answer(c, ctx)
+            return -1
+    pool = <Pool>ctx.chain.pools.get(ctx._pool, route.pool)
+    c.hkey = pool.key_of(c, hp) if pool.algo == BAL_HASH else 0
+    c.req_idem = hp.body == B_NONE and _is_idempotent(hp.method, hp.method_len)
+    if route.phase is not None and pool is route.pool:
+        c.upq = None
+        r = route.phase.request(c, route, hp)
+        if r != R_GO:
+            _append_rest(c, rest)
+            return r
+        c.upq = rest
+    c.pool = pool
+    _budget_note_request()
+    if ctx.backend is not None:
+        b = pool.backend_named(ctx.backend)
+        if b is None or not _available(b):
+            c._reply_unavailable(1, c.req_done)
+            return -1
+    else:
+        b = pool.pick(c.hkey, 0)
+        if b is None and not pool.busy:
+            c._reply_unavailable(1, c.req_done)
+            return -1
+    head = _request_head(c, hp, b if b is not None else <Backend>pool.backends[0])
+    ctx.request_id = c.req_id.decode("latin-1") if c.req_id is not None else None
+    if ctx.chain.wants & (1 << PHASE_UPSTREAM_REQUEST):
+        head = _upstream_phase(c, ctx, head)
+        if head is None:
+            return -1
+    c.upq = None
+    r = c._send_picked(pool, b, head)
+    _append_rest(c, rest)
+    return r
+
+
+cdef void _append_rest(ClientConn c, list rest):
+    """Body bytes that arrived while the hooks ran go after the head."""
+    if not rest:
+        return
+    if c.up is not None and c.up.transport is not None:
+        c.up.transport.writelines(rest)
+        c._resume(P_CONNECT)
+    elif c.upq is not None:
+        c.upq.extend(rest)
+
+
+cdef bytes _upstream_phase(ClientConn c, RequestCtx ctx, bytes head):
+    """upstream_request hooks edit the fields of the head the backend gets."""
+    cdef int v
+    cdef list out
+    _import_api()
+    hdrs = _Headers(_split_head_fields(head), _PROTECTED_UP)
+    ctx.upstream_headers = hdrs
+    v = _run_phase(ctx, PHASE_UPSTREAM_REQUEST, 0, None, None)
+    if v == PH_ANSWERED:
+        _phase_answer(c, ctx)
+        return None
+    if not hdrs.changed:
+        return head
+    out = [head[:head.index(b"\r\n") + 2]]
+    for name, value in hdrs:
+        out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+cdef bint _response_phase(ClientConn c, HeadParser hp, UpstreamConn u) except -1:
+    """response hooks see the status and the fields the client would get;
+    1 when one answered instead (u is closed)."""
+    cdef RequestCtx ctx = c.ctx
+    cdef size_t i
+    cdef int v
+    cdef list items = []
+    _import_api()
+    for i in range(hp.nfields):
+        if _response_field_kind(hp, i, c.cfg) == RF_KEEP:
+            items.append((hp.fields[i].name[:hp.fields[i].name_len].decode("latin-1"),
+                          hp.fields[i].value[:hp.fields[i].value_len].decode("latin-1")))
+    ctx.status = hp.status
+    ctx.response_headers = _Headers(items, _PROTECTED_RESP)
+    v = _run_phase(ctx, PHASE_RESPONSE, 0, None, None)
+    if v == PH_GO and not (200 <= ctx.status <= 599):
+        _m[M_HOOK_ERRORS] += 1
+        _hook_log.error("a response hook set status %r (200-599 only)", ctx.status)
+        ctx.answer = _Response(500, b"500 Internal Server Error\n")
+        v = PH_ANSWERED
+    if v == PH_ANSWERED:
+        u.client = None
+        u.close()
+        c.up = None
+        _phase_answer(c, ctx)
+        return 1
+    ctx.resp_changed = ctx.response_headers.changed or ctx.status != hp.status
+    return 0
+
+
+cdef bint _error_phase(ClientConn c, int status, bint keep, object retry_after) except -1:
+    """error hooks may answer a 502/503/504; 1 when answered or held."""
+    cdef RequestCtx ctx = c.ctx
+    cdef int v
+    ctx.in_error = 1
+    ctx.error_status = status
+    ctx.error_keep = keep
+    ctx.status = status
+    if c.up is not None:
+        c.up.client = None
+        c.up.close()
+        c.up = None
+    c.upq = None
+    c.body_buf = None
+    c.queued = 0
+    v = _run_phase(ctx, PHASE_ERROR, 0, None, c._hook_done)
+    ctx.arg = retry_after
+    if v == PH_GO:
+        return 0
+    if v == PH_ANSWERED:
+        _phase_answer(c, ctx)
+    return 1
+
+
+cdef void _phase_went(ClientConn c, RequestCtx ctx, int phase, int v):
+    """Go on after an async hook's phase ended with v (PH_GO, PH_ANSWERED)."""
+    cdef object owner
+    if phase == PHASE_CONNECT:
+        if v == PH_GO:
+            c._resume(P_HOLD)
+            if c.pending is not None:
+                owner = c.pending
+                c.pending = None
+                c._feed(owner, PyByteArray_AS_STRING(owner), len(owner))
+        else:
+            c.conn_ctx = None
+            c.close()     # refused: nothing was asked yet, nothing to answer
+        return
+    if v == PH_ANSWERED:
+        _phase_answer(c, ctx)
+    elif phase == PHASE_REQUEST:
+        _after_request_phase(c, ctx, None)
+    elif phase == PHASE_REQUEST_BODY:
+        _forward_phased(c, ctx, None)
+    elif phase == PHASE_ERROR:
+        if ctx.error_status == 503 and ctx.arg is not None:
+            c._reply_unavailable(<int>ctx.arg, ctx.error_keep)
+        else:
+            c._reply_error(ctx.error_status, ctx.error_keep)
+
+
+cdef void _phase_answer(ClientConn c, RequestCtx ctx):
+    """Answer with the Response a hook gave (or the 500/503 of one that failed)."""
+    cdef object r = ctx.answer
+    cdef bytes head, body
+    cdef Backend b
+    cdef Scratch o
+    ctx.answer = None
+    c.body_buf = None
+    if c.up is not None:
+        c.up.client = None
+        c.up.close()
+        c.up = None
+    if c.backend is not None:
+        b = c.backend
+        c.backend = None
+        b.release()
+    c.upq = None
+    c.queued = 0
+    if c.stage is not None:
+        c._stage_end(0)
+    head = _answer_head(r, 1)
+    body = b"" if c.req_is_head else <bytes>r.body
+    if c.req_done:
+        c.respond(head, body, r.status)
+        return
+    # the body is unread: answer, then close without losing the answer
+    if c.transport is None or c.state >= C_LINGER or c.resp_started:
+        c.close()
+        return
+    o = _out
+    o.n = 0
+    o.addb(head)
+    o.addb(c.cfg.server_line)
+    o.addb(c.lst.resp_extra)
+    o.add(b"Connection: close\r\n\r\n", 21)
+    c.resp_status = r.status
+    c.resp_started = 1
+    c.resp_head_len = o.n
+    c.resp_bytes = len(body)
+    o.addb(body)
+    c.transport.write(o.take())
+    if c.in_req:
+        c._request_end(r.status)
+    c._linger()
+
+
+cdef void _log_phase(ClientConn c, RequestCtx ctx, int status, double d):
+    cdef HookCall h
+    ctx.status = status
+    ctx.duration = d
+    ctx.bytes_in = c.req_bytes
+    ctx.bytes_out = c.resp_head_len + c.resp_bytes
+    ctx.upstream = c.backend.name if c.backend is not None else None
+    for h in <list>ctx.chain.by_phase[PHASE_LOG]:
+        try:
+            r = h.fn(ctx)
+            if h.is_async:
+                _log_task(ctx, h, r)
+        except Exception as exc:
+            _m[M_HOOK_ERRORS] += 1
+            _hook_log.error("hook %s failed: %s: %s", h.name, type(exc).__name__, exc,
+                            exc_info=(type(exc), exc, exc.__traceback__))
+
+
+cdef void _drop_ctx(ClientConn c):
+    """The request ends: an async hook still running is cancelled."""
+    cdef RequestCtx ctx = c.ctx
+    c.ctx = None
+    c.body_buf = None
+    if ctx is not None and ctx.task is not None:
+        _cancel_held(ctx)

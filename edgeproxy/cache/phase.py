@@ -1,7 +1,7 @@
 """The cache phase of the proxy core: looks requests up, answers hits, stores misses as they stream, revalidates, collapses concurrent misses (across workers through fills.py).
 
 The compiled core calls it only on routes with `cache = true` (`Route.cache`),
-through these hooks (see ext/proxy.pyx, ClientConn._start_cached):
+through these hooks (see ext/cachephase.pyx, _start_cached and CacheExchange):
 
 - `CachePhase.on_request(conn, scheme, method, host, target, headers, head,
   has_body)`: answer with `conn.respond(head, body, status)` and return
