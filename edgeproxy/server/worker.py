@@ -24,6 +24,7 @@ from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.server.accesslog import AccessLog
 from edgeproxy.server.loop import new_event_loop
+from edgeproxy.server.memory import HeapTrimmer
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -110,6 +111,7 @@ class Worker:
         self._date_second = -1
         self._ticker: asyncio.Task | None = None
         self.cache = None        # EdgeCache, opened in start() (after fork)
+        self.heap = HeapTrimmer()
 
     # -- clock --
 
@@ -127,6 +129,7 @@ class Worker:
                     for warning in stls.expiry_warnings():
                         log.warning("%s", warning)
             self.board.write_worker(self.board_row, os.getpid(), self.pools)
+            self.heap.tick()
         else:
             _ext.set_clock(now, None)
         _ext.expire_timeouts()
