@@ -2,15 +2,18 @@
 process: a client that reads slowly costs it a bounded buffer while it
 stays (the client transport's high-water mark plus one read), and what
 those buffers took goes back to the system after the clients leave
-(edgeproxy.server.memory), crowd after crowd."""
+(edgeproxy.server.memory), crowd after crowd; a TLS connection does not
+keep the size of the largest response it carried."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from pathlib import Path
 
-from harness import simple_config
+from harness import Client, simple_config
+from tlsutil import CA
 
 READERS = 100
 PER_READER_KIB = 512         # measured: ~265 KiB each (was ~800 KiB with a 512 KiB high-water mark)
@@ -74,3 +77,31 @@ def test_slow_readers_cost_a_bounded_buffer_that_is_returned(origin, proxy_facto
         assert after <= RETURNED_SLACK_KIB, \
             f"crowd {crowd}: {after >> 10} MiB still held after the readers left (during: {during >> 10} MiB)"
     assert p.proc.poll() is None
+
+
+def test_idle_tls_connections_do_not_keep_their_largest_response(tmp_path, origin, proxy_factory):
+    """100 keep-alive TLS connections, each after a 1 MiB response: they
+    cost what idle TLS connections cost (measured ~30 KiB each; ~300 KiB
+    when each response was encrypted into one growing memory BIO)."""
+    ca = CA()
+    cc = ca.issue("a.test").write(str(tmp_path), "site")
+    p = proxy_factory(simple_config(origin.url),
+                      listen_lines=[f'tls.certs = [{{ cert = "{cc.cert}", key = "{cc.key}" }}]\n'],
+                      args=("--no-supervisor",))
+    ctx = ssl.create_default_context(cadata=ca.pem().decode())
+    with Client(p.port, ssl_context=ctx, server_name="a.test") as c:
+        assert c.request("GET", "/size/10").status == 200
+    time.sleep(0.5)
+    base = _rss_kib(p.proc.pid)
+    conns = []
+    try:
+        for _ in range(100):
+            c = Client(p.port, ssl_context=ctx, server_name="a.test")
+            conns.append(c)
+            assert len(c.request("GET", f"/big/{1 << 20}").body) == 1 << 20
+        time.sleep(1.5)          # past a heap trim of what the responses freed
+        growth = _rss_kib(p.proc.pid) - base
+        assert growth < 100 * 100, f"100 idle TLS connections hold {growth >> 10} MiB"
+    finally:
+        for c in conns:
+            c.close()
