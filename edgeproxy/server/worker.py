@@ -24,6 +24,7 @@ from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.server.accesslog import AccessLog
 from edgeproxy.server.loop import check_descriptors, new_event_loop
+from edgeproxy.server.memory import HeapTrimmer
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -113,6 +114,7 @@ class Worker:
         self._each_tick: list = []
         self._failed_steps: set[str] = set()
         self.cache = None        # EdgeCache, opened in start() (after fork)
+        self.heap = HeapTrimmer()
 
     # -- clock --
 
@@ -149,6 +151,7 @@ class Worker:
             second.append(("certificate expiry check", self._check_expiry))
         second.append(("health board", self._write_board))
         second.append(("descriptor check", check_descriptors))
+        second.append(("heap trim", self.heap.tick))
         tick: list[tuple[str, Callable[[], object]]] = [
             ("timeouts", _ext.expire_timeouts), ("pools", _ext.pools_tick)]
         if self.cache is not None:
