@@ -16,16 +16,40 @@ cdef object _SSLZeroReturn = ssl.SSLZeroReturnError
 cdef object _MemoryBIO = ssl.MemoryBIO
 cdef bytearray _tls_rbuf = bytearray(RBUF_SIZE)   # ciphertext, copied into the BIO at once
 cdef object _tls_rview = memoryview(_tls_rbuf)
+cdef enum:
+    # plaintext encrypted at a time: one record.  OpenSSL's memory BIO keeps
+    # the largest size it ever held for as long as the connection lives, so
+    # encrypting a whole 256 KiB read at once left every connection that had
+    # a large response holding 256 KiB more, idle or slow (200: +54 MiB)
+    TLS_SLICE = 16384
+
+cdef bytes _PLAIN_HTTP_BODY = b"400 The plain HTTP request was sent to HTTPS port\n"
 
 
 def _tls_expire():
-    """Abort handshakes that have passed their deadline (the ticker)."""
+    """Abort handshakes that have passed their deadline (the ticker), and
+    the lingering closes after a plain-HTTP answer (counted already)."""
     cdef TLSServerConn t
     for t in list(_tls_handshaking):
         if _now >= t.deadline:
-            _m[M_TLS_HANDSHAKE_FAILURES] += 1
-            t._debug("TLS handshake", "timed out")
+            if not t.closing:
+                _m[M_TLS_HANDSHAKE_FAILURES] += 1
+                t._debug("TLS handshake", "timed out")
             t.abort()
+
+
+cdef bint _http_request_line(const char *p, Py_ssize_t n) noexcept:
+    """Whether p[:n] starts like an HTTP request line: an upper-case method,
+    one space, and the start of a target (origin, asterisk, absolute or
+    authority form)."""
+    cdef Py_ssize_t i = 0
+    while i < n and i < 20 and b'A' <= p[i] <= b'Z':
+        i += 1
+    if i == 0 or i + 1 >= n or p[i] != b' ':
+        return 0
+    i += 1
+    return p[i] == b'/' or p[i] == b'*' or (b'a' <= p[i] <= b'z') or (b'A' <= p[i] <= b'Z') \
+        or (b'0' <= p[i] <= b'9') or p[i] == b'['
 
 
 @cython.final
@@ -42,6 +66,7 @@ cdef class TLSServerConn:
         object inc, out       # MemoryBIOs: ciphertext read, ciphertext to send
         double deadline       # of the handshake
         bint app_paused       # the ClientConn paused reading
+        bint fed              # OpenSSL has been given input before the current read
         bint resume_queued    # _resumed is scheduled
         bint closing
 
@@ -86,14 +111,14 @@ cdef class TLSServerConn:
         if self.closing:
             return
         self.inc.write(_tls_rview[:n])
-        self._advance()
+        self._advance(_tls_rbuf, n)
 
     def data_received(self, bytes data):
         """The standard asyncio loop's path (no get_buffer there)."""
         if self.closing:
             return
         self.inc.write(data)
-        self._advance()
+        self._advance(data, len(data))
 
     def eof_received(self):
         # TCP end without close_notify: the ClientConn decides, as on plain TCP
@@ -123,23 +148,30 @@ cdef class TLSServerConn:
         if self.app is not None:
             self.app.resume_writing()
 
-    cdef void _advance(self):
+    cdef void _advance(self, object read, Py_ssize_t n):
+        # read[:n]: the bytes just given to OpenSSL
         if self.app is None:
-            self._handshake()
+            self._handshake(read, n)
         else:
             self._decrypt()
 
-    cdef void _handshake(self):
+    cdef void _handshake(self, object read, Py_ssize_t n):
+        cdef const char *p
         try:
             self.sock.do_handshake()
         except _SSLWantRead:
+            self.fed = 1
             self._flush()
             return
         except Exception as exc:
-            # a bad or foreign ClientHello, a failed client certificate, ...:
-            # send the alert OpenSSL queued and drop the connection
             _m[M_TLS_HANDSHAKE_FAILURES] += 1
             self._debug("TLS handshake failed", exc)
+            p = PyByteArray_AS_STRING(read) if type(read) is bytearray else PyBytes_AS_STRING(read)
+            if not self.fed and _http_request_line(p, n):
+                self._refuse_plain_http()
+                return
+            # a bad or foreign ClientHello, a failed client certificate, ...:
+            # send the alert OpenSSL queued and drop the connection
             self._flush()
             _tls_handshaking.discard(self)
             self.closing = 1
@@ -150,6 +182,24 @@ cdef class TLSServerConn:
         self.app = ClientConn(self.lst)
         self.app.connection_made(self)
         self._decrypt()                # a request sent along with the Finished
+
+    cdef void _refuse_plain_http(self):
+        """The connection began with an HTTP request, not a ClientHello:
+        answer 400 in plain text, as nginx does, then close lingering (see
+        ClientConn._linger: the rest of the request is read and dropped, at
+        most LINGER_SECONDS, so that the close does not reset the answer
+        away).  OpenSSL's output, if any, is not for an HTTP client."""
+        cdef ProxySettings cfg = self.lst.cfg
+        self.closing = 1
+        self.raw.write(b"HTTP/1.1 400 Bad Request\r\n%s%sContent-Type: text/plain; charset=utf-8\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                           cfg.server_line, _date_line, len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY))
+        if self.raw.can_write_eof():
+            self.raw.write_eof()
+            self.deadline = _now + LINGER_SECONDS    # _tls_expire aborts it then
+        else:
+            _tls_handshaking.discard(self)
+            self.raw.close()
 
     cdef void _decrypt(self):
         cdef object n
@@ -197,17 +247,46 @@ cdef class TLSServerConn:
             self.abort()
             return 0
 
+    cdef void _send(self, object data, list records):
+        """Encrypt data a slice at a time, collecting the ciphertext in
+        records (sent in one write by the caller)."""
+        cdef Py_ssize_t n = len(data), i = 0
+        cdef object view
+        if n <= TLS_SLICE:
+            if self._encrypt(data):
+                records.append(self.out.read())
+            return
+        view = memoryview(data)
+        while i < n and not self.closing:
+            if not self._encrypt(view[i:i + TLS_SLICE]):
+                return
+            records.append(self.out.read())
+            i += TLS_SLICE
+
     def write(self, data):
-        if not self.closing and data and self._encrypt(data):
-            self.raw.write(self.out.read())
+        cdef list records
+        if self.closing or not data:
+            return
+        if len(data) <= TLS_SLICE:
+            if self._encrypt(data):
+                self.raw.write(self.out.read())
+            return
+        records = []
+        self._send(data, records)
+        if records and not self.closing:
+            self.raw.writelines(records)
 
     def writelines(self, list_of_data):
+        cdef list records = []
         if self.closing:
             return
         for data in list_of_data:
-            if data and not self._encrypt(data):
+            if data:
+                self._send(data, records)
+            if self.closing:
                 return
-        self._flush()
+        if records:
+            self.raw.writelines(records)
 
     def can_write_eof(self):
         return False                   # no half-close under TLS: ClientConn closes instead

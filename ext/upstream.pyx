@@ -200,7 +200,9 @@ cdef class UpstreamConn(Stream):
                     self.state = U_TUNNEL
                     c.state = C_TUNNEL
                     c.deadline = 0
-                    self.deadline = 0
+                    # a tunnel whose backend stays silent for timeout.read is
+                    # closed, from the 101 on (nginx's proxy_read_timeout)
+                    self.deadline = _now + c.cfg.t_read
                     c._resume(P_PIPELINE)
                     if c.pending is not None:   # bytes the client sent after its request
                         q = c.pending
@@ -351,3 +353,14 @@ cdef class TLSUpstreamConn(UpstreamConn):
     """A connection to an https backend, without get_buffer (see _NO_BUFFER)."""
     get_buffer = _NO_BUFFER
     buffer_updated = _NO_BUFFER
+
+    cpdef close(self):
+        # The loop's TLS transport sends close_notify on close() and then waits
+        # for the backend's, up to 30 s: a backend that stalled would keep the
+        # connection, its descriptor and buffers that long after the proxy gave
+        # up on it.  Nothing more is wanted from it, so, as nginx does, send
+        # close_notify and close without waiting.
+        cdef object t = self.transport
+        UpstreamConn.close(self)
+        if t is not None:
+            t.abort()

@@ -35,8 +35,12 @@ cdef enum:
     RBUF_SIZE = 256 * 1024
     INLINE_BODY = 32 * 1024      # body bytes copied into the head's write below this
     LINGER_SECONDS = 2
-    HIGH_WATER = 512 * 1024
-    LOW_WATER = 128 * 1024
+    # a transport's write buffer: the other side stops reading above HIGH_WATER
+    # and goes on below LOW_WATER.  What a slow reader holds is that plus one
+    # read (RBUF_SIZE), so keep it small: the kernel's socket buffers do the
+    # bulk of the buffering (512 KiB here cost ~800 KiB a slow reader)
+    HIGH_WATER = 64 * 1024
+    LOW_WATER = 16 * 1024
     CHUNK_LINE_MAX = 4096
     INTERIM_MAX = 10             # 1xx responses a backend may send before its final one (then 502)
 

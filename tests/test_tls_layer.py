@@ -1,7 +1,7 @@
 """The TLS layer of client connections (_ext.TLSServerConn) through a real
 proxy process, on uvloop and on the standard asyncio loop: flow control both
 ways, pipelining, the handshake deadline, TLS-level end of input, and input
-that is not TLS at all."""
+that is not TLS at all (plain HTTP is answered 400, anything else dropped)."""
 
 from __future__ import annotations
 
@@ -170,20 +170,48 @@ def test_close_notify_after_request_still_gets_the_response(tls_proxy):
     assert mc.closed_by_peer()
 
 
-@pytest.mark.parametrize("junk", [
-    b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",            # plain HTTP to the HTTPS port
-    b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",          # a malformed ClientHello
-    os.urandom(3000),
-], ids=["plain-http", "bad-hello", "random"])
-def test_not_tls_is_dropped(tls_proxy, junk):
-    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=5) as s:
-        s.sendall(junk)
+def _exchange_until_closed(port: int, first: bytes, then: bytes = b"") -> bytes:
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(first)
+        if then:
+            time.sleep(0.3)            # the rest of the request comes after the answer
+            s.sendall(then)
         s.settimeout(5)
         try:
-            while s.recv(4096):        # an alert at most, then the end
-                pass
+            while data := s.recv(4096):
+                got += data
         except ConnectionResetError:
             pass
+    return got
+
+
+@pytest.mark.parametrize("junk", [
+    b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",          # a malformed ClientHello
+    b"hello there\r\n\r\n",
+    b"\x00" + os.urandom(3000),
+], ids=["bad-hello", "text", "random"])
+def test_not_tls_is_dropped(tls_proxy, junk):
+    got = _exchange_until_closed(tls_proxy.port, junk)
+    assert not got.startswith(b"HTTP/"), got     # an alert at most, then the end
+    _still_serves(tls_proxy)
+
+
+@pytest.mark.parametrize("first,then", [
+    (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", b""),
+    (b"DELETE /x HTTP/1.1\r\nHost: a.test\r\n\r\n", b""),    # a method OpenSSL does not spot
+    (b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n", b""),
+    (b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100000\r\n\r\n", b"x" * 100000),
+], ids=["get", "delete", "options", "post-body-after"])
+def test_plain_http_to_the_tls_port_is_answered_400(tls_proxy, first, then):
+    """As nginx does: a connection that starts with an HTTP request instead
+    of a ClientHello gets a plain-text 400 saying so, then the close; a
+    body that follows the answer does not reset it away."""
+    got = _exchange_until_closed(tls_proxy.port, first, then)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), got[:200]
+    assert b"\r\nConnection: close" in head
+    assert body == b"400 The plain HTTP request was sent to HTTPS port\n"
     _still_serves(tls_proxy)
 
 

@@ -25,6 +25,7 @@ from edgeproxy.proxy import build_listener_factory, build_pools, build_router, b
 from edgeproxy.proxy.build import Hooks
 from edgeproxy.server.accesslog import AccessLog
 from edgeproxy.server.loop import check_descriptors, new_event_loop
+from edgeproxy.server.memory import HeapTrimmer
 
 log = logging.getLogger("edgeproxy.server")
 
@@ -114,6 +115,7 @@ class Worker:
         self._each_tick: list = []
         self._failed_steps: set[str] = set()
         self.cache = None        # EdgeCache, opened in start() (after fork)
+        self.heap = HeapTrimmer()
 
     # -- clock --
 
@@ -150,6 +152,7 @@ class Worker:
             second.append(("certificate expiry check", self._check_expiry))
         second.append(("health board", self._write_board))
         second.append(("descriptor check", check_descriptors))
+        second.append(("heap trim", self.heap.tick))
         tick: list[tuple[str, Callable[[], object]]] = [
             ("timeouts", _ext.expire_timeouts), ("pools", _ext.pools_tick)]
         if self.cache is not None:
