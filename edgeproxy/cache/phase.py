@@ -417,7 +417,8 @@ class Exchange:
         self.writer = None
         self.decoder: ChunkedDecoder | None = None
         self.parts: list[bytes] = []
-        self.ended: str | None = None      # "done" or "cut"
+        self.size = 0                      # body bytes fed
+        self.ended: str | None = None      # "done", "cut" or "too-large"
         self.wakeup: asyncio.Event | None = None
 
     # --- the backend's answer ---------------------------------------------------
@@ -497,15 +498,28 @@ class Exchange:
     def feed(self, data: bytes) -> None:
         if self.writer is None or self.ended:
             return
+        if self.writer.failed is not None:     # the store gave up: keep nothing more
+            self.parts.clear()
+            self._end("cut")
+            return
         if self.decoder is not None:
             try:
                 pieces, _ = self.decoder.feed(data)
             except ParseError:
                 self._end("cut")
                 return
-            self.parts.extend(pieces)
         else:
-            self.parts.append(data)
+            pieces = (data,)
+        for piece in pieces:
+            self.size += len(piece)
+        if self.size > self.phase.cache.store.max_object:
+            # Refused here, not when the writer thread gets to it: what a
+            # body without Content-Length sends beyond max_object must not
+            # pile up in `parts` while it streams on to the client.
+            self.parts.clear()
+            self._end("too-large")
+            return
+        self.parts.extend(pieces)
         self.wakeup.set()
 
     def finished(self) -> None:
@@ -560,7 +574,9 @@ class Exchange:
                     await writer.write_async(data)
                 if self.ended is not None:
                     break
-            if self.ended == "done" and writer.failed is None:
+            if self.ended == "too-large":
+                await writer.fail_async("too-large")
+            elif self.ended == "done" and writer.failed is None:
                 stored = await writer.commit_async()
                 if stored:
                     cache.store.count("stores")

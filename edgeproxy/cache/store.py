@@ -1137,6 +1137,20 @@ class CacheWriter:
         except CacheError:
             self._done = True
 
+    async def fail_async(self, reason: str) -> None:
+        """Give up for a reason the caller found (the body passed
+        max_object before it reached the writer): logged and counted like
+        the writer's own failures; what was written is dropped."""
+        if self.failed is not None or self._done:
+            return
+        try:
+            if self.registered:
+                await self._store._in_thread(self._fail, reason)
+            else:
+                self._fail(reason)
+        except CacheError:       # the store was closed meanwhile
+            self._done = True
+
     def _drop(self) -> None:
         self._buffer = bytearray()
         if self.registered:

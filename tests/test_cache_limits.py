@@ -1,0 +1,169 @@
+"""The cache under pressure, over real proxy processes and real LMDB files:
+bodies far over max_object, a full disk, a stream of distinct objects larger
+than the map, cut-off responses and corrupt entries."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+
+from harness import Client
+
+
+class StreamOrigin:
+    """An origin on its own thread whose answer each test sets: `respond`
+    is an async function (path, reader, writer) that writes the response."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.requests: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await r.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                self.requests.append(path)
+                if not await self.respond(path, r, w):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            for t in asyncio.all_tasks():
+                if t is not asyncio.current_task():
+                    t.cancel()
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def cache_config(tmp_path: Path, origin_url: str, *, max_size: str = "64MiB",
+                 max_object: str = "1MiB", path: Path | None = None) -> str:
+    return f"""
+[server]
+workers = 1
+
+[cache]
+path = "{path or tmp_path / 'cache'}"
+max_size = "{max_size}"
+max_object = "{max_object}"
+
+[[route]]
+path = "/"
+pool = "web"
+cache = true
+
+[pool.web]
+backends = ["{origin_url}"]
+"""
+
+
+def worker_pid(supervisor_pid: int) -> int:
+    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+# --- max_object: a body far over it streams through in bounded memory ---------------------
+
+PATTERN = bytes(range(256))
+BLOCK = PATTERN * 256                    # 64 KiB of a pattern the client checks
+
+
+def test_body_over_max_object_streams_in_bounded_memory(proxy_factory, tmp_path):
+    """300 MiB of chunked body without Content-Length through a cache route
+    with max_object = 1MiB: once refused, the body is no longer held for the
+    store, so the worker's peak RSS stays far below the body's size."""
+    total_blocks = 300 * 16              # 300 MiB
+
+    async def endless(path, r, w):
+        w.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        frame = b"%x\r\n%s\r\n" % (len(BLOCK), BLOCK)
+        for _ in range(total_blocks):
+            w.write(frame)
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        return True
+
+    origin = StreamOrigin(endless)
+    try:
+        p = proxy_factory(cache_config(tmp_path, origin.url))
+        pid = worker_pid(p.proc.pid)
+        before = proc_status_kib(pid, "VmRSS")
+        with socket.create_connection(("127.0.0.1", p.port), timeout=30) as s:
+            s.sendall(b"GET /stream HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            got, buf = 0, bytearray()
+            while b"\r\n\r\n" not in buf:
+                buf += s.recv(65536)
+            head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+            buf = bytearray(rest)
+            done = False
+            while not done:
+                # one chunk: size line, data, CRLF
+                while b"\r\n" not in buf:
+                    data = s.recv(1 << 20)
+                    assert data, "closed inside the body"
+                    buf += data
+                line, _, _ = bytes(buf[:buf.index(b"\r\n")]).partition(b";")
+                size = int(line, 16)
+                start = buf.index(b"\r\n") + 2
+                while len(buf) < start + size + 2:
+                    data = s.recv(1 << 20)
+                    assert data, "closed inside the body"
+                    buf += data
+                if size == 0:
+                    done = True
+                else:
+                    # the pattern repeats every 256 bytes from the body's start
+                    k = got % 256
+                    assert buf[start:start + size] == (PATTERN[k:] + BLOCK)[:size]
+                    got += size
+                del buf[:start + size + 2]
+        assert got == total_blocks * len(BLOCK)
+        peak = proc_status_kib(pid, "VmHWM")
+        assert peak - before < 100 * 1024, (before, peak)
+        assert peak < 150 * 1024, (before, peak)
+        assert "larger than 1048576 bytes" in p.log()
+        # not stored: the next request goes to the origin again
+        n = len(origin.requests)
+        origin.respond = _small
+        with Client(p.port) as c:
+            r = c.request("GET", "/stream")
+        assert r.body == b"small" and len(origin.requests) == n + 1
+    finally:
+        origin.stop()
+
+
+async def _small(path, r, w):
+    w.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 5\r\n\r\nsmall")
+    await w.drain()
+    return True
