@@ -41,7 +41,7 @@ log = logging.getLogger("edgeproxy.cache")
 Headers = list[tuple[bytes, bytes]]
 
 SYNC_READ_MAX = 1 << 20     # hit bodies up to this are sent on the loop, from the map
-PIN_RENEW = 5.0             # seconds between renewals of the pinned read snapshot
+PIN_RENEW = 0.5             # the pinned read snapshot is renewed at least this often
 COLLAPSE_WAIT = 5.0         # a collapsed request waits this long for the first one's entry
 FILL_POLL = 0.025           # how often a miss waiting for another worker's fetch looks again
 _UNCACHED_METHODS = frozenset({b"OPTIONS", b"TRACE", b"CONNECT"})
@@ -77,11 +77,15 @@ class EdgeCache:
         self.updating: dict[tuple[bytes, bytes], CacheEntry] = {}
         self.tasks: set[asyncio.Task] = set()
         # The read snapshot hits are sent from (slices of the map), kept
-        # open on the loop thread between renewals; the hot index's bodies
-        # are slices of it, and its entries are remembered to rebind them.
+        # open on the loop thread and renewed whenever the store changed
+        # (sync_hot): LMDB cannot reuse the pages freed while it lives, so
+        # it must not live long under a stream of new entries. The hot
+        # index's slices outlive it (CacheStore.lasting: removals reach the
+        # index through the change log); its copies of bodies just committed
+        # are kept here, to be moved onto the map at the next renewal.
         self._pin: Any = None
         self._pinned_at = 0.0
-        self._hot_entries: dict[bytes, CacheEntry] = {}
+        self._hot_copies: dict[bytes, CacheEntry] = {}
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -130,31 +134,27 @@ class EdgeCache:
 
     def pinned(self) -> Any:
         if self._pin is None:
-            self.renew_pin()
+            self._swap_pin(self.store.pin())
         return self._pin
 
-    def renew_pin(self) -> Any:
-        """Start a new read snapshot, move the hot index's bodies to it (or
-        drop those no longer stored), and end the old one, so that LMDB can
-        reuse the pages it held."""
-        old = self._pin
-        self._pin = self.store.pin()
+    def _swap_pin(self, fresh: Any) -> None:
+        """Make fresh (a new read snapshot) the pinned one, move the hot
+        index's copied bodies onto the map in it, and end the old one, so
+        that LMDB can reuse the pages it held. The change log must have been
+        applied in a snapshot at least as new as fresh (sync_hot), so that
+        no hot entry points at pages that only the old snapshot kept."""
+        old, self._pin = self._pin, fresh
         self._pinned_at = time.monotonic()
-        hot = self.hot
-        if hot is not None:
-            held = {}
-            for key in hot.keys():
-                entry = self._hot_entries.get(key)
-                parts = self.store.body_parts(self._pin, entry) if entry is not None else None
-                if hot.rebind(key, parts):
-                    held[key] = entry
-            self._hot_entries = held
+        if self._hot_copies:
+            copies, self._hot_copies = self._hot_copies, {}
+            for key, entry in copies.items():
+                parts = self.store.body_parts(fresh, entry)
+                self.hot.rebind(key, None if parts is None else self.store.lasting(parts))
         if old is not None:
             old.abort()
-        return self._pin
 
     def offer_hot(self, entry: CacheEntry, body: tuple | bytes) -> None:
-        """Give the hot index entry, its body as slices of the pinned
+        """Give the hot index entry, its body as whole chunks from the pinned
         snapshot (or a copy right after a commit, moved onto the map at the
         next renewal), when the core may answer from it without asking the
         phase: its answer must not depend on the request (no Vary) nor need
@@ -168,11 +168,16 @@ class EdgeCache:
                 or entry.lifetime <= 0 or entry.key in self.invalidating:
             hot.drop(entry.key)
             return
+        copy = isinstance(body, bytes)
+        if not copy:
+            body = self.store.lasting(body)
         initial_age = policy.corrected_initial_age(entry)
         if hot.offer(entry.key, policy.hit_head(entry), body, entry.status,
                      initial_age - entry.response_time,
-                     entry.response_time + entry.lifetime - initial_age):
-            self._hot_entries[entry.key] = entry
+                     entry.response_time + entry.lifetime - initial_age) and copy:
+            self._hot_copies[entry.key] = entry
+        else:
+            self._hot_copies.pop(entry.key, None)
 
     def update_entry(self, entry: CacheEntry) -> None:
         """Rewrite entry's metadata (after a 304) off the loop; until the
@@ -197,28 +202,40 @@ class EdgeCache:
 
     def sync_hot(self) -> None:
         """Called by the worker's ticker, and by the phase when the store
-        changed: count the hot index's hits in the store, and drop what other
-        processes (another worker, `edgeproxy cache purge`) changed."""
+        changed: count the hot index's hits in the store, drop what other
+        processes (another worker, `edgeproxy cache purge`, eviction)
+        changed, and renew the pinned snapshot when the store changed or
+        PIN_RENEW passed."""
         hot = self.hot
-        if hot is None:
-            return
-        n = hot.take_hits()
-        if n:
-            self.store.count("hits", n)
-            self.store.count("hot_hits", n)
+        store = self.store
+        if hot is not None:
+            n = hot.take_hits()
+            if n:
+                store.count("hits", n)
+                store.count("hot_hits", n)
+        fresh = None
         try:
-            hot.synced, keys = self.store.changes_since(hot.synced)
-            if self._pin is not None and time.monotonic() - self._pinned_at >= PIN_RENEW:
-                self.renew_pin()
+            if self._pin is not None and (
+                    (hot is not None and store.generation() != hot.synced)
+                    or time.monotonic() - self._pinned_at >= PIN_RENEW):
+                fresh = store.pin()      # first: the change log is read as of now or later
+            if hot is not None:
+                hot.synced, keys = store.changes_since(hot.synced)
         except CacheError as exc:
-            log.warning("%s", exc)
-            hot.clear()
+            store.log.log(logging.WARNING, "read", "%s", exc)
+            if hot is not None:
+                hot.clear()
+            if fresh is not None:
+                fresh.abort()
             return
-        if keys is None:
-            hot.clear()
-        else:
-            for key in keys:
-                hot.drop(key)
+        if hot is not None:
+            if keys is None:
+                hot.clear()
+            else:
+                for key in keys:
+                    hot.drop(key)
+        if fresh is not None:
+            self._swap_pin(fresh)
 
     def invalidate(self, keys: list[bytes]) -> None:
         """Delete keys (every variant) off the loop; until that is done this
@@ -228,7 +245,7 @@ class EdgeCache:
                 await self.store.delete_async(key)
                 self.sync_hot()
             except CacheError as exc:
-                log.warning("%s", exc)
+                self.store.log.log(logging.WARNING, "delete", "%s", exc)
             finally:
                 self.invalidating.discard(key)
         for key in keys:
@@ -298,7 +315,7 @@ class EdgeCache:
         if self.hot is not None:
             self.hot.detach_generation()
             self.hot.clear()
-        self._hot_entries.clear()
+        self._hot_copies.clear()
         if self._pin is not None:
             self._pin.abort()
             self._pin = None
@@ -330,7 +347,7 @@ class CachePhase:
         try:
             entry, vary_miss = cache.lookup(key, headers)
         except CacheError as exc:
-            log.warning("%s", exc)
+            cache.store.log.log(logging.WARNING, "read", "%s", exc)
             return None
         d = policy.lookup_decision(entry, headers, now, vary_miss=vary_miss)
         store = cache.store

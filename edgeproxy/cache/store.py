@@ -54,11 +54,18 @@ log = logging.getLogger("edgeproxy.cache")
 
 FORMAT = b"edgeproxy-cache 1"
 CHUNK_SIZE = 256 * 1024      # body bytes per LMDB value
-HIGH_WATER = 0.80            # evict when the bytes in use pass this fraction of the map...
+HIGH_WATER = 0.80            # evict when the bytes in use pass this fraction of max_size...
 LOW_WATER = 0.65             # ...down to this fraction
-MAP_FULL_FREE = 0.10         # on MDB_MAP_FULL: evict this fraction of the map and retry,
+# The map is larger than max_size by this fraction of it: room for what the
+# `bytes` estimate does not see (B-tree and free-list pages, pages freed but
+# still visible to a reader, runs of free pages too short for a large value),
+# so that a write, and above all the eviction making room, does not find the
+# map full.
+MAP_MARGIN = 0.25
+MAP_FULL_FREE = 0.10         # on MDB_MAP_FULL: evict this fraction of max_size and retry,
 MAP_FULL_RETRIES = 2         # twice, freeing more each time (large values need contiguous pages)
-OBJECT_FRACTION = 8          # one object may use at most 1/8 of the map
+OBJECT_FRACTION = 8          # one object may use at most 1/8 of max_size
+LOG_INTERVAL = 60.0          # a storage problem is logged at most once per reason this often
 TOUCH_INTERVAL = 60.0        # a hit moves an entry in the eviction order at most this often
 PENDING_MAX_AGE = 3600.0     # a body still being written after this is abandoned
 UPKEEP_INTERVAL = 30.0       # reader check, abandoned bodies, sync to disk
@@ -171,9 +178,11 @@ class CacheStore:
         self.chunk_size = chunk_size
         self.touch_interval = touch_interval
         self.map_size = env.info()["map_size"]
-        # One object may take 1/8 of the map at most, so that storing it
+        self.max_size = config.max_size        # what eviction keeps the bytes in use under
+        # One object may take 1/8 of max_size at most, so that storing it
         # never has to empty the cache.
-        self.max_object = min(config.max_object, self.map_size // OBJECT_FRACTION)
+        self.max_object = min(config.max_object, self.max_size // OBJECT_FRACTION)
+        self.log = LogLimiter(LOG_INTERVAL)
         self._env: lmdb.Environment | None = env
         self._meta, self._body, self._lru = dbs[b"meta"], dbs[b"body"], dbs[b"lru"]
         self._tags, self._pending, self._info = dbs[b"tags"], dbs[b"pending"], dbs[b"info"]
@@ -223,7 +232,7 @@ class CacheStore:
             #   writes of a cache, a crashed process loses nothing;
             # readahead=False: the map is larger than RAM, hits are random;
             # meminit=False: no zeroing of buffers we fill completely.
-            env = lmdb.open(path, map_size=config.max_size, subdir=True, create=True,
+            env = lmdb.open(path, map_size=map_size_for(config.max_size), subdir=True, create=True,
                             max_dbs=len(_DB_NAMES) + 2, lock=True, readahead=False,
                             writemap=False, sync=False, metasync=False, meminit=False,
                             max_readers=MAX_READERS, max_spare_txns=4)
@@ -342,7 +351,8 @@ class CacheStore:
                         return _VARY_MISS
                     record = decode_record(raw)
         except ValueError as exc:
-            log.warning("cache: unreadable record for %r: %s", key[:200], exc)
+            self.log.log(logging.WARNING, "unreadable", "cache: unreadable record for %r: %s",
+                         key[:200], exc)
             return _MISS
         except lmdb.Error as exc:
             raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
@@ -391,6 +401,15 @@ class CacheStore:
             return self._environment().begin(db=self._body, buffers=True)
         except lmdb.Error as exc:
             raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
+
+    def lasting(self, parts: tuple[memoryview, ...]) -> tuple[memoryview | bytes, ...]:
+        """Whole chunks from `body_parts`, made to outlive their snapshot for
+        as long as the entry is stored: a value on overflow pages of its
+        own stays at its place in the map until it is removed, but a small
+        one lives inside a leaf page, which a write near it moves: those
+        (under a page) are copied."""
+        page = self._page
+        return tuple(p if len(p) >= page else bytes(p) for p in parts)
 
     def body_parts(self, txn: Any, entry: CacheEntry, start: int = 0,
                    end: int | None = None) -> tuple[memoryview, ...] | None:
@@ -482,8 +501,8 @@ class CacheStore:
             except lmdb.MapFullError:
                 if attempt == MAP_FULL_RETRIES:
                     raise
-                log.info("cache: map full; evicting")
-                self._evict(free=max(need, int((attempt + 1) * MAP_FULL_FREE * self.map_size)))
+                self.log.log(logging.INFO, "map-full", "cache: map full; evicting")
+                self._evict(free=max(need, int((attempt + 1) * MAP_FULL_FREE * self.max_size)))
             except lmdb.MapResizedError:
                 if attempt == MAP_FULL_RETRIES:
                     raise
@@ -575,7 +594,7 @@ class CacheStore:
         except BaseException:
             self._restore_pending(counts)
             raise
-        if used > HIGH_WATER * self.map_size:
+        if used > HIGH_WATER * self.max_size:
             self._evict()
 
     def _discard_body(self, body_id: int) -> None:
@@ -584,7 +603,8 @@ class CacheStore:
         try:
             self._write(lambda txn: self._drop_pending(txn, _BODY_ID.pack(body_id)))
         except (lmdb.Error, CacheError) as exc:
-            log.warning("cache: could not discard an unfinished body: %s", exc)
+            self.log.log(logging.WARNING, "discard",
+                         "cache: could not discard an unfinished body: %s", exc)
 
     def _drop_pending(self, txn: lmdb.Transaction, pending_key: bytes) -> None:
         raw = txn.get(pending_key, db=self._pending)
@@ -613,13 +633,17 @@ class CacheStore:
             txn.put(_tag_key(tag), db_key, db=self._tags)
         return record
 
-    def _log_change(self, txn: lmdb.Transaction, key: bytes) -> None:
+    def _log_change(self, txn: lmdb.Transaction, key: bytes, *, everyone: bool = False) -> None:
+        """Log key as changed. A process skips its own changes (it drops
+        those keys itself at once), unless `everyone`: pid 0, for removals
+        no caller hears of (eviction)."""
         raw = txn.get(_CHANGES, db=self._info)
         gen = (_COUNTER.unpack(raw)[0] if raw else 0) + 1
         txn.put(_CHANGES, _COUNTER.pack(gen), db=self._info)
         if len(key) > CHANGE_KEY_MAX:
             key = b""        # keeps the ring small; readers forget everything instead
-        txn.put(b"c:%d" % (gen % CHANGE_RING), _PID.pack(os.getpid()) + key, db=self._info)
+        txn.put(b"c:%d" % (gen % CHANGE_RING), _PID.pack(0 if everyone else os.getpid()) + key,
+                db=self._info)
         if self.changes_map is not None:
             _COUNTER.pack_into(self.changes_map, 0, gen)
 
@@ -680,7 +704,8 @@ class CacheStore:
         try:
             return self._write(update)
         except (lmdb.Error, CacheError) as exc:
-            log.warning("cache: could not update %r: %s", entry.key[:200], exc)
+            self.log.log(logging.WARNING, "update", "cache: could not update %r: %s",
+                         entry.key[:200], exc)
             return False
 
     async def update_entry_async(self, entry: CacheEntry) -> bool:
@@ -694,7 +719,8 @@ class CacheStore:
         try:
             return decode_record(raw)
         except ValueError as exc:
-            log.warning("cache: dropping an unreadable record %r: %s", db_key[:200], exc)
+            self.log.log(logging.WARNING, "unreadable", "cache: dropping an unreadable record "
+                         "%r: %s", db_key[:200], exc)
             return None
 
     def _remove_entry(self, txn: lmdb.Transaction, db_key: bytes, entry: CacheEntry,
@@ -870,14 +896,16 @@ class CacheStore:
 
     def _evict(self, free: int = 0) -> int:
         """Drop the least recently used entries until the bytes in use are
-        at most LOW_WATER of the map (or, with `free`, that many fewer)."""
+        at most LOW_WATER of max_size (or, with `free`, that many fewer).
+        Each removal goes to the change log for every process (the hot
+        indexes hold slices of the map that the removal frees)."""
         evicted, target = 0, None
         while True:
             def batch(txn: lmdb.Transaction) -> tuple[int, bool]:
                 nonlocal target
                 used = self._counter(txn, "bytes")
                 if target is None:
-                    target = int(LOW_WATER * self.map_size)
+                    target = int(LOW_WATER * self.max_size)
                     if free:
                         target = min(target, used - free)
                 n, empty = 0, False
@@ -894,6 +922,7 @@ class CacheStore:
                         used -= self._remove_entry(txn, db_key, record, len(raw))
                         if record.variant:
                             self._drop_empty_vary(txn, db_key)
+                        self._log_change(txn, record.key, everyone=True)
                         n += 1
                     else:
                         txn.delete(lru_key, db=self._lru)  # left behind: drop it
@@ -904,13 +933,13 @@ class CacheStore:
                 with self._environment().begin(write=True) as txn:
                     n, done = batch(txn)
             except (lmdb.Error, CacheError) as exc:
-                log.error("cache: eviction failed: %s", exc)
+                self.log.log(logging.ERROR, "eviction-failed", "cache: eviction failed: %s", exc)
                 return evicted
             evicted += n
             if done:
                 break
         if evicted:
-            log.info("cache: evicted %d entries", evicted)
+            self.log.log(logging.INFO, "evicted", "cache: evicted %d entries", evicted)
         return evicted
 
     # --- counters, upkeep ------------------------------------------------------------------
@@ -938,7 +967,7 @@ class CacheStore:
             self._write(lambda txn: self._apply(txn, counts, touches))
         except lmdb.Error as exc:
             self._restore_pending(counts)
-            log.warning("cache: could not write counters: %s", exc)
+            self.log.log(logging.WARNING, "counters", "cache: could not write counters: %s", exc)
 
     def _reap_pending(self) -> int:
         """Delete bodies whose writer died or gave up (PENDING_MAX_AGE)."""
@@ -972,9 +1001,9 @@ class CacheStore:
             with env.begin(db=self._info) as txn:
                 used = self._counter(txn, "bytes")
         except lmdb.Error as exc:
-            log.warning("cache: upkeep failed: %s", exc)
+            self.log.log(logging.WARNING, "upkeep", "cache: upkeep failed: %s", exc)
             return
-        if used > HIGH_WATER * self.map_size:
+        if used > HIGH_WATER * self.max_size:
             self._evict()
 
     async def maintain_forever(self, interval: float = 1.0) -> None:
@@ -990,12 +1019,13 @@ class CacheStore:
 
     def stats(self) -> dict[str, int]:
         """The shared counters (every process's, once flushed), plus
-        map_size, file_bytes (pages in use, high mark) and readers."""
+        max_size, map_size, file_bytes (pages in use, high mark) and readers."""
         self.flush()
         env = self._environment()
         with env.begin(db=self._info) as txn:
             out = {name: self._counter(txn, name) for name in COUNTERS}
         info = env.info()
+        out["max_size"] = self.max_size
         out["map_size"] = info["map_size"]
         out["file_bytes"] = (info["last_pgno"] + 1) * self._page
         out["readers"] = info["num_readers"]
@@ -1009,6 +1039,40 @@ class CacheStore:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="edgeproxy-cache")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+def map_size_for(max_size: int) -> int:
+    """The LMDB map size for a cache of max_size: MAP_MARGIN above it, in whole pages."""
+    size = max_size + int(max_size * MAP_MARGIN)
+    return (size + 65535) & ~65535
+
+
+class LogLimiter:
+    """Logs a line at most once per `interval` for each reason: a full map
+    or a failing disk fails every write, and must not flood the log. The
+    next line of a reason says how many were left out."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, level: int, reason: str, msg: str, *args: Any) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.interval:
+                self._skipped[reason] = self._skipped.get(reason, 0) + 1
+                return
+            self._last[reason] = now
+            skipped = self._skipped.pop(reason, 0)
+        if skipped:
+            msg += " (and %d more like it in the last %.0fs)"
+            args += (skipped, now - last)
+        log.log(level, msg, *args)
 
 
 def _map_changes_file(path: str) -> mmap.mmap:
@@ -1165,9 +1229,11 @@ class CacheWriter:
         self._done = True
         key = self.entry.key[:200].decode("latin-1")
         if reason == "too-large":
-            log.info("cache: not storing %s: larger than %d bytes", key, self._store.max_object)
+            self._store.log.log(logging.INFO, reason, "cache: not storing %s: larger than %d bytes",
+                                key, self._store.max_object)
         else:
-            log.warning("cache: not storing %s: %s%s", key, reason, f" ({exc})" if exc else "")
+            self._store.log.log(logging.WARNING, reason, "cache: not storing %s: %s%s", key,
+                                reason, f" ({exc})" if exc else "")
         self._store.count("store_failures")
         if drop:
             self._drop()

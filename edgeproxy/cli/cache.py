@@ -134,8 +134,8 @@ def stats(config_path: str, as_json: bool) -> None:
     used = counters["bytes"]
     rows = [
         ("entries", str(counters["entries"])),
-        ("bytes", (f"{_size(used)} of {_size(counters['map_size'])} "
-                  f"({100 * used / counters['map_size']:.1f}%)")),
+        ("bytes", (f"{_size(used)} of {_size(counters['max_size'])} "
+                  f"({100 * used / counters['max_size']:.1f}%)")),
         ("file", _size(counters["file_bytes"])),
         ("hits", str(counters["hits"])),
         ("misses", str(counters["misses"])),
