@@ -596,7 +596,6 @@ class Exchange:
             elif self.ended == "done" and writer.failed is None:
                 stored = await writer.commit_async()
                 if stored:
-                    cache.store.count("stores")
                     cache.drop_hot(self.key)
                     cache.sync_hot()        # our own commit moved the store's generation
                     if kept is not None and self.method == b"GET":
