@@ -11,6 +11,9 @@ from pathlib import Path
 
 from harness import Client
 
+from edgeproxy.cache.store import CacheStore
+from edgeproxy.config.model import CacheConfig
+
 
 class StreamOrigin:
     """An origin on its own thread whose answer each test sets: `respond`
@@ -221,5 +224,11 @@ def test_stream_of_distinct_objects_keeps_storing(proxy_factory, tmp_path):
         lines = [ln for ln in p.log().splitlines()
                  if "edgeproxy.cache" in ln and " DEBUG " not in ln]
         assert len(lines) < 10, lines
+        p.stop()                 # the workers write their counters as they close
+        with CacheStore.open(CacheConfig(path=str(tmp_path / "cache"))) as store:
+            stats = store.stats()
+        # every store is one origin response, counted once
+        assert n <= stats["stores"] <= len(origin.requests), (stats, len(origin.requests))
+        assert stats["store_failures"] == 0
     finally:
         origin.stop()
