@@ -5,10 +5,14 @@ than the map, cut-off responses and corrupt entries."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
 
+import pytest
 from harness import Client
 
 from edgeproxy.cache.store import CacheStore
@@ -230,5 +234,89 @@ def test_stream_of_distinct_objects_keeps_storing(proxy_factory, tmp_path):
         # every store is one origin response, counted once
         assert n <= stats["stores"] <= len(origin.requests), (stats, len(origin.requests))
         assert stats["store_failures"] == 0
+    finally:
+        origin.stop()
+
+
+# --- a full disk under the cache ----------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount); unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def fill_up(mnt: Path) -> None:
+    """Take every free block of the filesystem at mnt."""
+    with open(mnt / "filler", "ab", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    assert os.statvfs(mnt).f_bavail == 0
+
+
+async def _numbered(path, r, w):
+    body = path.encode() * 1000
+    w.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: %d\r\n\r\n"
+            % len(body) + body)
+    await w.drain()
+    return True
+
+
+def test_full_disk_at_start_runs_uncached(proxy_factory, tmp_path, small_fs):
+    fill_up(small_fs)
+    origin = StreamOrigin(_numbered)
+    try:
+        p = proxy_factory(cache_config(tmp_path, origin.url, path=small_fs / "cache"))
+        pid = worker_pid(p.proc.pid)
+        with Client(p.port, timeout=5) as c:
+            for _ in range(2):
+                r = c.request("GET", "/a")
+                assert r.status == 200 and r.body == b"/a" * 1000
+                assert r.header("cache-status") is None      # no cache phase at all
+        assert len(origin.requests) == 2
+        assert worker_pid(p.proc.pid) == pid
+        lines = [ln for ln in p.log().splitlines() if "is full" in ln]
+        assert len(lines) == 1 and "running without the cache" in lines[0], p.log()
+    finally:
+        origin.stop()
+
+
+def test_disk_filling_up_while_running_never_kills_the_worker(proxy_factory, tmp_path,
+                                                              small_fs):
+    origin = StreamOrigin(_numbered)
+    try:
+        p = proxy_factory(cache_config(tmp_path, origin.url, path=small_fs / "cache"))
+        pid = worker_pid(p.proc.pid)
+        with Client(p.port, timeout=5) as c:
+            assert c.request("GET", "/before").status == 200
+        time.sleep(0.5)
+        fill_up(small_fs)
+        # distinct keys: each claims a slot in `fills` and tries to store
+        with Client(p.port, timeout=5) as c:
+            for i in range(40):
+                r = c.request("GET", f"/k{i}")
+                assert r.status == 200 and r.body == f"/k{i}".encode() * 1000
+            r = c.request("GET", "/before")
+            assert r.status == 200 and "; hit" in r.header("cache-status")
+        assert worker_pid(p.proc.pid) == pid
+        log = p.log()
+        lines = [ln for ln in log.splitlines() if "is full" in ln]
+        assert 1 <= len(lines) <= 2, log
+        assert "cache: not storing" in lines[0] and str(small_fs) in lines[0]
     finally:
         origin.stop()

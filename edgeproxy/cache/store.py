@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import logging
 import mmap
@@ -44,11 +45,12 @@ from edgeproxy.cache.entry import (
     patch_flags,
     patch_last_access,
 )
-from edgeproxy.cache.fills import FILLS_FILE, FillLocks
+from edgeproxy.cache.fills import FILLS_FILE, FillLocks, preallocate
 from edgeproxy.cache.keys import variant_key
 from edgeproxy.config.model import CacheConfig
 
-__all__ = ["CHUNK_SIZE", "CacheError", "CacheStore", "CacheWriter", "StoredLookup"]
+__all__ = ["CHUNK_SIZE", "CacheDiskFull", "CacheError", "CacheStore", "CacheWriter",
+           "StoredLookup"]
 
 log = logging.getLogger("edgeproxy.cache")
 
@@ -95,12 +97,27 @@ CHANGE_RING = 4096
 # phase until the worker has read the change log (ext/hotcache.pyx).
 CHANGES_FILE = "changes"
 CHANGE_KEY_MAX = 1024
+# The files mapped read-write (LMDB's lock.mdb, `changes`, `fills`) get all
+# their blocks before they are mapped: a store to a page the filesystem
+# cannot back is a SIGBUS that kills the worker (a full disk, a small
+# tmpfs). LMDB sizes lock.mdb (MAX_READERS - 1) * 64 + 192 bytes on x86-64
+# Linux; a larger file it takes as it is (more reader slots), a smaller one
+# it extends.
+LOCK_FILE = "lock.mdb"
+LOCK_SIZE = (MAX_READERS - 1) * 64 + 192
+MIN_FREE = 1 << 20           # below this much free space at open, run without the cache
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 T = TypeVar("T")
 
 
 class CacheError(Exception):
     """The cache cannot be opened or read; the message names the path and the cause."""
+
+
+class CacheDiskFull(CacheError):
+    """The filesystem under the cache has no room to open it: the worker
+    runs without the cache (a disk problem, not a configuration error)."""
 
 
 class _WriterExpired(Exception):
@@ -223,6 +240,8 @@ class CacheStore:
             raise CacheError(f"cache: {path} was open when this process was forked, so it "
                              "cannot be opened here: open the cache in each worker, not "
                              "before fork()")
+        _check_room(path, map_size_for(config.max_size))
+        _allocate(path, LOCK_FILE, LOCK_SIZE)
         try:
             # lock=True: readers and the writer coordinate through lock.mdb
             #   across processes; writemap=False: pages are written with
@@ -249,6 +268,8 @@ class CacheStore:
             store.changes_map = _map_changes_file(os.path.join(path, CHANGES_FILE))
         except OSError as exc:
             env.close()
+            if exc.errno in _DISK_FULL:
+                raise _disk_full(path, exc) from None
             raise CacheError(f"cache: cannot open {os.path.join(path, CHANGES_FILE)}: "
                              f"{exc.strerror}") from None
         try:
@@ -1017,6 +1038,15 @@ class CacheStore:
                 log.exception("cache: upkeep failed")
             await asyncio.sleep(interval)
 
+    def disk_full(self) -> bool:
+        """Whether the filesystem under the cache is (nearly) full: LMDB
+        reports a short write as EIO, so a failed write asks."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < MIN_FREE
+
     def stats(self) -> dict[str, int]:
         """The shared counters (every process's, once flushed), plus
         max_size, map_size, file_bytes (pages in use, high mark) and readers."""
@@ -1078,9 +1108,51 @@ class LogLimiter:
 def _map_changes_file(path: str) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if os.fstat(fd).st_size < _COUNTER.size:
-            os.ftruncate(fd, _COUNTER.size)
+        preallocate(fd, _COUNTER.size)
         return mmap.mmap(fd, _COUNTER.size)
+    finally:
+        os.close(fd)
+
+
+def _disk_full(path: str, exc: OSError | None = None) -> CacheDiskFull:
+    why = f" ({exc.strerror})" if exc is not None else ""
+    return CacheDiskFull(f"cache: the filesystem of {path} is full{why}: running without "
+                         "the cache; free some space and reload")
+
+
+def _check_room(path: str, map_size: int) -> None:
+    """Refuse to open on a (nearly) full filesystem; warn when the cache may
+    outgrow the free space."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return                   # nothing to tell; opening will say what is wrong
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE:
+        raise _disk_full(path)
+    try:
+        used = os.stat(os.path.join(path, "data.mdb")).st_blocks * 512
+    except OSError:
+        used = 0
+    if free + used < map_size:
+        log.warning("cache: %s may grow to %d bytes but its filesystem has %d bytes free: "
+                    "storing will fail once it fills up", path, map_size, free + used)
+
+
+def _allocate(path: str, name: str, size: int) -> None:
+    """Give the file `name` under path its blocks (see LOCK_SIZE); an existing
+    file keeps its size (other processes may have it mapped)."""
+    file = os.path.join(path, name)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CacheError(f"cache: cannot open {file}: {exc.strerror}") from None
+    try:
+        preallocate(fd, os.fstat(fd).st_size or size)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise _disk_full(path, exc) from None
+        raise CacheError(f"cache: cannot allocate {file}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
@@ -1231,6 +1303,9 @@ class CacheWriter:
         if reason == "too-large":
             self._store.log.log(logging.INFO, reason, "cache: not storing %s: larger than %d bytes",
                                 key, self._store.max_object)
+        elif reason == "storage" and self._store.disk_full():
+            self._store.log.log(logging.WARNING, "disk-full", "cache: not storing %s: the "
+                                "filesystem of %s is full (%s)", key, self._store.path, exc)
         else:
             self._store.log.log(logging.WARNING, reason, "cache: not storing %s: %s%s", key,
                                 reason, f" ({exc})" if exc else "")
