@@ -320,3 +320,78 @@ def test_disk_filling_up_while_running_never_kills_the_worker(proxy_factory, tmp
         assert "cache: not storing" in lines[0] and str(small_fs) in lines[0]
     finally:
         origin.stop()
+
+
+# --- a damaged data.mdb ------------------------------------------------------------------------
+
+def _payload(path: str) -> tuple[bytes, bytes]:
+    """The unique header value and body of path (/small, /large, /head)."""
+    n = {"/small": 20_000, "/large": 1_500_000, "/head": 3_000}[path]
+    seed = path.encode()
+    body = (seed + b"-" + bytes(range(48, 123))) * (n // (len(seed) + 76) + 1)
+    return b"tag-" + seed[1:] * 8, body[:n]
+
+
+async def _tagged(path, r, w):
+    tag, body = _payload(path)
+    w.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nX-Tag: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (tag, len(body), body))
+    await w.drain()
+    return True
+
+
+def test_corrupt_entries_are_detected_not_served(proxy_factory, tmp_path):
+    """Bytes changed in data.mdb behind the proxy's back (a bad disk, a
+    stray write): a damaged body, small (sent from the map) or large (read
+    in a thread), and a damaged entry record, are each answered as a miss
+    with the origin's bytes, deleted, and stored again."""
+    origin = StreamOrigin(_tagged)
+    paths = ("/small", "/large", "/head")
+    try:
+        config = cache_config(tmp_path, origin.url, max_object="4MiB")
+        p = proxy_factory(config)
+        with Client(p.port) as c:
+            for path in paths:
+                assert c.request("GET", path).header("cache-status").endswith("stored")
+        for path in paths:       # stored, and whole
+            deadline = time.monotonic() + 10
+            while True:
+                with Client(p.port) as c:
+                    r = c.request("GET", path)
+                if "; hit" in r.header("cache-status") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert "; hit" in r.header("cache-status") and r.body == _payload(path)[1]
+        p.stop()
+        data = tmp_path / "cache" / "data.mdb"
+        raw = data.read_bytes()
+        # every copy: LMDB may have left older ones in free pages
+        for piece in (_payload("/small")[1][5000:5100], _payload("/large")[1][900_000:900_100],
+                      _payload("/head")[0]):
+            assert piece in raw
+            k = len(piece) // 2
+            raw = raw.replace(piece, piece[:k] + bytes([piece[k] ^ 0x20]) + piece[k + 1:])
+        data.write_bytes(raw)
+        p = proxy_factory(config)
+        with Client(p.port) as c:
+            for path in paths:
+                r = c.request("GET", path)
+                assert r.status == 200 and "fwd=uri-miss" in r.header("cache-status"), path
+                assert r.body == _payload(path)[1] and r.header("x-tag") == _payload(path)[0].decode()
+        for path in paths:       # stored again
+            deadline = time.monotonic() + 10
+            while True:
+                with Client(p.port) as c:
+                    r = c.request("GET", path)
+                if "; hit" in r.header("cache-status") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert "; hit" in r.header("cache-status") and r.body == _payload(path)[1], path
+        log = p.log()
+        assert log.count("does not match its checksum") == 1     # once a minute at most
+        assert "checksum mismatch" in log                        # the record
+        p.stop()
+        with CacheStore.open(CacheConfig(path=str(tmp_path / "cache"))) as store:
+            assert store.stats()["corrupt"] == 2
+    finally:
+        origin.stop()

@@ -30,7 +30,7 @@ from edgeproxy.cache.fills import Claim
 from edgeproxy.cache.keys import cache_key
 from edgeproxy.cache.policy import Action, cache_status
 from edgeproxy.cache.refresh import fetch, rewrite_head
-from edgeproxy.cache.store import CacheError, CacheStore
+from edgeproxy.cache.store import CacheCorrupt, CacheError, CacheStore
 from edgeproxy.config.model import CacheConfig
 from edgeproxy.http import ChunkedDecoder, ParseError
 
@@ -44,6 +44,7 @@ SYNC_READ_MAX = 1 << 20     # hit bodies up to this are sent on the loop, from t
 PIN_RENEW = 0.5             # the pinned read snapshot is renewed at least this often
 COLLAPSE_WAIT = 5.0         # a collapsed request waits this long for the first one's entry
 FILL_POLL = 0.025           # how often a miss waiting for another worker's fetch looks again
+VERIFIED_MAX = 1 << 16      # body ids remembered as checked (then forgotten, and checked again)
 _UNCACHED_METHODS = frozenset({b"OPTIONS", b"TRACE", b"CONNECT"})
 _CONDITIONAL = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
                 b"if-range", b"range")
@@ -76,6 +77,9 @@ class EdgeCache:
         # lands: lookups in this worker see the new metadata at once.
         self.updating: dict[tuple[bytes, bytes], CacheEntry] = {}
         self.tasks: set[asyncio.Task] = set()
+        # Bodies whose checksum this worker checked (or computed: its own
+        # commits): a body never changes under its id, so once is enough.
+        self.verified: set[int] = set()
         # The read snapshot hits are sent from (slices of the map), kept
         # open on the loop thread and renewed whenever the store changed
         # (sync_hot): LMDB cannot reuse the pages freed while it lives, so
@@ -113,14 +117,15 @@ class EdgeCache:
         # The body as slices of the map: from the pinned snapshot, or, for
         # an entry stored after it, from one opened for this answer.
         own = None
-        body = self.store.body_parts(self.pinned(), entry, hit.body_start, hit.body_end)
+        txn = self.pinned()
+        body = self.store.body_parts(txn, entry, hit.body_start, hit.body_end)
         try:
             if body is None:
-                own = self.store.pin()
+                own = txn = self.store.pin()
                 body = self.store.body_parts(own, entry, hit.body_start, hit.body_end)
-                if body is None:
-                    return False
-            elif fresh and self.hot is not None and hit.status == entry.status \
+            if body is None or not self.intact(txn, entry):
+                return False
+            if own is None and fresh and self.hot is not None and hit.status == entry.status \
                     and hit.body_start == 0 and hit.body_end >= entry.body_length:
                 self.offer_hot(entry, body)
             head = hit.head
@@ -131,6 +136,33 @@ class EdgeCache:
             if own is not None:
                 own.abort()
         return True
+
+    def intact(self, txn: Any, entry: CacheEntry) -> bool:
+        """Whether entry's body (in txn's snapshot) matches its checksum,
+        checked the first time this worker sends that body; a corrupt entry
+        is deleted (off the loop) and False returned: answer as a miss."""
+        if entry.body_crc is None or entry.body_id in self.verified:
+            return True
+        intact = self.store.body_intact(txn, entry)
+        if intact is None:           # gone meanwhile
+            return False
+        if not intact:
+            self.corrupt(entry)
+            return False
+        self.checked(entry)
+        return True
+
+    def checked(self, entry: CacheEntry) -> None:
+        if len(self.verified) >= VERIFIED_MAX:
+            self.verified.clear()
+        self.verified.add(entry.body_id)
+
+    def corrupt(self, entry: CacheEntry) -> None:
+        self.store.count("corrupt")
+        self.store.log.log(logging.ERROR, "corrupt", "cache: the stored body of %s does not "
+                           "match its checksum (a damaged %s/data.mdb?): deleted, fetched again",
+                           entry.key[:200].decode("latin-1"), self.store.path)
+        self.invalidate([entry.key])
 
     def pinned(self) -> Any:
         if self._pin is None:
@@ -596,6 +628,7 @@ class Exchange:
             elif self.ended == "done" and writer.failed is None:
                 stored = await writer.commit_async()
                 if stored:
+                    cache.checked(writer.entry)     # its checksum was computed from these bytes
                     cache.drop_hot(self.key)
                     cache.sync_hot()        # our own commit moved the store's generation
                     if kept is not None and self.method == b"GET":
@@ -744,10 +777,18 @@ class Exchange:
         cache = self.phase.cache
         hit = policy.respond_from_cache(entry, self.method, self.headers, time.time(),
                                         status_value)
-        body = await cache.store.read_body_async(entry, hit.body_start, hit.body_end)
+        verify = entry.body_crc is not None and entry.body_id not in cache.verified
+        try:
+            body = await cache.store.read_body_async(entry, hit.body_start, hit.body_end,
+                                                     verify=verify)
+        except CacheCorrupt:
+            cache.corrupt(entry)
+            body = None
         if body is None:
             conn.forward(self.phase.pool, self.request_head)
             return
+        if verify:
+            cache.checked(entry)
         head = hit.head
         if b"\r\ndate:" not in head.lower():
             head += b"Date: " + policy.format_http_date(time.time()) + _CRLF

@@ -30,6 +30,7 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, Self, TypeVar
 
@@ -49,8 +50,8 @@ from edgeproxy.cache.fills import FILLS_FILE, FillLocks, preallocate
 from edgeproxy.cache.keys import variant_key
 from edgeproxy.config.model import CacheConfig
 
-__all__ = ["CHUNK_SIZE", "CacheDiskFull", "CacheError", "CacheStore", "CacheWriter",
-           "StoredLookup"]
+__all__ = ["CHUNK_SIZE", "CacheCorrupt", "CacheDiskFull", "CacheError", "CacheStore",
+           "CacheWriter", "StoredLookup"]
 
 log = logging.getLogger("edgeproxy.cache")
 
@@ -77,7 +78,7 @@ MAX_READERS = 1024           # reader slots: threads x processes reading at once
 _MAX_KEY = 400
 _DB_NAMES = (b"meta", b"body", b"lru", b"tags", b"pending", b"info")
 COUNTERS = ("entries", "bytes", "hits", "misses", "stale", "revalidated", "stores",
-            "store_failures", "evictions", "purges", "hot_hits")
+            "store_failures", "evictions", "purges", "hot_hits", "corrupt")
 
 _BODY_ID = struct.Struct(">Q")
 _CHUNK_KEY = struct.Struct(">QI")
@@ -113,6 +114,10 @@ T = TypeVar("T")
 
 class CacheError(Exception):
     """The cache cannot be opened or read; the message names the path and the cause."""
+
+
+class CacheCorrupt(CacheError):
+    """A stored body does not match the checksum stored with its entry."""
 
 
 class CacheDiskFull(CacheError):
@@ -398,14 +403,23 @@ class CacheStore:
             return None
         return record
 
-    def read_body(self, entry: CacheEntry, start: int = 0, end: int | None = None) -> bytes | None:
+    def read_body(self, entry: CacheEntry, start: int = 0, end: int | None = None, *,
+                  verify: bool = False) -> bytes | None:
         """Bytes [start, end) of the entry's body (end defaults to its
         length), read in one snapshot. None when the body is gone (the
         entry was replaced, purged or evicted since it was looked up):
         before anything was sent, treat that as a miss; in the middle of a
-        response, close the connection."""
+        response, close the connection. With `verify`, the whole body is
+        checked against its checksum first: CacheCorrupt when it differs."""
         try:
             with self.pin() as txn:
+                if verify:
+                    intact = self.body_intact(txn, entry)
+                    if intact is None:
+                        return None
+                    if not intact:
+                        raise CacheCorrupt(f"cache: {self.path}: the body of "
+                                           f"{entry.key[:200]!r} does not match its checksum")
                 parts = self.body_parts(txn, entry, start, end)
                 if parts is None:
                     return None
@@ -459,10 +473,26 @@ class CacheStore:
         return tuple(parts)
 
     async def read_body_async(self, entry: CacheEntry, start: int = 0,
-                              end: int | None = None) -> bytes | None:
+                              end: int | None = None, *, verify: bool = False) -> bytes | None:
         """`read_body` in a thread (for large ranges: page faults may wait for the disk)."""
         return await asyncio.get_running_loop().run_in_executor(
-            None, self.read_body, entry, start, end)
+            None, lambda: self.read_body(entry, start, end, verify=verify))
+
+    def body_intact(self, txn: Any, entry: CacheEntry) -> bool | None:
+        """Whether the entry's body in txn's snapshot matches the CRC-32
+        stored with the entry (True when it has none: stored by a version
+        without checksums); None when the body is not in that snapshot.
+        Reads the whole body: callers check a body once (a body id is
+        never reused), not on every hit."""
+        if entry.body_crc is None:
+            return True
+        parts = self.body_parts(txn, entry)
+        if parts is None:
+            return None
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        return crc == entry.body_crc
 
     def _note_access(self, db_key: bytes, entry: CacheEntry) -> None:
         if time.time() - entry.last_access >= self.touch_interval:
@@ -546,6 +576,9 @@ class CacheStore:
         entry = writer.entry
         pending_key = _BODY_ID.pack(entry.body_id)
         added = sum(self._footprint(12, len(c)) for c in chunks)
+        crc = writer.crc
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
 
         def put(txn: lmdb.Transaction) -> None:
             if writer.registered:
@@ -563,10 +596,12 @@ class CacheStore:
         self._write(put, need=added)
         writer.registered = True
         writer.chunks += len(chunks)
+        writer.crc = crc
 
     def _commit(self, writer: CacheWriter, last_chunk: bytes) -> None:
         entry = writer.entry
         entry.body_length = writer.size
+        entry.body_crc = zlib.crc32(last_chunk, writer.crc)
         db_key = _entry_db_key(entry)
         primary = _db_key(entry.key)
         pending_key = _BODY_ID.pack(entry.body_id)
@@ -1176,6 +1211,7 @@ class CacheWriter:
         self.failed: str | None = None
         self.size = 0          # body bytes received so far
         self.chunks = 0        # chunks written to the file
+        self.crc = 0           # CRC-32 of the chunks written (in the writer's thread)
         self.registered = False
         self._store = store
         self._buffer = bytearray()

@@ -142,7 +142,7 @@ def stats(config_path: str, as_json: bool) -> None:
         ("hit ratio", ratio),
     ] + [(name.replace("_", " "), str(counters[name]))
          for name in ("stale", "revalidated", "stores", "store_failures", "evictions", "purges",
-                      "hot_hits")]
+                      "hot_hits", "corrupt")]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         click.echo(f"{label + ':':<{width + 1}} {value}")
