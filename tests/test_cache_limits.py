@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Client
+from harness import Client, raw_exchange
 
 from edgeproxy.cache.store import CacheStore
 from edgeproxy.config.model import CacheConfig
@@ -352,7 +352,7 @@ def test_corrupt_entries_are_detected_not_served(proxy_factory, tmp_path):
         p = proxy_factory(config)
         with Client(p.port) as c:
             for path in paths:
-                assert c.request("GET", path).header("cache-status").endswith("stored")
+                assert "detail=" not in c.request("GET", path).header("cache-status")
         for path in paths:       # stored, and whole
             deadline = time.monotonic() + 10
             while True:
@@ -393,5 +393,49 @@ def test_corrupt_entries_are_detected_not_served(proxy_factory, tmp_path):
         p.stop()
         with CacheStore.open(CacheConfig(path=str(tmp_path / "cache"))) as store:
             assert store.stats()["corrupt"] == 2
+    finally:
+        origin.stop()
+
+
+# --- Cache-Status of responses that are cut off or badly framed ---------------------------------
+
+_FRAMED = {
+    # whole with the head: stored, and said so
+    "/whole": b"Content-Length: 5\r\n\r\nwhole",
+    "/whole-chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\nwhole\r\n0\r\n\r\n",
+    # cut off, or badly framed: not stored, and not said to be
+    "/cut": b"Content-Length: 1000\r\n\r\n" + b"c" * 500,
+    "/cut-chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    "/bad-chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nabc\r\n0\r\n\r\n",
+}
+
+
+async def _framed(path, r, w):
+    w.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n" + _FRAMED[path])
+    await w.drain()
+    await asyncio.sleep(0.05)
+    return False                 # close: what was sent is all there is
+
+
+def test_cache_status_says_stored_only_for_whole_responses(proxy_factory, tmp_path):
+    origin = StreamOrigin(_framed)
+    try:
+        p = proxy_factory(cache_config(tmp_path, origin.url))
+        for path in _FRAMED:
+            for attempt in range(2):
+                out = raw_exchange(p.port, f"GET {path} HTTP/1.1\r\nHost: example.test\r\n\r\n"
+                                   .encode())
+                head = out.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+                status = [ln for ln in head.split("\r\n") if ln.startswith("cache-status:")]
+                assert len(status) == 1, (path, out)
+                if path.startswith("/whole"):
+                    expect = "fwd=uri-miss; fwd-status=200; stored" if attempt == 0 else "; hit"
+                    assert expect in status[0], (path, attempt, status)
+                    if attempt == 0:
+                        time.sleep(0.3)          # the commit, in the writer thread
+                else:
+                    assert "fwd=uri-miss" in status[0] and "stored" not in status[0], status
+        assert origin.requests.count("/cut") == 2 and origin.requests.count("/bad-chunked") == 2
+        assert origin.requests.count("/whole") == 1
     finally:
         origin.stop()

@@ -9,8 +9,9 @@ through these hooks (see ext/proxy.pyx, ClientConn._start_cached):
   now (None: held; the exchange later calls `conn.respond` or
   `conn.forward`), or return None to forward `head` untouched.
 - `Exchange.on_response(conn, status, reason, headers, framed,
-  content_length)`: the backend's response head; returns (field lines to
-  add, whether to pass the body to `feed`), or answers with `conn.respond`.
+  content_length, whole)`: the backend's response head (`whole`: its body
+  came with it, complete); returns (field lines to add, whether to pass the
+  body to `feed`), or answers with `conn.respond`.
 - `Exchange.feed(data)`: body bytes as they go to the client (chunk framing
   included when `framed`).
 - `Exchange.finished()` / `Exchange.aborted()`: the response ended whole / broke off.
@@ -473,7 +474,8 @@ class Exchange:
     # --- the backend's answer ---------------------------------------------------
 
     def on_response(self, conn: Any, status: int, reason: bytes, headers: Headers,
-                    framed: bool, content_length: int) -> tuple[bytes, bool] | None:
+                    framed: bool, content_length: int,
+                    whole: bool) -> tuple[bytes, bool] | None:
         cache = self.phase.cache
         now = time.time()
         if self.invalidates is not None:
@@ -524,7 +526,11 @@ class Exchange:
             self.decoder = ChunkedDecoder()
         self.wakeup = asyncio.Event()
         cache.spawn(self._write_out())
-        return _status_line(cache_status(fwd=self.fwd, fwd_status=status, stored=True)), True
+        # `stored` only for a body the core already holds whole: the head
+        # goes out now, and a body still to come may be cut off or badly
+        # framed, and then not stored (it may well be stored; the head
+        # cannot know)
+        return _status_line(cache_status(fwd=self.fwd, fwd_status=status, stored=whole)), True
 
     def on_backend_error(self, conn: Any, status: int) -> None:
         if self.stale is not None:

@@ -354,7 +354,9 @@ async def _warm(listener: ListenConfig, scheme: str, host: str, urls: list[str],
                 member = cache_status.rsplit(",", 1)[-1]
                 if "; hit" in member:
                     result.cache["hit"] += 1
-                elif "stored" in member:
+                elif "-miss;" in member and "detail=" not in member:
+                    # storable: `stored` itself is said only when the response
+                    # came whole with its head; the whole body was read here
                     result.cache["stored"] += 1
             advance()
 
