@@ -689,17 +689,14 @@ class CacheStore:
             txn.put(_tag_key(tag), db_key, db=self._tags)
         return record
 
-    def _log_change(self, txn: lmdb.Transaction, key: bytes, *, everyone: bool = False) -> None:
-        """Log key as changed. A process skips its own changes (it drops
-        those keys itself at once), unless `everyone`: pid 0, for removals
-        no caller hears of (eviction)."""
+    def _log_change(self, txn: lmdb.Transaction, key: bytes) -> None:
+        """Log key as changed (with the writing pid, for debugging)."""
         raw = txn.get(_CHANGES, db=self._info)
         gen = (_COUNTER.unpack(raw)[0] if raw else 0) + 1
         txn.put(_CHANGES, _COUNTER.pack(gen), db=self._info)
         if len(key) > CHANGE_KEY_MAX:
             key = b""        # keeps the ring small; readers forget everything instead
-        txn.put(b"c:%d" % (gen % CHANGE_RING), _PID.pack(0 if everyone else os.getpid()) + key,
-                db=self._info)
+        txn.put(b"c:%d" % (gen % CHANGE_RING), _PID.pack(os.getpid()) + key, db=self._info)
         if self.changes_map is not None:
             _COUNTER.pack_into(self.changes_map, 0, gen)
 
@@ -710,9 +707,12 @@ class CacheStore:
         return _COUNTER.unpack_from(m, 0)[0] if m is not None else -1
 
     def changes_since(self, generation: int) -> tuple[int, list[bytes] | None]:
-        """The change generation now, and the primary keys other processes
-        replaced, updated or removed after `generation` (None: anything may
-        have changed, forget everything). One read transaction; cheap when
+        """The change generation now, and the primary keys replaced, updated
+        or removed after `generation` (None: anything may have changed,
+        forget everything), by any process: this one's too, for a hot index
+        must have dropped what a write freed before the snapshot that kept
+        the freed pages ends (EdgeCache.sync_hot), even when the write's own
+        caller has not heard back yet. One read transaction; cheap when
         nothing changed."""
         try:
             with self._environment().begin(db=self._info) as txn:
@@ -722,14 +722,11 @@ class CacheStore:
                     return now, []
                 if now < generation or now - generation > CHANGE_RING:
                     return now, None
-                pid = os.getpid()
                 keys = []
                 for gen in range(generation + 1, now + 1):
                     value = txn.get(b"c:%d" % (gen % CHANGE_RING))
                     if value is None or len(value) < _PID.size:
                         return now, None
-                    if _PID.unpack_from(value)[0] == pid:
-                        continue     # this process's own writes: it dropped those itself
                     if len(value) == _PID.size:
                         return now, None
                     keys.append(value[_PID.size:])
@@ -953,8 +950,8 @@ class CacheStore:
     def _evict(self, free: int = 0) -> int:
         """Drop the least recently used entries until the bytes in use are
         at most LOW_WATER of max_size (or, with `free`, that many fewer).
-        Each removal goes to the change log for every process (the hot
-        indexes hold slices of the map that the removal frees)."""
+        Each removal goes to the change log (the hot indexes hold slices of
+        the map that the removal frees)."""
         evicted, target = 0, None
         while True:
             def batch(txn: lmdb.Transaction) -> tuple[int, bool]:
@@ -978,7 +975,7 @@ class CacheStore:
                         used -= self._remove_entry(txn, db_key, record, len(raw))
                         if record.variant:
                             self._drop_empty_vary(txn, db_key)
-                        self._log_change(txn, record.key, everyone=True)
+                        self._log_change(txn, record.key)
                         n += 1
                     else:
                         txn.delete(lru_key, db=self._lru)  # left behind: drop it
