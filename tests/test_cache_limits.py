@@ -85,7 +85,13 @@ backends = ["{origin_url}"]
 
 
 def worker_pid(supervisor_pid: int) -> int:
-    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()
+    """The one worker of a supervisor (the port may accept before it is forked)."""
+    deadline = time.monotonic() + 10
+    while True:
+        children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()
+        if len(children) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(children) == 1, children
     return int(children[0])
 
