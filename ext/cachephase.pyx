@@ -31,13 +31,14 @@ cdef class CacheExchange(Stage):
     def __cinit__(self, object ex):
         self.ex = ex
 
-    cdef bytes response(self, ClientConn c, HeadParser hp, UpstreamConn u):
+    cdef bytes response(self, ClientConn c, HeadParser hp, UpstreamConn u, bint whole):
         """The field lines to add to the client's head, or None; the phase
         may answer instead (respond: then c.up is no longer u)."""
         cdef bint framed = hp.body == B_CHUNKED and c.req_minor != 0
         try:
             r = self.ex.on_response(c, hp.status, hp.reason[:hp.reason_len] if hp.reason_len else b"",
-                                    _response_field_list(hp, c.cfg), framed, hp.content_length)
+                                    _response_field_list(hp, c.cfg), framed, hp.content_length,
+                                    whole)
         except Exception:
             _log.exception("cache phase failed on a response; passing it on uncached")
             return None

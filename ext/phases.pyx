@@ -55,9 +55,10 @@ cdef class Stage:
     (Envoy's per-request filter): the core calls it at the response's
     points.  body() gets the response body while ClientConn.tap is set."""
 
-    cdef bytes response(self, ClientConn c, HeadParser hp, UpstreamConn u):
-        """The backend's head arrived: field lines to add to the client's
-        head (or None).  It may answer instead (then c.up is not u)."""
+    cdef bytes response(self, ClientConn c, HeadParser hp, UpstreamConn u, bint whole):
+        """The backend's head arrived (`whole`: with all of its body, well
+        framed): field lines to add to the client's head (or None).  It may
+        answer instead (then c.up is not u)."""
         return None
 
     cdef void body(self, object data):

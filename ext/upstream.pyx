@@ -15,6 +15,21 @@ def _absent(self):
 _NO_BUFFER = property(_absent)
 
 
+cdef bint _arrived_whole(HeadParser hp, const char *p, size_t n, ProxySettings cfg):
+    """Whether p[:n], what came with a response head, holds its whole body,
+    well framed: only then can the cache phase's Cache-Status say `stored`
+    (a body that streams on may still be cut off or badly framed)."""
+    cdef ChunkState st
+    if hp.body == B_NONE:
+        return 1
+    if hp.body == B_LENGTH:
+        return n >= <size_t>hp.content_length
+    if hp.body == B_CHUNKED:
+        chunk_init(&st, CHUNK_LINE_MAX, cfg.resp_max_head)
+        return chunk_skip(&st, p, n) >= 0 and st.phase == CS_DONE
+    return 0                     # B_CLOSE: complete only when the backend closes
+
+
 @cython.no_gc_clear
 cdef class UpstreamConn(Stream):
     """A connection to a backend: carries one request at a time and sits in
@@ -209,7 +224,7 @@ cdef class UpstreamConn(Stream):
                         c.pending = None
                         self.transport.write(bytes(q))
                     continue
-                self._start_body(c)
+                self._start_body(c, base + off, n - off)
                 if self.client is not c:
                     return
                 if self.state == U_BODY and self.body_kind == B_LENGTH and self.body_left <= INLINE_BODY:
@@ -294,14 +309,15 @@ cdef class UpstreamConn(Stream):
                 self.close()
                 return
 
-    cdef void _start_body(self, ClientConn c):
-        """Decide the framing toward the client and build its head into _out."""
+    cdef void _start_body(self, ClientConn c, const char *body, size_t avail):
+        """Decide the framing toward the client and build its head into _out.
+        body[:avail] is what arrived of the body with the head."""
         cdef HeadParser hp = _parser
         cdef bytes extra = None
         if self.backend.fails or self.backend.ejections or self.backend.close_seen:
             _note_success(self.backend)
         if c.stage is not None:
-            extra = c.stage.response(c, hp, self)
+            extra = c.stage.response(c, hp, self, _arrived_whole(hp, body, avail, c.cfg))
             if self.client is not c:
                 # answered by the stage instead (the cache: revalidated, stale-if-error)
                 if hp.keep_alive and c.req_done and (hp.body == B_NONE or (

@@ -271,17 +271,19 @@ class Origin:
         else:
             variant = s.header(opt["vary"]) if "vary" in opt and opt["vary"] != "*" else ""
             body = f"{name} v{version} {variant}".encode()
+        # one write, as most origins send a small response: the proxy then
+        # has it whole with its head, and its Cache-Status can say `stored`
         if "chunked" in opt:
-            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + head + b"\r\n")
+            out = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + head + b"\r\n"]
             if s.method != "HEAD":
                 for i in range(0, len(body), 1000):
                     part = body[i:i + 1000]
-                    w.write(b"%x\r\n%s\r\n" % (len(part), part))
-                w.write(b"0\r\n\r\n")
+                    out.append(b"%x\r\n%s\r\n" % (len(part), part))
+                out.append(b"0\r\n\r\n")
+            w.write(b"".join(out))
             return
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body) + head + b"\r\n")
-        if s.method != "HEAD":
-            w.write(body)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body) + head + b"\r\n"
+                + (body if s.method != "HEAD" else b""))
 
 
 # ---- proxy process ----------------------------------------------------------

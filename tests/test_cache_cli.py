@@ -158,7 +158,8 @@ def test_stats(tmp_path, site):
     assert "hit ratio:" in result.output and "75.0%" in result.output
     counters = json.loads(run("stats", "-c", cfg, "--json").output)
     assert counters["entries"] == 3 and counters["hits"] == 3 and counters["misses"] == 1
-    assert counters["map_size"] == 8 * 1024 * 1024
+    assert counters["max_size"] == 8 * 1024 * 1024
+    assert counters["map_size"] == 10 * 1024 * 1024      # max_size + MAP_MARGIN
 
 
 def test_errors_are_messages(tmp_path):

@@ -497,3 +497,30 @@ def test_entry_record_round_trip():
     for bad in (b"", b"\x09junk", encode_entry(e)[:-1]):
         with pytest.raises(ValueError):
             decode_record(bad)
+
+
+def test_entry_record_checksums():
+    """A record carries its body's CRC-32 and its own; a changed byte is
+    an unreadable record, the patches keep it readable, and a record of
+    format 1 (no checksums) is still read, with no body checksum."""
+    import struct
+
+    from edgeproxy.cache.entry import patch_flags, patch_last_access
+    e = entry(cc("max-age=60"), (b"ETag", b'"v"'))
+    e.body_id, e.chunk_size, e.body_crc = 7, 4096, 0
+    assert decode_record(encode_entry(e)).body_crc == 0
+    e.body_crc = 0xFFFFFFFF
+    raw = encode_entry(e)
+    assert decode_record(raw).body_crc == 0xFFFFFFFF
+    assert decode_record(encode_entry(dataclasses.replace(e, body_crc=None))).body_crc is None
+    for i in (1, 40, len(raw) // 2, len(raw) - 1):
+        bad = bytearray(raw)
+        bad[i] ^= 1
+        with pytest.raises(ValueError, match="checksum"):
+            decode_record(bytes(bad))
+    assert decode_record(patch_last_access(raw, T + 9)).last_access == T + 9
+    assert decode_record(patch_flags(raw, FLAG_INVALIDATED)).invalidated
+    # format 1: kind 1, the fixed part without the body checksum, no trailer
+    v1 = b"\x01" + raw[1:struct.calcsize("<BBHIQQ8d8I")] + raw[struct.calcsize("<BBHIQQ8d8Iq"):-4]
+    old = decode_record(v1)
+    assert old.body_crc is None and old.head == e.head and old.key == e.key

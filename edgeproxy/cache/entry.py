@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 __all__ = [
@@ -21,15 +22,20 @@ FLAG_MUST_REVALIDATE = 2  # must-revalidate, proxy-revalidate or s-maxage: never
 FLAG_INVALIDATED = 4      # soft-purged: treated as stale from then on
 FLAG_HEURISTIC = 8        # the freshness lifetime is a heuristic one
 
-_KIND_ENTRY = 1
+_KIND_ENTRY_V1 = 1     # without checksums (still read: their body is not verified)
 _KIND_VARY = 2
+_KIND_ENTRY = 3        # with the body's CRC-32, and its own in the last 4 bytes
 
 # kind, flags, status, chunk_size, body_id, body_length, then the times and
-# lifetimes as doubles, then the lengths of the variable fields that follow.
-_FIXED = struct.Struct("<BBHIQQ8d8I")
+# lifetimes as doubles, then the lengths of the variable fields that follow,
+# then (kind 3) the CRC-32 of the body (-1: not known). The variable fields
+# follow, and (kind 3) the CRC-32 of all the record before it.
+_FIXED_V1 = struct.Struct("<BBHIQQ8d8I")
+_FIXED = struct.Struct("<BBHIQQ8d8Iq")
 _FLAGS_OFFSET = 1
 _LAST_ACCESS_OFFSET = struct.calcsize("<BBHIQQ7d")
 _DOUBLE = struct.Struct("<d")
+_CRC = struct.Struct("<I")
 _VARY = struct.Struct("<BII")
 
 
@@ -63,6 +69,7 @@ class CacheEntry:
     body_id: int = 0               # set by the store
     chunk_size: int = 0            # set by the store
     last_access: float = 0.0       # updated sparsely by the store (eviction order)
+    body_crc: int | None = None    # CRC-32 of the body, set by the store (None: not known)
 
     @property
     def no_cache(self) -> bool:
@@ -103,9 +110,10 @@ def encode_entry(e: CacheEntry) -> bytes:
         e.request_time, e.response_time, e.date_value, e.age_value, e.lifetime,
         e.stale_while_revalidate, e.stale_if_error, e.last_access,
         len(e.key), len(e.variant), len(e.reason), len(e.head), len(e.etag),
-        len(e.last_modified), len(vary), len(tags))
-    return b"".join((fixed, e.key, e.variant, e.reason, e.head, e.etag, e.last_modified,
-                     vary, tags))
+        len(e.last_modified), len(vary), len(tags), -1 if e.body_crc is None else e.body_crc)
+    record = b"".join((fixed, e.key, e.variant, e.reason, e.head, e.etag, e.last_modified,
+                       vary, tags))
+    return record + _CRC.pack(zlib.crc32(record))
 
 
 def encode_vary(key: bytes, vary: tuple[bytes, ...]) -> bytes:
@@ -125,19 +133,32 @@ def decode_record(data: bytes) -> CacheEntry | VaryRecord:
                 raise ValueError("bad vary record length")
             names = data[pos + klen:pos + klen + vlen]
             return VaryRecord(data[pos:pos + klen], tuple(names.split(b",")) if names else ())
-        if data[0] != _KIND_ENTRY:
+        if data[0] == _KIND_ENTRY:
+            end = len(data) - _CRC.size
+            if end < _FIXED.size or zlib.crc32(memoryview(data)[:end]) != _CRC.unpack_from(
+                    data, end)[0]:
+                raise ValueError("cache record checksum mismatch")
+            (_, flags, status, chunk_size, body_id, body_length,
+             request_time, response_time, date_value, age_value, lifetime, swr, sie,
+             last_access, *lengths, body_crc) = _FIXED.unpack_from(data)
+            body_crc = None if body_crc < 0 else body_crc
+            pos = _FIXED.size
+        elif data[0] == _KIND_ENTRY_V1:
+            end = len(data)
+            (_, flags, status, chunk_size, body_id, body_length,
+             request_time, response_time, date_value, age_value, lifetime, swr, sie,
+             last_access, *lengths) = _FIXED_V1.unpack_from(data)
+            body_crc = None
+            pos = _FIXED_V1.size
+        else:
             raise ValueError(f"unknown cache record kind {data[0]}")
-        (_, flags, status, chunk_size, body_id, body_length,
-         request_time, response_time, date_value, age_value, lifetime, swr, sie, last_access,
-         *lengths) = _FIXED.unpack_from(data)
     except struct.error as exc:
         raise ValueError(f"truncated cache record: {exc}") from None
-    pos = _FIXED.size
     fields = []
     for n in lengths:
         fields.append(data[pos:pos + n])
         pos += n
-    if pos != len(data):
+    if pos != end:
         raise ValueError("bad cache record length")
     key, variant, reason, head, etag, last_modified, vary, tags = fields
     return CacheEntry(
@@ -146,18 +167,25 @@ def decode_record(data: bytes) -> CacheEntry | VaryRecord:
         lifetime=lifetime, variant=variant, vary=tuple(vary.split(b",")) if vary else (),
         etag=etag, last_modified=last_modified, tags=tuple(tags.split(b"\n")) if tags else (),
         flags=flags, stale_while_revalidate=swr, stale_if_error=sie, body_length=body_length,
-        body_id=body_id, chunk_size=chunk_size, last_access=last_access)
+        body_id=body_id, chunk_size=chunk_size, last_access=last_access, body_crc=body_crc)
+
+
+def _resealed(buf: bytearray) -> bytes:
+    if buf[0] == _KIND_ENTRY:
+        end = len(buf) - _CRC.size
+        _CRC.pack_into(buf, end, zlib.crc32(memoryview(buf)[:end]))
+    return bytes(buf)
 
 
 def patch_last_access(record: bytes, when: float) -> bytes:
     """The encoded entry `record` with its last-access time set to `when`."""
     buf = bytearray(record)
     _DOUBLE.pack_into(buf, _LAST_ACCESS_OFFSET, when)
-    return bytes(buf)
+    return _resealed(buf)
 
 
 def patch_flags(record: bytes, set_flags: int) -> bytes:
     """The encoded entry `record` with `set_flags` added to its flags."""
     buf = bytearray(record)
     buf[_FLAGS_OFFSET] |= set_flags
-    return bytes(buf)
+    return _resealed(buf)

@@ -12,6 +12,10 @@ the hash to tell a fetch of its key (wait for it) from another key that
 hashes to the same slot (do not wait). Only the loop thread calls these
 methods; each is one or two system calls that never block.
 
+The file's blocks are allocated when it is opened (`preallocate`): the
+slots are written through a shared map, and a page the filesystem cannot
+back (a full disk) would be a SIGBUS.
+
 Caveat of POSIX locks: closing *any* descriptor of the file drops all of
 the process's locks on it, so a process opens the file once (`CacheStore`).
 """
@@ -27,7 +31,7 @@ import os
 import struct
 import time
 
-__all__ = ["FILLS_FILE", "SLOTS", "Claim", "FillLocks"]
+__all__ = ["FILLS_FILE", "SLOTS", "Claim", "FillLocks", "preallocate"]
 
 log = logging.getLogger("edgeproxy.cache")
 
@@ -43,6 +47,21 @@ class Claim(enum.Enum):
     OWN = "own"       # this process fetches the key (release it when done)
     WAIT = "wait"     # another process fetches this key: wait for its entry
     NONE = "none"     # fetch without a claim (slot busy with another key, fetch too old)
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Make the file at least size bytes with every block allocated, so that
+    storing into a map of it never faults on a full filesystem (a SIGBUS
+    that kills the process). Raises OSError (ENOSPC when there is no room)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        # no fallocate here: write the blocks ourselves where the file is short
+        have = os.fstat(fd).st_size
+        if have < size:
+            os.pwrite(fd, bytes(size - have), have)
 
 
 def key_hash(key: bytes) -> int:
@@ -63,8 +82,7 @@ class FillLocks:
         """Open (creating if needed) the file at path; raises OSError."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            if os.fstat(fd).st_size < SLOTS * _SLOT.size:
-                os.ftruncate(fd, SLOTS * _SLOT.size)
+            preallocate(fd, SLOTS * _SLOT.size)
             return cls(fd, path)
         except BaseException:
             os.close(fd)

@@ -9,8 +9,9 @@ through these hooks (see ext/cachephase.pyx, _start_cached and CacheExchange):
   now (None: held; the exchange later calls `conn.respond` or
   `conn.forward`), or return None to forward `head` untouched.
 - `Exchange.on_response(conn, status, reason, headers, framed,
-  content_length)`: the backend's response head; returns (field lines to
-  add, whether to pass the body to `feed`), or answers with `conn.respond`.
+  content_length, whole)`: the backend's response head (`whole`: its body
+  came with it, complete); returns (field lines to add, whether to pass the
+  body to `feed`), or answers with `conn.respond`.
 - `Exchange.feed(data)`: body bytes as they go to the client (chunk framing
   included when `framed`).
 - `Exchange.finished()` / `Exchange.aborted()`: the response ended whole / broke off.
@@ -30,7 +31,7 @@ from edgeproxy.cache.fills import Claim
 from edgeproxy.cache.keys import cache_key
 from edgeproxy.cache.policy import Action, cache_status
 from edgeproxy.cache.refresh import fetch, rewrite_head
-from edgeproxy.cache.store import CacheError, CacheStore
+from edgeproxy.cache.store import CacheCorrupt, CacheError, CacheStore
 from edgeproxy.config.model import CacheConfig
 from edgeproxy.http import ChunkedDecoder, ParseError
 
@@ -41,9 +42,10 @@ log = logging.getLogger("edgeproxy.cache")
 Headers = list[tuple[bytes, bytes]]
 
 SYNC_READ_MAX = 1 << 20     # hit bodies up to this are sent on the loop, from the map
-PIN_RENEW = 5.0             # seconds between renewals of the pinned read snapshot
+PIN_RENEW = 0.5             # the pinned read snapshot is renewed at least this often
 COLLAPSE_WAIT = 5.0         # a collapsed request waits this long for the first one's entry
 FILL_POLL = 0.025           # how often a miss waiting for another worker's fetch looks again
+VERIFIED_MAX = 1 << 16      # body ids remembered as checked (then forgotten, and checked again)
 _UNCACHED_METHODS = frozenset({b"OPTIONS", b"TRACE", b"CONNECT"})
 _CONDITIONAL = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
                 b"if-range", b"range")
@@ -76,12 +78,19 @@ class EdgeCache:
         # lands: lookups in this worker see the new metadata at once.
         self.updating: dict[tuple[bytes, bytes], CacheEntry] = {}
         self.tasks: set[asyncio.Task] = set()
+        # Bodies whose checksum this worker checked (or computed: its own
+        # commits): a body never changes under its id, so once is enough.
+        self.verified: set[int] = set()
         # The read snapshot hits are sent from (slices of the map), kept
-        # open on the loop thread between renewals; the hot index's bodies
-        # are slices of it, and its entries are remembered to rebind them.
+        # open on the loop thread and renewed whenever the store changed
+        # (sync_hot): LMDB cannot reuse the pages freed while it lives, so
+        # it must not live long under a stream of new entries. The hot
+        # index's slices outlive it (CacheStore.lasting: removals reach the
+        # index through the change log); its copies of bodies just committed
+        # are kept here, to be moved onto the map at the next renewal.
         self._pin: Any = None
         self._pinned_at = 0.0
-        self._hot_entries: dict[bytes, CacheEntry] = {}
+        self._hot_copies: dict[bytes, CacheEntry] = {}
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -109,14 +118,15 @@ class EdgeCache:
         # The body as slices of the map: from the pinned snapshot, or, for
         # an entry stored after it, from one opened for this answer.
         own = None
-        body = self.store.body_parts(self.pinned(), entry, hit.body_start, hit.body_end)
+        txn = self.pinned()
+        body = self.store.body_parts(txn, entry, hit.body_start, hit.body_end)
         try:
             if body is None:
-                own = self.store.pin()
+                own = txn = self.store.pin()
                 body = self.store.body_parts(own, entry, hit.body_start, hit.body_end)
-                if body is None:
-                    return False
-            elif fresh and self.hot is not None and hit.status == entry.status \
+            if body is None or not self.intact(txn, entry):
+                return False
+            if own is None and fresh and self.hot is not None and hit.status == entry.status \
                     and hit.body_start == 0 and hit.body_end >= entry.body_length:
                 self.offer_hot(entry, body)
             head = hit.head
@@ -128,33 +138,56 @@ class EdgeCache:
                 own.abort()
         return True
 
+    def intact(self, txn: Any, entry: CacheEntry) -> bool:
+        """Whether entry's body (in txn's snapshot) matches its checksum,
+        checked the first time this worker sends that body; a corrupt entry
+        is deleted (off the loop) and False returned: answer as a miss."""
+        if entry.body_crc is None or entry.body_id in self.verified:
+            return True
+        intact = self.store.body_intact(txn, entry)
+        if intact is None:           # gone meanwhile
+            return False
+        if not intact:
+            self.corrupt(entry)
+            return False
+        self.checked(entry)
+        return True
+
+    def checked(self, entry: CacheEntry) -> None:
+        if len(self.verified) >= VERIFIED_MAX:
+            self.verified.clear()
+        self.verified.add(entry.body_id)
+
+    def corrupt(self, entry: CacheEntry) -> None:
+        self.store.count("corrupt")
+        self.store.log.log(logging.ERROR, "corrupt", "cache: the stored body of %s does not "
+                           "match its checksum (a damaged %s/data.mdb?): deleted, fetched again",
+                           entry.key[:200].decode("latin-1"), self.store.path)
+        self.invalidate([entry.key])
+
     def pinned(self) -> Any:
         if self._pin is None:
-            self.renew_pin()
+            self._swap_pin(self.store.pin())
         return self._pin
 
-    def renew_pin(self) -> Any:
-        """Start a new read snapshot, move the hot index's bodies to it (or
-        drop those no longer stored), and end the old one, so that LMDB can
-        reuse the pages it held."""
-        old = self._pin
-        self._pin = self.store.pin()
+    def _swap_pin(self, fresh: Any) -> None:
+        """Make fresh (a new read snapshot) the pinned one, move the hot
+        index's copied bodies onto the map in it, and end the old one, so
+        that LMDB can reuse the pages it held. The change log must have been
+        applied in a snapshot at least as new as fresh (sync_hot), so that
+        no hot entry points at pages that only the old snapshot kept."""
+        old, self._pin = self._pin, fresh
         self._pinned_at = time.monotonic()
-        hot = self.hot
-        if hot is not None:
-            held = {}
-            for key in hot.keys():
-                entry = self._hot_entries.get(key)
-                parts = self.store.body_parts(self._pin, entry) if entry is not None else None
-                if hot.rebind(key, parts):
-                    held[key] = entry
-            self._hot_entries = held
+        if self._hot_copies:
+            copies, self._hot_copies = self._hot_copies, {}
+            for key, entry in copies.items():
+                parts = self.store.body_parts(fresh, entry)
+                self.hot.rebind(key, None if parts is None else self.store.lasting(parts))
         if old is not None:
             old.abort()
-        return self._pin
 
     def offer_hot(self, entry: CacheEntry, body: tuple | bytes) -> None:
-        """Give the hot index entry, its body as slices of the pinned
+        """Give the hot index entry, its body as whole chunks from the pinned
         snapshot (or a copy right after a commit, moved onto the map at the
         next renewal), when the core may answer from it without asking the
         phase: its answer must not depend on the request (no Vary) nor need
@@ -168,11 +201,16 @@ class EdgeCache:
                 or entry.lifetime <= 0 or entry.key in self.invalidating:
             hot.drop(entry.key)
             return
+        copy = isinstance(body, bytes)
+        if not copy:
+            body = self.store.lasting(body)
         initial_age = policy.corrected_initial_age(entry)
         if hot.offer(entry.key, policy.hit_head(entry), body, entry.status,
                      initial_age - entry.response_time,
-                     entry.response_time + entry.lifetime - initial_age):
-            self._hot_entries[entry.key] = entry
+                     entry.response_time + entry.lifetime - initial_age) and copy:
+            self._hot_copies[entry.key] = entry
+        else:
+            self._hot_copies.pop(entry.key, None)
 
     def update_entry(self, entry: CacheEntry) -> None:
         """Rewrite entry's metadata (after a 304) off the loop; until the
@@ -197,28 +235,40 @@ class EdgeCache:
 
     def sync_hot(self) -> None:
         """Called by the worker's ticker, and by the phase when the store
-        changed: count the hot index's hits in the store, and drop what other
-        processes (another worker, `edgeproxy cache purge`) changed."""
+        changed: count the hot index's hits in the store, drop what other
+        processes (another worker, `edgeproxy cache purge`, eviction)
+        changed, and renew the pinned snapshot when the store changed or
+        PIN_RENEW passed."""
         hot = self.hot
-        if hot is None:
-            return
-        n = hot.take_hits()
-        if n:
-            self.store.count("hits", n)
-            self.store.count("hot_hits", n)
+        store = self.store
+        if hot is not None:
+            n = hot.take_hits()
+            if n:
+                store.count("hits", n)
+                store.count("hot_hits", n)
+        fresh = None
         try:
-            hot.synced, keys = self.store.changes_since(hot.synced)
-            if self._pin is not None and time.monotonic() - self._pinned_at >= PIN_RENEW:
-                self.renew_pin()
+            if self._pin is not None and (
+                    (hot is not None and store.generation() != hot.synced)
+                    or time.monotonic() - self._pinned_at >= PIN_RENEW):
+                fresh = store.pin()      # first: the change log is read as of now or later
+            if hot is not None:
+                hot.synced, keys = store.changes_since(hot.synced)
         except CacheError as exc:
-            log.warning("%s", exc)
-            hot.clear()
+            store.log.log(logging.WARNING, "read", "%s", exc)
+            if hot is not None:
+                hot.clear()
+            if fresh is not None:
+                fresh.abort()
             return
-        if keys is None:
-            hot.clear()
-        else:
-            for key in keys:
-                hot.drop(key)
+        if hot is not None:
+            if keys is None:
+                hot.clear()
+            else:
+                for key in keys:
+                    hot.drop(key)
+        if fresh is not None:
+            self._swap_pin(fresh)
 
     def invalidate(self, keys: list[bytes]) -> None:
         """Delete keys (every variant) off the loop; until that is done this
@@ -228,7 +278,7 @@ class EdgeCache:
                 await self.store.delete_async(key)
                 self.sync_hot()
             except CacheError as exc:
-                log.warning("%s", exc)
+                self.store.log.log(logging.WARNING, "delete", "%s", exc)
             finally:
                 self.invalidating.discard(key)
         for key in keys:
@@ -298,7 +348,7 @@ class EdgeCache:
         if self.hot is not None:
             self.hot.detach_generation()
             self.hot.clear()
-        self._hot_entries.clear()
+        self._hot_copies.clear()
         if self._pin is not None:
             self._pin.abort()
             self._pin = None
@@ -334,7 +384,7 @@ class CachePhase:
         try:
             entry, vary_miss = cache.lookup(key, headers)
         except CacheError as exc:
-            log.warning("%s", exc)
+            cache.store.log.log(logging.WARNING, "read", "%s", exc)
             return None
         d = policy.lookup_decision(entry, headers, now, vary_miss=vary_miss)
         store = cache.store
@@ -421,13 +471,15 @@ class Exchange:
         self.writer = None
         self.decoder: ChunkedDecoder | None = None
         self.parts: list[bytes] = []
-        self.ended: str | None = None      # "done" or "cut"
+        self.size = 0                      # body bytes fed
+        self.ended: str | None = None      # "done", "cut" or "too-large"
         self.wakeup: asyncio.Event | None = None
 
     # --- the backend's answer ---------------------------------------------------
 
     def on_response(self, conn: Any, status: int, reason: bytes, headers: Headers,
-                    framed: bool, content_length: int) -> tuple[bytes, bool] | None:
+                    framed: bool, content_length: int,
+                    whole: bool) -> tuple[bytes, bool] | None:
         cache = self.phase.cache
         now = time.time()
         if self.invalidates is not None:
@@ -478,7 +530,11 @@ class Exchange:
             self.decoder = ChunkedDecoder()
         self.wakeup = asyncio.Event()
         cache.spawn(self._write_out())
-        return _status_line(cache_status(fwd=self.fwd, fwd_status=status, stored=True)), True
+        # `stored` only for a body the core already holds whole: the head
+        # goes out now, and a body still to come may be cut off or badly
+        # framed, and then not stored (it may well be stored; the head
+        # cannot know)
+        return _status_line(cache_status(fwd=self.fwd, fwd_status=status, stored=whole)), True
 
     def on_backend_error(self, conn: Any, status: int) -> None:
         if self.stale is not None:
@@ -501,15 +557,28 @@ class Exchange:
     def feed(self, data: bytes) -> None:
         if self.writer is None or self.ended:
             return
+        if self.writer.failed is not None:     # the store gave up: keep nothing more
+            self.parts.clear()
+            self._end("cut")
+            return
         if self.decoder is not None:
             try:
                 pieces, _ = self.decoder.feed(data)
             except ParseError:
                 self._end("cut")
                 return
-            self.parts.extend(pieces)
         else:
-            self.parts.append(data)
+            pieces = (data,)
+        for piece in pieces:
+            self.size += len(piece)
+        if self.size > self.phase.cache.store.max_object:
+            # Refused here, not when the writer thread gets to it: what a
+            # body without Content-Length sends beyond max_object must not
+            # pile up in `parts` while it streams on to the client.
+            self.parts.clear()
+            self._end("too-large")
+            return
+        self.parts.extend(pieces)
         self.wakeup.set()
 
     def finished(self) -> None:
@@ -564,10 +633,12 @@ class Exchange:
                     await writer.write_async(data)
                 if self.ended is not None:
                     break
-            if self.ended == "done" and writer.failed is None:
+            if self.ended == "too-large":
+                await writer.fail_async("too-large")
+            elif self.ended == "done" and writer.failed is None:
                 stored = await writer.commit_async()
                 if stored:
-                    cache.store.count("stores")
+                    cache.checked(writer.entry)     # its checksum was computed from these bytes
                     cache.drop_hot(self.key)
                     cache.sync_hot()        # our own commit moved the store's generation
                     if kept is not None and self.method == b"GET":
@@ -716,10 +787,18 @@ class Exchange:
         cache = self.phase.cache
         hit = policy.respond_from_cache(entry, self.method, self.headers, time.time(),
                                         status_value)
-        body = await cache.store.read_body_async(entry, hit.body_start, hit.body_end)
+        verify = entry.body_crc is not None and entry.body_id not in cache.verified
+        try:
+            body = await cache.store.read_body_async(entry, hit.body_start, hit.body_end,
+                                                     verify=verify)
+        except CacheCorrupt:
+            cache.corrupt(entry)
+            body = None
         if body is None:
             conn.forward(self.phase.pool, self.request_head)
             return
+        if verify:
+            cache.checked(entry)
         head = hit.head
         if b"\r\ndate:" not in head.lower():
             head += b"Date: " + policy.format_http_date(time.time()) + _CRLF

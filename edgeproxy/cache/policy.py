@@ -573,7 +573,8 @@ def apply_304(entry: CacheEntry, response_headers: Headers, request_time: float,
                          date_value=response_time, age_value=0.0, lifetime=0.0,
                          variant=entry.variant, vary=entry.vary,
                          body_length=entry.body_length, body_id=entry.body_id,
-                         chunk_size=entry.chunk_size, last_access=entry.last_access)
+                         chunk_size=entry.chunk_size, last_access=entry.last_access,
+                         body_crc=entry.body_crc)
     return _describe(updated, merged, heuristic)
 
 

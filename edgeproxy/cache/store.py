@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import logging
 import mmap
@@ -29,6 +30,7 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, Self, TypeVar
 
@@ -44,21 +46,29 @@ from edgeproxy.cache.entry import (
     patch_flags,
     patch_last_access,
 )
-from edgeproxy.cache.fills import FILLS_FILE, FillLocks
+from edgeproxy.cache.fills import FILLS_FILE, FillLocks, preallocate
 from edgeproxy.cache.keys import variant_key
 from edgeproxy.config.model import CacheConfig
 
-__all__ = ["CHUNK_SIZE", "CacheError", "CacheStore", "CacheWriter", "StoredLookup"]
+__all__ = ["CHUNK_SIZE", "CacheCorrupt", "CacheDiskFull", "CacheError", "CacheStore",
+           "CacheWriter", "StoredLookup"]
 
 log = logging.getLogger("edgeproxy.cache")
 
 FORMAT = b"edgeproxy-cache 1"
 CHUNK_SIZE = 256 * 1024      # body bytes per LMDB value
-HIGH_WATER = 0.80            # evict when the bytes in use pass this fraction of the map...
+HIGH_WATER = 0.80            # evict when the bytes in use pass this fraction of max_size...
 LOW_WATER = 0.65             # ...down to this fraction
-MAP_FULL_FREE = 0.10         # on MDB_MAP_FULL: evict this fraction of the map and retry,
+# The map is larger than max_size by this fraction of it: room for what the
+# `bytes` estimate does not see (B-tree and free-list pages, pages freed but
+# still visible to a reader, runs of free pages too short for a large value),
+# so that a write, and above all the eviction making room, does not find the
+# map full.
+MAP_MARGIN = 0.25
+MAP_FULL_FREE = 0.10         # on MDB_MAP_FULL: evict this fraction of max_size and retry,
 MAP_FULL_RETRIES = 2         # twice, freeing more each time (large values need contiguous pages)
-OBJECT_FRACTION = 8          # one object may use at most 1/8 of the map
+OBJECT_FRACTION = 8          # one object may use at most 1/8 of max_size
+LOG_INTERVAL = 60.0          # a storage problem is logged at most once per reason this often
 TOUCH_INTERVAL = 60.0        # a hit moves an entry in the eviction order at most this often
 PENDING_MAX_AGE = 3600.0     # a body still being written after this is abandoned
 UPKEEP_INTERVAL = 30.0       # reader check, abandoned bodies, sync to disk
@@ -68,7 +78,7 @@ MAX_READERS = 1024           # reader slots: threads x processes reading at once
 _MAX_KEY = 400
 _DB_NAMES = (b"meta", b"body", b"lru", b"tags", b"pending", b"info")
 COUNTERS = ("entries", "bytes", "hits", "misses", "stale", "revalidated", "stores",
-            "store_failures", "evictions", "purges", "hot_hits")
+            "store_failures", "evictions", "purges", "hot_hits", "corrupt")
 
 _BODY_ID = struct.Struct(">Q")
 _CHUNK_KEY = struct.Struct(">QI")
@@ -88,12 +98,31 @@ CHANGE_RING = 4096
 # phase until the worker has read the change log (ext/hotcache.pyx).
 CHANGES_FILE = "changes"
 CHANGE_KEY_MAX = 1024
+# The files mapped read-write (LMDB's lock.mdb, `changes`, `fills`) get all
+# their blocks before they are mapped: a store to a page the filesystem
+# cannot back is a SIGBUS that kills the worker (a full disk, a small
+# tmpfs). LMDB sizes lock.mdb (MAX_READERS - 1) * 64 + 192 bytes on x86-64
+# Linux; a larger file it takes as it is (more reader slots), a smaller one
+# it extends.
+LOCK_FILE = "lock.mdb"
+LOCK_SIZE = (MAX_READERS - 1) * 64 + 192
+MIN_FREE = 1 << 20           # below this much free space at open, run without the cache
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 T = TypeVar("T")
 
 
 class CacheError(Exception):
     """The cache cannot be opened or read; the message names the path and the cause."""
+
+
+class CacheCorrupt(CacheError):
+    """A stored body does not match the checksum stored with its entry."""
+
+
+class CacheDiskFull(CacheError):
+    """The filesystem under the cache has no room to open it: the worker
+    runs without the cache (a disk problem, not a configuration error)."""
 
 
 class _WriterExpired(Exception):
@@ -171,9 +200,11 @@ class CacheStore:
         self.chunk_size = chunk_size
         self.touch_interval = touch_interval
         self.map_size = env.info()["map_size"]
-        # One object may take 1/8 of the map at most, so that storing it
+        self.max_size = config.max_size        # what eviction keeps the bytes in use under
+        # One object may take 1/8 of max_size at most, so that storing it
         # never has to empty the cache.
-        self.max_object = min(config.max_object, self.map_size // OBJECT_FRACTION)
+        self.max_object = min(config.max_object, self.max_size // OBJECT_FRACTION)
+        self.log = LogLimiter(LOG_INTERVAL)
         self._env: lmdb.Environment | None = env
         self._meta, self._body, self._lru = dbs[b"meta"], dbs[b"body"], dbs[b"lru"]
         self._tags, self._pending, self._info = dbs[b"tags"], dbs[b"pending"], dbs[b"info"]
@@ -214,6 +245,8 @@ class CacheStore:
             raise CacheError(f"cache: {path} was open when this process was forked, so it "
                              "cannot be opened here: open the cache in each worker, not "
                              "before fork()")
+        _check_room(path, map_size_for(config.max_size))
+        _allocate(path, LOCK_FILE, LOCK_SIZE)
         try:
             # lock=True: readers and the writer coordinate through lock.mdb
             #   across processes; writemap=False: pages are written with
@@ -223,7 +256,7 @@ class CacheStore:
             #   writes of a cache, a crashed process loses nothing;
             # readahead=False: the map is larger than RAM, hits are random;
             # meminit=False: no zeroing of buffers we fill completely.
-            env = lmdb.open(path, map_size=config.max_size, subdir=True, create=True,
+            env = lmdb.open(path, map_size=map_size_for(config.max_size), subdir=True, create=True,
                             max_dbs=len(_DB_NAMES) + 2, lock=True, readahead=False,
                             writemap=False, sync=False, metasync=False, meminit=False,
                             max_readers=MAX_READERS, max_spare_txns=4)
@@ -240,6 +273,8 @@ class CacheStore:
             store.changes_map = _map_changes_file(os.path.join(path, CHANGES_FILE))
         except OSError as exc:
             env.close()
+            if exc.errno in _DISK_FULL:
+                raise _disk_full(path, exc) from None
             raise CacheError(f"cache: cannot open {os.path.join(path, CHANGES_FILE)}: "
                              f"{exc.strerror}") from None
         try:
@@ -342,7 +377,8 @@ class CacheStore:
                         return _VARY_MISS
                     record = decode_record(raw)
         except ValueError as exc:
-            log.warning("cache: unreadable record for %r: %s", key[:200], exc)
+            self.log.log(logging.WARNING, "unreadable", "cache: unreadable record for %r: %s",
+                         key[:200], exc)
             return _MISS
         except lmdb.Error as exc:
             raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
@@ -367,14 +403,23 @@ class CacheStore:
             return None
         return record
 
-    def read_body(self, entry: CacheEntry, start: int = 0, end: int | None = None) -> bytes | None:
+    def read_body(self, entry: CacheEntry, start: int = 0, end: int | None = None, *,
+                  verify: bool = False) -> bytes | None:
         """Bytes [start, end) of the entry's body (end defaults to its
         length), read in one snapshot. None when the body is gone (the
         entry was replaced, purged or evicted since it was looked up):
         before anything was sent, treat that as a miss; in the middle of a
-        response, close the connection."""
+        response, close the connection. With `verify`, the whole body is
+        checked against its checksum first: CacheCorrupt when it differs."""
         try:
             with self.pin() as txn:
+                if verify:
+                    intact = self.body_intact(txn, entry)
+                    if intact is None:
+                        return None
+                    if not intact:
+                        raise CacheCorrupt(f"cache: {self.path}: the body of "
+                                           f"{entry.key[:200]!r} does not match its checksum")
                 parts = self.body_parts(txn, entry, start, end)
                 if parts is None:
                     return None
@@ -391,6 +436,15 @@ class CacheStore:
             return self._environment().begin(db=self._body, buffers=True)
         except lmdb.Error as exc:
             raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
+
+    def lasting(self, parts: tuple[memoryview, ...]) -> tuple[memoryview | bytes, ...]:
+        """Whole chunks from `body_parts`, made to outlive their snapshot for
+        as long as the entry is stored: a value on overflow pages of its
+        own stays at its place in the map until it is removed, but a small
+        one lives inside a leaf page, which a write near it moves: those
+        (under a page) are copied."""
+        page = self._page
+        return tuple(p if len(p) >= page else bytes(p) for p in parts)
 
     def body_parts(self, txn: Any, entry: CacheEntry, start: int = 0,
                    end: int | None = None) -> tuple[memoryview, ...] | None:
@@ -419,10 +473,26 @@ class CacheStore:
         return tuple(parts)
 
     async def read_body_async(self, entry: CacheEntry, start: int = 0,
-                              end: int | None = None) -> bytes | None:
+                              end: int | None = None, *, verify: bool = False) -> bytes | None:
         """`read_body` in a thread (for large ranges: page faults may wait for the disk)."""
         return await asyncio.get_running_loop().run_in_executor(
-            None, self.read_body, entry, start, end)
+            None, lambda: self.read_body(entry, start, end, verify=verify))
+
+    def body_intact(self, txn: Any, entry: CacheEntry) -> bool | None:
+        """Whether the entry's body in txn's snapshot matches the CRC-32
+        stored with the entry (True when it has none: stored by a version
+        without checksums); None when the body is not in that snapshot.
+        Reads the whole body: callers check a body once (a body id is
+        never reused), not on every hit."""
+        if entry.body_crc is None:
+            return True
+        parts = self.body_parts(txn, entry)
+        if parts is None:
+            return None
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        return crc == entry.body_crc
 
     def _note_access(self, db_key: bytes, entry: CacheEntry) -> None:
         if time.time() - entry.last_access >= self.touch_interval:
@@ -482,8 +552,8 @@ class CacheStore:
             except lmdb.MapFullError:
                 if attempt == MAP_FULL_RETRIES:
                     raise
-                log.info("cache: map full; evicting")
-                self._evict(free=max(need, int((attempt + 1) * MAP_FULL_FREE * self.map_size)))
+                self.log.log(logging.INFO, "map-full", "cache: map full; evicting")
+                self._evict(free=max(need, int((attempt + 1) * MAP_FULL_FREE * self.max_size)))
             except lmdb.MapResizedError:
                 if attempt == MAP_FULL_RETRIES:
                     raise
@@ -506,6 +576,9 @@ class CacheStore:
         entry = writer.entry
         pending_key = _BODY_ID.pack(entry.body_id)
         added = sum(self._footprint(12, len(c)) for c in chunks)
+        crc = writer.crc
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
 
         def put(txn: lmdb.Transaction) -> None:
             if writer.registered:
@@ -523,10 +596,12 @@ class CacheStore:
         self._write(put, need=added)
         writer.registered = True
         writer.chunks += len(chunks)
+        writer.crc = crc
 
     def _commit(self, writer: CacheWriter, last_chunk: bytes) -> None:
         entry = writer.entry
         entry.body_length = writer.size
+        entry.body_crc = zlib.crc32(last_chunk, writer.crc)
         db_key = _entry_db_key(entry)
         primary = _db_key(entry.key)
         pending_key = _BODY_ID.pack(entry.body_id)
@@ -575,7 +650,7 @@ class CacheStore:
         except BaseException:
             self._restore_pending(counts)
             raise
-        if used > HIGH_WATER * self.map_size:
+        if used > HIGH_WATER * self.max_size:
             self._evict()
 
     def _discard_body(self, body_id: int) -> None:
@@ -584,7 +659,8 @@ class CacheStore:
         try:
             self._write(lambda txn: self._drop_pending(txn, _BODY_ID.pack(body_id)))
         except (lmdb.Error, CacheError) as exc:
-            log.warning("cache: could not discard an unfinished body: %s", exc)
+            self.log.log(logging.WARNING, "discard",
+                         "cache: could not discard an unfinished body: %s", exc)
 
     def _drop_pending(self, txn: lmdb.Transaction, pending_key: bytes) -> None:
         raw = txn.get(pending_key, db=self._pending)
@@ -614,6 +690,7 @@ class CacheStore:
         return record
 
     def _log_change(self, txn: lmdb.Transaction, key: bytes) -> None:
+        """Log key as changed (with the writing pid, for debugging)."""
         raw = txn.get(_CHANGES, db=self._info)
         gen = (_COUNTER.unpack(raw)[0] if raw else 0) + 1
         txn.put(_CHANGES, _COUNTER.pack(gen), db=self._info)
@@ -630,9 +707,12 @@ class CacheStore:
         return _COUNTER.unpack_from(m, 0)[0] if m is not None else -1
 
     def changes_since(self, generation: int) -> tuple[int, list[bytes] | None]:
-        """The change generation now, and the primary keys other processes
-        replaced, updated or removed after `generation` (None: anything may
-        have changed, forget everything). One read transaction; cheap when
+        """The change generation now, and the primary keys replaced, updated
+        or removed after `generation` (None: anything may have changed,
+        forget everything), by any process: this one's too, for a hot index
+        must have dropped what a write freed before the snapshot that kept
+        the freed pages ends (EdgeCache.sync_hot), even when the write's own
+        caller has not heard back yet. One read transaction; cheap when
         nothing changed."""
         try:
             with self._environment().begin(db=self._info) as txn:
@@ -642,14 +722,11 @@ class CacheStore:
                     return now, []
                 if now < generation or now - generation > CHANGE_RING:
                     return now, None
-                pid = os.getpid()
                 keys = []
                 for gen in range(generation + 1, now + 1):
                     value = txn.get(b"c:%d" % (gen % CHANGE_RING))
                     if value is None or len(value) < _PID.size:
                         return now, None
-                    if _PID.unpack_from(value)[0] == pid:
-                        continue     # this process's own writes: it dropped those itself
                     if len(value) == _PID.size:
                         return now, None
                     keys.append(value[_PID.size:])
@@ -680,7 +757,8 @@ class CacheStore:
         try:
             return self._write(update)
         except (lmdb.Error, CacheError) as exc:
-            log.warning("cache: could not update %r: %s", entry.key[:200], exc)
+            self.log.log(logging.WARNING, "update", "cache: could not update %r: %s",
+                         entry.key[:200], exc)
             return False
 
     async def update_entry_async(self, entry: CacheEntry) -> bool:
@@ -694,7 +772,8 @@ class CacheStore:
         try:
             return decode_record(raw)
         except ValueError as exc:
-            log.warning("cache: dropping an unreadable record %r: %s", db_key[:200], exc)
+            self.log.log(logging.WARNING, "unreadable", "cache: dropping an unreadable record "
+                         "%r: %s", db_key[:200], exc)
             return None
 
     def _remove_entry(self, txn: lmdb.Transaction, db_key: bytes, entry: CacheEntry,
@@ -870,14 +949,16 @@ class CacheStore:
 
     def _evict(self, free: int = 0) -> int:
         """Drop the least recently used entries until the bytes in use are
-        at most LOW_WATER of the map (or, with `free`, that many fewer)."""
+        at most LOW_WATER of max_size (or, with `free`, that many fewer).
+        Each removal goes to the change log (the hot indexes hold slices of
+        the map that the removal frees)."""
         evicted, target = 0, None
         while True:
             def batch(txn: lmdb.Transaction) -> tuple[int, bool]:
                 nonlocal target
                 used = self._counter(txn, "bytes")
                 if target is None:
-                    target = int(LOW_WATER * self.map_size)
+                    target = int(LOW_WATER * self.max_size)
                     if free:
                         target = min(target, used - free)
                 n, empty = 0, False
@@ -894,6 +975,7 @@ class CacheStore:
                         used -= self._remove_entry(txn, db_key, record, len(raw))
                         if record.variant:
                             self._drop_empty_vary(txn, db_key)
+                        self._log_change(txn, record.key)
                         n += 1
                     else:
                         txn.delete(lru_key, db=self._lru)  # left behind: drop it
@@ -904,13 +986,13 @@ class CacheStore:
                 with self._environment().begin(write=True) as txn:
                     n, done = batch(txn)
             except (lmdb.Error, CacheError) as exc:
-                log.error("cache: eviction failed: %s", exc)
+                self.log.log(logging.ERROR, "eviction-failed", "cache: eviction failed: %s", exc)
                 return evicted
             evicted += n
             if done:
                 break
         if evicted:
-            log.info("cache: evicted %d entries", evicted)
+            self.log.log(logging.INFO, "evicted", "cache: evicted %d entries", evicted)
         return evicted
 
     # --- counters, upkeep ------------------------------------------------------------------
@@ -938,7 +1020,7 @@ class CacheStore:
             self._write(lambda txn: self._apply(txn, counts, touches))
         except lmdb.Error as exc:
             self._restore_pending(counts)
-            log.warning("cache: could not write counters: %s", exc)
+            self.log.log(logging.WARNING, "counters", "cache: could not write counters: %s", exc)
 
     def _reap_pending(self) -> int:
         """Delete bodies whose writer died or gave up (PENDING_MAX_AGE)."""
@@ -972,9 +1054,9 @@ class CacheStore:
             with env.begin(db=self._info) as txn:
                 used = self._counter(txn, "bytes")
         except lmdb.Error as exc:
-            log.warning("cache: upkeep failed: %s", exc)
+            self.log.log(logging.WARNING, "upkeep", "cache: upkeep failed: %s", exc)
             return
-        if used > HIGH_WATER * self.map_size:
+        if used > HIGH_WATER * self.max_size:
             self._evict()
 
     async def maintain_forever(self, interval: float = 1.0) -> None:
@@ -988,14 +1070,24 @@ class CacheStore:
                 log.exception("cache: upkeep failed")
             await asyncio.sleep(interval)
 
+    def disk_full(self) -> bool:
+        """Whether the filesystem under the cache is (nearly) full: LMDB
+        reports a short write as EIO, so a failed write asks."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < MIN_FREE
+
     def stats(self) -> dict[str, int]:
         """The shared counters (every process's, once flushed), plus
-        map_size, file_bytes (pages in use, high mark) and readers."""
+        max_size, map_size, file_bytes (pages in use, high mark) and readers."""
         self.flush()
         env = self._environment()
         with env.begin(db=self._info) as txn:
             out = {name: self._counter(txn, name) for name in COUNTERS}
         info = env.info()
+        out["max_size"] = self.max_size
         out["map_size"] = info["map_size"]
         out["file_bytes"] = (info["last_pgno"] + 1) * self._page
         out["readers"] = info["num_readers"]
@@ -1011,12 +1103,88 @@ class CacheStore:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
+def map_size_for(max_size: int) -> int:
+    """The LMDB map size for a cache of max_size: MAP_MARGIN above it, in whole pages."""
+    size = max_size + int(max_size * MAP_MARGIN)
+    return (size + 65535) & ~65535
+
+
+class LogLimiter:
+    """Logs a line at most once per `interval` for each reason: a full map
+    or a failing disk fails every write, and must not flood the log. The
+    next line of a reason says how many were left out."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def log(self, level: int, reason: str, msg: str, *args: Any) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.interval:
+                self._skipped[reason] = self._skipped.get(reason, 0) + 1
+                return
+            self._last[reason] = now
+            skipped = self._skipped.pop(reason, 0)
+        if skipped:
+            msg += " (and %d more like it in the last %.0fs)"
+            args += (skipped, now - last)
+        log.log(level, msg, *args)
+
+
 def _map_changes_file(path: str) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if os.fstat(fd).st_size < _COUNTER.size:
-            os.ftruncate(fd, _COUNTER.size)
+        preallocate(fd, _COUNTER.size)
         return mmap.mmap(fd, _COUNTER.size)
+    finally:
+        os.close(fd)
+
+
+def _disk_full(path: str, exc: OSError | None = None) -> CacheDiskFull:
+    why = f" ({exc.strerror})" if exc is not None else ""
+    return CacheDiskFull(f"cache: the filesystem of {path} is full{why}: running without "
+                         "the cache; free some space and reload")
+
+
+def _check_room(path: str, map_size: int) -> None:
+    """Refuse to open on a (nearly) full filesystem; warn when the cache may
+    outgrow the free space."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return                   # nothing to tell; opening will say what is wrong
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE:
+        raise _disk_full(path)
+    try:
+        used = os.stat(os.path.join(path, "data.mdb")).st_blocks * 512
+    except OSError:
+        used = 0
+    if free + used < map_size:
+        log.warning("cache: %s may grow to %d bytes but its filesystem has %d bytes free: "
+                    "storing will fail once it fills up", path, map_size, free + used)
+
+
+def _allocate(path: str, name: str, size: int) -> None:
+    """Give the file `name` under path its blocks (see LOCK_SIZE); an existing
+    file keeps its size (other processes may have it mapped)."""
+    file = os.path.join(path, name)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CacheError(f"cache: cannot open {file}: {exc.strerror}") from None
+    try:
+        preallocate(fd, os.fstat(fd).st_size or size)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise _disk_full(path, exc) from None
+        raise CacheError(f"cache: cannot allocate {file}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
@@ -1040,6 +1208,7 @@ class CacheWriter:
         self.failed: str | None = None
         self.size = 0          # body bytes received so far
         self.chunks = 0        # chunks written to the file
+        self.crc = 0           # CRC-32 of the chunks written (in the writer's thread)
         self.registered = False
         self._store = store
         self._buffer = bytearray()
@@ -1137,6 +1306,20 @@ class CacheWriter:
         except CacheError:
             self._done = True
 
+    async def fail_async(self, reason: str) -> None:
+        """Give up for a reason the caller found (the body passed
+        max_object before it reached the writer): logged and counted like
+        the writer's own failures; what was written is dropped."""
+        if self.failed is not None or self._done:
+            return
+        try:
+            if self.registered:
+                await self._store._in_thread(self._fail, reason)
+            else:
+                self._fail(reason)
+        except CacheError:       # the store was closed meanwhile
+            self._done = True
+
     def _drop(self) -> None:
         self._buffer = bytearray()
         if self.registered:
@@ -1151,9 +1334,14 @@ class CacheWriter:
         self._done = True
         key = self.entry.key[:200].decode("latin-1")
         if reason == "too-large":
-            log.info("cache: not storing %s: larger than %d bytes", key, self._store.max_object)
+            self._store.log.log(logging.INFO, reason, "cache: not storing %s: larger than %d bytes",
+                                key, self._store.max_object)
+        elif reason == "storage" and self._store.disk_full():
+            self._store.log.log(logging.WARNING, "disk-full", "cache: not storing %s: the "
+                                "filesystem of %s is full (%s)", key, self._store.path, exc)
         else:
-            log.warning("cache: not storing %s: %s%s", key, reason, f" ({exc})" if exc else "")
+            self._store.log.log(logging.WARNING, reason, "cache: not storing %s: %s%s", key,
+                                reason, f" ({exc})" if exc else "")
         self._store.count("store_failures")
         if drop:
             self._drop()

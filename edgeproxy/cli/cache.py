@@ -134,15 +134,15 @@ def stats(config_path: str, as_json: bool) -> None:
     used = counters["bytes"]
     rows = [
         ("entries", str(counters["entries"])),
-        ("bytes", (f"{_size(used)} of {_size(counters['map_size'])} "
-                  f"({100 * used / counters['map_size']:.1f}%)")),
+        ("bytes", (f"{_size(used)} of {_size(counters['max_size'])} "
+                  f"({100 * used / counters['max_size']:.1f}%)")),
         ("file", _size(counters["file_bytes"])),
         ("hits", str(counters["hits"])),
         ("misses", str(counters["misses"])),
         ("hit ratio", ratio),
     ] + [(name.replace("_", " "), str(counters[name]))
          for name in ("stale", "revalidated", "stores", "store_failures", "evictions", "purges",
-                      "hot_hits")]
+                      "hot_hits", "corrupt")]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         click.echo(f"{label + ':':<{width + 1}} {value}")
@@ -354,7 +354,9 @@ async def _warm(listener: ListenConfig, scheme: str, host: str, urls: list[str],
                 member = cache_status.rsplit(",", 1)[-1]
                 if "; hit" in member:
                     result.cache["hit"] += 1
-                elif "stored" in member:
+                elif "-miss;" in member and "detail=" not in member:
+                    # storable: `stored` itself is said only when the response
+                    # came whole with its head; the whole body was read here
                     result.cache["stored"] += 1
             advance()
 

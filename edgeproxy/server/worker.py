@@ -377,9 +377,12 @@ def _open_cache(config: Config):
     if config.cache is None or not any(r.cache for r in config.routes):
         return None
     from edgeproxy.cache.phase import EdgeCache
-    from edgeproxy.cache.store import CacheError, CacheStore
+    from edgeproxy.cache.store import CacheDiskFull, CacheError, CacheStore
     try:
         store = CacheStore.open(config.cache)
+    except CacheDiskFull as exc:     # a disk problem: serve, uncached, rather than not at all
+        log.error("%s", exc)
+        return None
     except CacheError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
