@@ -51,8 +51,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from: {', '.join(CASES)}; or the groups "
                         f"{', '.join(GROUPS)}, all (default: core)")
     p.add_argument("--contenders", type=lambda t: _names(t, CONTENDERS, "contender"),
-                   default=list(CONTENDERS),
-                   help="comma-separated (default: nginx,haproxy,edgeproxy)")
+                   default=["nginx", "haproxy", "edgeproxy"],
+                   help="comma-separated (default: nginx,haproxy,edgeproxy; edgeproxy-base "
+                        "runs the checkout EDGEPROXY_BENCH_BASE names, to compare commits)")
     p.add_argument("--duration", type=int, help=f"seconds per round (default {DEFAULT_DURATION_S}, "
                                                 f"--quick {QUICK_DURATION_S})")
     p.add_argument("--rounds", type=int,

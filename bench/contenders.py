@@ -130,9 +130,14 @@ class EdgeProxy(Contender):
     """This repository's proxy, started from the working tree with a generated
     configuration file: one worker, its defaults otherwise."""
     name = "edgeproxy"
+    hooks = True          # the tree knows route.hooks (get-1k-hook)
+
+    @property
+    def repo(self) -> Path:
+        return REPO
 
     def missing(self) -> str | None:
-        if not (REPO / "edgeproxy" / "__main__.py").exists():
+        if not (self.repo / "edgeproxy" / "__main__.py").exists():
             return "edgeproxy has no __main__ yet (python -m edgeproxy does not exist)"
         return None
 
@@ -146,8 +151,10 @@ class EdgeProxy(Contender):
             listen_tls = f"tls.certs = [{{ cert = {_toml(cert.cert)}, key = {_toml(cert.key)} }}]"
         if setup.setup == PLAIN:
             # get-1k-hook: what one Python hook (bench/hooks.py) costs beside get-1k
-            cached_route = (f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\n'
-                            'hooks = ["bench.hooks:Noop"]')
+            cached_route = f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\n'
+            if self.hooks:
+                cached_route += 'hooks = ["bench.hooks:Noop"]'
+
         if setup.setup == CACHE:
             cached_route = f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\ncache = true'
             cache_dir = setup.workdir / f"edgeproxy-cache-{setup.port}"
@@ -162,9 +169,11 @@ class EdgeProxy(Contender):
         conf.write_text(self.config_text(setup))
         argv = [sys.executable, "-m", "edgeproxy", "run", "-c", str(conf)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        # bench.hooks comes from this repository whatever tree the proxy runs from
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo), str(REPO),
+                                                          env.get("PYTHONPATH")]))
         return Server(self.name, setup.pinning.for_proxy(argv), setup.port,
-                      setup.workdir / "edgeproxy.log", env=env, cwd=str(REPO),
+                      setup.workdir / f"{self.name}.log", env=env, cwd=str(self.repo),
                       client_tls=setup.client_tls())
 
     def cache_status(self, headers: http.client.HTTPMessage) -> tuple[bool, str]:
@@ -173,7 +182,29 @@ class EdgeProxy(Contender):
         return "hit" in params[1:], f"Cache-Status: {value or '(none)'}"
 
 
-CONTENDERS: dict[str, Contender] = {c.name: c for c in (NginxProxy(), HAProxy(), EdgeProxy())}
+class EdgeProxyBase(EdgeProxy):
+    """edgeproxy from another checkout (EDGEPROXY_BENCH_BASE: a clone at an
+    earlier commit, its extension built in place), so that a change is
+    measured before and after in one run, alternated with the others.  Its
+    get-1k-hook route has no hook (an earlier tree may not know the key)."""
+    name = "edgeproxy-base"
+    hooks = False
+
+    @property
+    def repo(self) -> Path:
+        return Path(os.environ.get("EDGEPROXY_BENCH_BASE", "")).resolve()
+
+    def missing(self) -> str | None:
+        if not os.environ.get("EDGEPROXY_BENCH_BASE"):
+            return "EDGEPROXY_BENCH_BASE names no checkout to compare with"
+        return super().missing()
+
+    def version(self) -> str:
+        return _first_line(["git", "-C", str(self.repo), "log", "-1", "--format=%h %s"])
+
+
+CONTENDERS: dict[str, Contender] = {c.name: c for c in (NginxProxy(), HAProxy(), EdgeProxy(),
+                                                        EdgeProxyBase())}
 
 
 def _toml(path: Path) -> str:
