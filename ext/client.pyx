@@ -100,6 +100,7 @@ cdef class ClientConn(Stream):
         int nreq
         double t_idle             # _mono() when it last had no request (accepted, or one ended)
         bytes peer
+        str peer_str              # peer as str, made for the first hook that asks
         bytes fwd_for
         bytes subject             # verified client certificate subject (mTLS), or None
         # access log, filled only when it is on
@@ -834,11 +835,11 @@ cdef class ClientConn(Stream):
 
     cdef void _log_request(self, int status, double duration):
         try:
-            if self.ctx is not None and self.ctx.log:
+            if self.ctx is not None and self.ctx._log:
                 self.cfg.access_log.log(self.peer, self.log_req, status,
                                         self.resp_bytes, duration, self.log_ref, self.log_ua,
                                         self.backend.name if self.backend is not None else "-",
-                                        self.req_id or b"-", extra=self.ctx.log)
+                                        self.req_id or b"-", extra=self.ctx._log)
                 return
             self.cfg.access_log.log(self.peer, self.log_req, status,
                                     self.resp_bytes, duration, self.log_ref, self.log_ua,

@@ -149,8 +149,8 @@ cdef class RequestCtx:
     cdef readonly object route        # the route's index in the config (0-based), or None
     cdef readonly object connection   # the connect phase's ctx (same connection), or None
     cdef readonly object request_id
-    cdef public dict vars             # free for the hooks of this request
-    cdef public dict log              # fields added to this request's access log line
+    cdef dict _vars                   # free for the hooks of this request (made on first use)
+    cdef dict _log                    # fields added to this request's access log line
     cdef public object cache_key      # str: the key the cache stores this request under
     cdef public object backend        # "host:port" of the pool's backend to use, or None
     # the request as the hooks see it and may change it
@@ -187,6 +187,20 @@ cdef class RequestCtx:
     cdef bint drop_expect             # the proxy answered "Expect: 100-continue" itself
     cdef public object upstream_headers  # Headers of the head the backend gets (upstream_request)
     cdef bint resp_changed            # the response hooks changed the status or fields
+
+    @property
+    def vars(self):
+        """A dict free for the hooks of this request."""
+        if self._vars is None:
+            self._vars = {}
+        return self._vars
+
+    @property
+    def log(self):
+        """Fields added to this request's access log line."""
+        if self._log is None:
+            self._log = {}
+        return self._log
 
     @property
     def method(self):
@@ -489,10 +503,10 @@ cdef bytes _decoded_body(bytes raw, int body_kind):
 cdef RequestCtx _new_ctx(ClientConn c, PhaseChain ch):
     cdef RequestCtx ctx = RequestCtx.__new__(RequestCtx)
     ctx.chain = ch
-    ctx.client_ip = c.peer.decode("latin-1")
+    if c.peer_str is None:
+        c.peer_str = c.peer.decode("latin-1")
+    ctx.client_ip = c.peer_str
     ctx.scheme = "https" if c.lst.proto == b"https" else "http"
-    ctx.vars = {}
-    ctx.log = {}
     return ctx
 
 

@@ -294,6 +294,38 @@ def test_requests_dropped_on_purpose_do_not_eject_the_only_backend(proxy_factory
     assert "not ejected: it is the last available backend of the pool" in log
 
 
+def test_a_path_that_resets_does_not_take_the_other_paths_down(proxy_factory, origin):
+    """The issue's case: 20 concurrent requests to one path the backend
+    resets, beside steady traffic to other paths: those see no 503."""
+    p = proxy_factory(pool_config([origin.url]))
+    stop = threading.Event()
+    others: list[int] = []
+
+    def steady(k: int) -> None:
+        i = 0
+        while not stop.is_set() and i < 200:
+            others.append(get(p.port, f"/size/{k * 1000 + i}"))
+            i += 1
+
+    background = [threading.Thread(target=steady, args=(k,)) for k in range(3)]
+    for t in background:
+        t.start()
+    reset: list[int] = []
+    burst = [threading.Thread(target=lambda: reset.append(get(p.port, "/reset/one")))
+             for _ in range(20)]
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join(15)
+    time.sleep(0.3)               # traffic after the burst too
+    stop.set()
+    for t in background:
+        t.join(15)
+    assert reset == [502] * 20
+    assert others and set(others) == {200}, sorted(set(others))
+    assert "ejected for" not in p.log()
+
+
 def test_one_request_that_a_backend_drops_is_not_a_backend_failure(proxy_factory):
     # the same request, dropped by both backends again and again, says
     # nothing about them: no ejection
