@@ -15,7 +15,10 @@ cdef class CacheRoutePhase(Phase):
     cdef int request(self, ClientConn c, Route route, HeadParser hp) except -2:
         if not hp.has_host:
             return R_GO
-        if route.hot is not None and (c.ctx is None or c.ctx.cache_key is None) \
+        # a hooked route's hits go through the Python phase when hooks set the
+        # key or see responses (the hot index knows neither)
+        if route.hot is not None and (c.ctx is None or (
+                c.ctx.cache_key is None and not c.ctx.chain.wants & (1 << PHASE_RESPONSE))) \
                 and _serve_hot(c, route.hot, hp):
             return R_ANSWERED
         return _start_cached(c, route, hp)

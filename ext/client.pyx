@@ -504,6 +504,11 @@ cdef class ClientConn(Stream):
             u.client = None
             self.up = None
         self.upq = None
+        if self.ctx is not None and not self.ctx.resp_seen \
+                and self.ctx.chain.wants & (1 << PHASE_RESPONSE):
+            t = _own_answer_phase(self, head, body, status)
+            if t is not None:
+                head, body, status = t[0], t[1], t[2]
         keep = self.req_keep_alive and self.req_done and not self.eof and not _draining
         self.resp_status = status
         self.resp_started = 1
@@ -865,8 +870,13 @@ cdef class ClientConn(Stream):
             self.close()
             return
         keep = keep and self.req_keep_alive and not self.eof and not _draining
-        self.resp_status = status
         resp = _error_response(self.cfg, status, keep)
+        if self.ctx is not None and not self.ctx.resp_seen \
+                and self.ctx.chain.wants & (1 << PHASE_RESPONSE):
+            t = _own_answer_phase(self, resp[:resp.index(b"\r\n\r\n") + 2], None, status)
+            if t is not None:    # the response hooks changed it: same framing, same Connection
+                resp, status = _own_error_bytes(self, resp, t, keep), t[2]
+        self.resp_status = status
         self.transport.write(resp)
         if not self.in_req and (status != 408 or self.pending is not None):
             self._begin_unrouted()

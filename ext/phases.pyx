@@ -187,6 +187,7 @@ cdef class RequestCtx:
     cdef bint drop_expect             # the proxy answered "Expect: 100-continue" itself
     cdef public object upstream_headers  # Headers of the head the backend gets (upstream_request)
     cdef bint resp_changed            # the response hooks changed the status or fields
+    cdef bint resp_seen               # the response phase ran (once per request)
 
     @property
     def vars(self):
@@ -464,6 +465,48 @@ cdef int _ctx_response_into(Scratch o, RequestCtx ctx, HeadParser hp) except -1:
     return has_date
 
 
+cdef object _own_answer_phase(ClientConn c, bytes head, object body, int status):
+    """The response phase for an answer the proxy makes itself (the cache's,
+    a hook's, an error): head is its status line and fields.  None when the
+    hooks changed nothing, else (head, body, status, answered): answered
+    when a hook gave a Response in its place."""
+    cdef RequestCtx ctx = c.ctx
+    cdef int v
+    cdef list out
+    _import_api()
+    ctx.resp_seen = 1
+    ctx.status = status
+    hdrs = _Headers(_split_head_fields(head), _PROTECTED_RESP)
+    ctx.response_headers = hdrs
+    v = _run_phase(ctx, PHASE_RESPONSE, 0, None, None)
+    if v == PH_GO and not (200 <= ctx.status <= 599):
+        _m[M_HOOK_ERRORS] += 1
+        _hook_log.error("a response hook set status %r (200-599 only)", ctx.status)
+        ctx.answer = _Response(500, b"500 Internal Server Error\n")
+        v = PH_ANSWERED
+    if v == PH_ANSWERED:
+        r = ctx.answer
+        ctx.answer = None
+        return (_answer_head(r, 1), b"" if c.req_is_head else <bytes>r.body, r.status, True)
+    if not hdrs.changed and ctx.status == status:
+        return None
+    out = [head[:head.index(b"\r\n") + 2] if ctx.status == status else
+           b"HTTP/1.1 %d %s\r\n" % (ctx.status, _REASONS.get(ctx.status, b"Unknown"))]
+    for name, value in hdrs:
+        out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    return (b"".join(out), body, ctx.status, False)
+
+
+cdef bytes _own_error_bytes(ClientConn c, bytes resp, tuple t, bint keep):
+    """A canned error (resp, from _error_response) as the response hooks
+    changed it (t, from _own_answer_phase)."""
+    cdef bytes body = resp[resp.index(b"\r\n\r\n") + 4:]
+    if not t[3]:
+        return <bytes>t[0] + b"\r\n" + body
+    return b"".join((<bytes>t[0], c.cfg.server_line, c.lst.resp_extra,
+                     b"" if keep else b"Connection: close\r\n", b"\r\n", <bytes>t[1]))
+
+
 cdef object _split_head_fields(bytes head):
     """The fields of a head the core built ([(name, value)] as str)."""
     cdef list items = []
@@ -698,6 +741,7 @@ cdef bint _response_phase(ClientConn c, HeadParser hp, UpstreamConn u) except -1
         if _response_field_kind(hp, i, c.cfg) == RF_KEEP:
             items.append((hp.fields[i].name[:hp.fields[i].name_len].decode("latin-1"),
                           hp.fields[i].value[:hp.fields[i].value_len].decode("latin-1")))
+    ctx.resp_seen = 1
     ctx.status = hp.status
     ctx.response_headers = _Headers(items, _PROTECTED_RESP)
     v = _run_phase(ctx, PHASE_RESPONSE, 0, None, None)
@@ -771,6 +815,7 @@ cdef void _phase_answer(ClientConn c, RequestCtx ctx):
     """Answer with the Response a hook gave (or the 500/503 of one that failed)."""
     cdef object r = ctx.answer
     cdef bytes head, body
+    cdef int status
     cdef Backend b
     cdef Scratch o
     ctx.answer = None
@@ -789,6 +834,7 @@ cdef void _phase_answer(ClientConn c, RequestCtx ctx):
         c._stage_end(0)
     head = _answer_head(r, 1)
     body = b"" if c.req_is_head else <bytes>r.body
+    status = r.status
     if c.req_done:
         c.respond(head, body, r.status)
         return
@@ -796,20 +842,24 @@ cdef void _phase_answer(ClientConn c, RequestCtx ctx):
     if c.transport is None or c.state >= C_LINGER or c.resp_started:
         c.close()
         return
+    if ctx.chain.wants & (1 << PHASE_RESPONSE) and not ctx.resp_seen:
+        t = _own_answer_phase(c, head, body, r.status)
+        if t is not None:
+            head, body, status = t[0], t[1], t[2]
     o = _out
     o.n = 0
     o.addb(head)
     o.addb(c.cfg.server_line)
     o.addb(c.lst.resp_extra)
     o.add(b"Connection: close\r\n\r\n", 21)
-    c.resp_status = r.status
+    c.resp_status = status
     c.resp_started = 1
     c.resp_head_len = o.n
     c.resp_bytes = len(body)
     o.addb(body)
     c.transport.write(o.take())
     if c.in_req:
-        c._request_end(r.status)
+        c._request_end(status)
     c._linger()
 
 

@@ -140,3 +140,10 @@ class Backend:
 
 class NoPhase:
     pass
+
+
+class StampEveryAnswer:
+    """A response hook that marks every answer: backend, cache, error or hook."""
+
+    def response(self, ctx):
+        ctx.response_headers.set("X-Stamp", str(ctx.status))

@@ -78,6 +78,9 @@ def env(tmp_path_factory):
         _route("rewrite.test", [f"{T}:Rewrite"]),
         _route("noop.test", [f"{T}:Noop"]),
         _route("pin.test", [f"{T}:Backend"]),
+        _route("stamp.test", [f"{T}:StampEveryAnswer"], extra="cache = true"),
+        _route("stamp401.test", [f"{EXAMPLES}.token:RequireToken", f"{T}:StampEveryAnswer"]),
+        _route("stamp502.test", [f"{T}:StampEveryAnswer"], pool="dead"),
         '[[route]]\npath = "/"\npool = "web"\n',
     ]
     dead = free_port()
@@ -447,3 +450,20 @@ def test_expect_continue_with_a_body_hook_is_answered_at_once(env):
         r = c.read_response()
     assert r.status == 200 and r.json()["body_len"] == 5
     assert seen_last(env["a"]).header("Expect") is None
+
+
+def test_response_phase_sees_every_answer(env):
+    """Backend answers, cache hits, the proxy's errors and other hooks'
+    answers all pass the response phase (as nginx's add_header ... always)."""
+    r1 = get(env, "stamp.test", "/cache/stamp?cc=max-age=60")
+    r2 = get(env, "stamp.test", "/cache/stamp?cc=max-age=60")
+    assert r1.header("X-Stamp") == "200"
+    assert "hit" in (r2.header("Cache-Status") or "") and r2.header("X-Stamp") == "200"
+    r = get(env, "stamp401.test")
+    assert r.status == 401 and r.header("X-Stamp") == "401"
+    assert r.header("WWW-Authenticate") == 'Bearer realm="api"'
+    r = get(env, "stamp502.test")
+    assert r.status == 502 and r.header("X-Stamp") == "502"
+    assert r.body == b"502 Bad Gateway\n"
+    r = get(env, "stamp401.test", method="POST", body=b"x" * 10)   # answered with its body unread
+    assert r.status == 401 and r.header("X-Stamp") == "401"
