@@ -47,7 +47,8 @@ cdef class CacheExchange(Stage):
             return None
         if r is None or c.up is not u:
             return None
-        c.tap = r[1]
+        if r[1]:
+            c.tap |= TAP_STAGE
         return <bytes>r[0]
 
     cdef void body(self, object data):
@@ -105,7 +106,7 @@ cdef int _start_cached(ClientConn c, Route route, HeadParser hp) except -2:
     if has_body:
         c._body_wait(hp.expect_continue)
     c.stage = None
-    c.tap = 0
+    c.tap &= ~TAP_STAGE
     try:
         ctx = route.cache.on_request(
             c, c.lst.proto, hp.method[:hp.method_len], hp.host[:hp.host_len],
@@ -208,7 +209,7 @@ cdef bint _serve_hot(ClientConn c, HotIndex hot, HeadParser hp) except -1:
     c.req_done = 1
     c.state = C_WAIT
     c.stage = None
-    c.tap = 0
+    c.tap &= ~TAP_STAGE
     c.upq = None
     keep = c.req_keep_alive and not c.eof and not _draining
     age = e.age_base + now

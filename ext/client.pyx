@@ -119,7 +119,7 @@ cdef class ClientConn(Stream):
         long long resp_bytes
         # the compiled phase's part in this request (the cache's exchange), or None
         Stage stage
-        bint tap            # pass the response body bytes to stage.body()
+        int tap             # who sees the response body as it streams: TAP_STAGE, TAP_HOOKS
         int fd              # the socket, for writes straight from cache memory (-1: TLS
                             # or unknown, -2: not looked up yet)
         # phases (routes with hooks only; ext/phases.pyx)
@@ -155,7 +155,7 @@ cdef class ClientConn(Stream):
         _conns.add(self)
         _m[M_CONNECTIONS] += 1
         if self.lst.phases is not None and self.lst.phases.wants & (1 << PHASE_CONNECT):
-            _connect_phase(self, )
+            _connect_phase(self)
 
     def connection_lost(self, exc):
         self._teardown()
@@ -312,7 +312,7 @@ cdef class ClientConn(Stream):
         self.state = C_WAIT
         self.deadline = 0
         if self.body_buf is not None and self.ctx is not None and self.ctx.body_wait:
-            _request_body_phase(self, )
+            _request_body_phase(self)
             return
         # the wait for the final response head starts (an interim 100 may
         # have come already: it does not count)
@@ -509,6 +509,8 @@ cdef class ClientConn(Stream):
             t = _own_answer_phase(self, head, body, status)
             if t is not None:
                 head, body, status = t[0], t[1], t[2]
+        if self.ctx is not None and self.ctx.chain.wants & (1 << PHASE_RESPONSE_BODY):
+            _hooks_whole_body(self, body)
         keep = self.req_keep_alive and self.req_done and not self.eof and not _draining
         self.resp_status = status
         self.resp_started = 1
@@ -769,6 +771,8 @@ cdef class ClientConn(Stream):
 
     cdef void _response_done(self):
         """The backend's response has been passed on whole."""
+        if self.tap & TAP_HOOKS:
+            _hooks_body_end(self)
         if self.in_req:
             self._request_end(self.resp_status)
         if self.stage is not None:
@@ -824,7 +828,7 @@ cdef class ClientConn(Stream):
         if self.cfg.access_log is not None:
             self._log_request(status, d)
         if self.ctx is not None:
-            _drop_ctx(self, )
+            _drop_ctx(self)
 
     cdef void _begin_unrouted(self):
         """A request that failed before it was parsed (400, 408, 431...)."""
@@ -876,6 +880,8 @@ cdef class ClientConn(Stream):
             t = _own_answer_phase(self, resp[:resp.index(b"\r\n\r\n") + 2], None, status)
             if t is not None:    # the response hooks changed it: same framing, same Connection
                 resp, status = _own_error_bytes(self, resp, t, keep), t[2]
+        if self.ctx is not None and self.ctx.chain.wants & (1 << PHASE_RESPONSE_BODY):
+            _hooks_whole_body(self, resp[resp.index(b"\r\n\r\n") + 4:])
         self.resp_status = status
         self.transport.write(resp)
         if not self.in_req and (status != 408 or self.pending is not None):
@@ -901,8 +907,15 @@ cdef class ClientConn(Stream):
         """The request's response ended whole, or broke off: tell its stage."""
         cdef Stage st = self.stage
         self.stage = None
-        self.tap = 0
+        self.tap &= ~TAP_STAGE
         st.end(whole)
+
+    cdef void _tap(self, object data):
+        """Response body bytes on their way to the client (as framed on the wire)."""
+        if self.tap & TAP_STAGE:
+            self.stage.body(data)
+        if self.tap & TAP_HOOKS:
+            _hooks_body(self, data)
 
     cdef bint _stage_error(self, int status):
         """The backend failed before answering: the stage may answer
@@ -975,7 +988,7 @@ cdef class ClientConn(Stream):
         self.deadline = 0
         _conns.discard(self)
         if self.ctx is not None:
-            _drop_ctx(self, )
+            _drop_ctx(self)
         if self.conn_ctx is not None:
             _cancel_held(self.conn_ctx)
             self.conn_ctx = None

@@ -28,6 +28,11 @@ cdef enum PhaseId:
     PHASE_LOG
     PHASE_COUNT
 
+# who sees a response body as it streams (ClientConn.tap)
+cdef enum:
+    TAP_STAGE = 1      # the request's compiled Stage (the cache)
+    TAP_HOOKS = 2      # Python response_body hooks
+
 # what running one phase's hooks came to
 cdef enum Verdict:
     PH_GO = 0          # every hook let the request go on
@@ -188,6 +193,9 @@ cdef class RequestCtx:
     cdef public object upstream_headers  # Headers of the head the backend gets (upstream_request)
     cdef bint resp_changed            # the response hooks changed the status or fields
     cdef bint resp_seen               # the response phase ran (once per request)
+    cdef bint body_chunked            # the body the hooks see comes chunk-framed: decode it
+    cdef ChunkState bchunk            # that decoding
+    cdef bint body_ended              # response_body hooks had their last call
 
     @property
     def vars(self):
@@ -615,7 +623,7 @@ cdef int _after_request_phase(ClientConn c, RequestCtx ctx, HeadParser hp) excep
         if not c.req_done:
             ctx.body_wait = 1      # _body_done goes on
             return 0
-        return _request_body_phase(c, )
+        return _request_body_phase(c)
     return _forward_phased(c, ctx, hp)
 
 
@@ -888,3 +896,77 @@ cdef void _drop_ctx(ClientConn c):
     c.body_buf = None
     if ctx is not None and ctx.task is not None:
         _cancel_held(ctx)
+
+
+# ---- response_body: Python hooks see the body as it streams ------------------
+
+cdef void _hooks_body_start(ClientConn c, bint chunked):
+    cdef RequestCtx ctx = c.ctx
+    ctx.body_chunked = chunked
+    ctx.body_ended = 0
+    if chunked:
+        chunk_init(&ctx.bchunk, CHUNK_LINE_MAX, c.cfg.resp_max_head)
+    c.tap |= TAP_HOOKS
+
+
+cdef void _hooks_body_call(ClientConn c, bytes data, bint last):
+    """response_body(ctx, chunk, last) of every hook, in the response order.
+    The body is already on its way: a hook observes it (an error is logged
+    and counted, and the response goes on)."""
+    cdef RequestCtx ctx = c.ctx
+    cdef HookCall h
+    if ctx is None or ctx.body_ended:
+        return
+    if last:
+        ctx.body_ended = 1
+    for h in <list>ctx.chain.by_phase[PHASE_RESPONSE_BODY]:
+        try:
+            r = h.fn(ctx, data, last)
+            if r is not None:
+                raise TypeError(f"returned {r!r}; response_body only observes (None)")
+        except Exception as exc:
+            _m[M_HOOK_ERRORS] += 1
+            _hook_log.error("hook %s failed: %s: %s", h.name, type(exc).__name__, exc,
+                            exc_info=(type(exc), exc, exc.__traceback__))
+
+
+cdef void _hooks_body(ClientConn c, object data):
+    """Body bytes as framed on the wire: the hooks get the data alone."""
+    cdef RequestCtx ctx = c.ctx
+    cdef bytes b = bytes(data)
+    cdef const char *p = b
+    cdef size_t off = 0, so, sl, n = len(b)
+    cdef Py_ssize_t m
+    if ctx is None:
+        return
+    if not ctx.body_chunked:
+        if n:
+            _hooks_body_call(c, b, 0)
+        return
+    while off < n and ctx.bchunk.phase != CS_DONE:
+        m = chunk_step(&ctx.bchunk, p + off, n - off, &so, &sl)
+        if m <= 0:
+            return           # the core refuses bad framing on its own path
+        if sl:
+            _hooks_body_call(c, p[off + so:off + so + sl], 0)
+        off += <size_t>m
+
+
+cdef void _hooks_body_end(ClientConn c):
+    c.tap &= ~TAP_HOOKS
+    _hooks_body_call(c, b"", 1)
+
+
+cdef void _hooks_whole_body(ClientConn c, object body):
+    """An answer of the proxy's own (a cache hit, a hook's, an error): its
+    body in one call."""
+    cdef bytes b
+    if body is None:
+        b = b""
+    elif isinstance(body, bytes):
+        b = <bytes>body
+    else:
+        b = b"".join([bytes(x) for x in body])
+    if b:
+        _hooks_body_call(c, b, 0)
+    _hooks_body_call(c, b"", 1)

@@ -233,7 +233,7 @@ cdef class UpstreamConn(Stream):
                     if k > self.body_left:
                         k = self.body_left
                     if c.tap:
-                        c.stage.body(base[off:off + <size_t>k])
+                        c._tap(base[off:off + <size_t>k])
                     _out.add(base + off, <size_t>k)
                     c.transport.write(_out.take())
                     off += <size_t>k
@@ -251,7 +251,7 @@ cdef class UpstreamConn(Stream):
                     if k > self.body_left:
                         k = self.body_left
                     if c.tap:
-                        c.stage.body(base[off:off + <size_t>k])
+                        c._tap(base[off:off + <size_t>k])
                     c.transport.write(_view(owner, off, off + <size_t>k))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>k
@@ -268,7 +268,7 @@ cdef class UpstreamConn(Stream):
                         self.close()
                         return
                     if c.tap:
-                        c.stage.body(base[off:off + <size_t>m])
+                        c._tap(base[off:off + <size_t>m])
                     c.transport.write(_view(owner, off, off + <size_t>m))
                     _written_from_rbuf(c.transport, owner)
                     off += <size_t>m
@@ -284,7 +284,7 @@ cdef class UpstreamConn(Stream):
                         return
                     if sl:
                         if c.tap:
-                            c.stage.body(base[off + so:off + so + sl])
+                            c._tap(base[off + so:off + so + sl])
                         c.transport.write(_view(owner, off + so, off + so + sl))
                         _written_from_rbuf(c.transport, owner)
                         c.resp_bytes += sl
@@ -293,7 +293,7 @@ cdef class UpstreamConn(Stream):
                         self._finish(c)
                 else:   # B_CLOSE: everything until the backend closes
                     if c.tap:
-                        c.stage.body(base[off:n])
+                        c._tap(base[off:n])
                     c.transport.write(_view(owner, off, n))
                     _written_from_rbuf(c.transport, owner)
                     c.resp_bytes += n - off
@@ -344,6 +344,8 @@ cdef class UpstreamConn(Stream):
             self.state = U_BODY
         elif hp.body == B_CLOSE:
             self.state = U_BODY
+        if c.ctx is not None and c.ctx.chain.wants & (1 << PHASE_RESPONSE_BODY):
+            _hooks_body_start(c, hp.body == B_CHUNKED and not self.decode)
         if self.state == U_BODY and not self.paused:
             self.deadline = _now + c.cfg.t_read    # from now on, between two reads
         _response_head_into(self, c, hp, 1)

@@ -147,3 +147,19 @@ class StampEveryAnswer:
 
     def response(self, ctx):
         ctx.response_headers.set("X-Stamp", str(ctx.status))
+
+
+class BodyWatch:
+    """response_body: counts what streams and notes its end in a field of the access log."""
+
+    def response_body(self, ctx, chunk, last):
+        seen = ctx.vars.setdefault("body", [])
+        seen.append(len(chunk))
+        if last:
+            ctx.vars["ended"] = True
+
+    def log(self, ctx):
+        seen = ctx.vars.get("body", [])
+        ctx.log["body_bytes"] = sum(seen)
+        ctx.log["body_calls"] = len(seen)
+        ctx.log["ended"] = "yes" if ctx.vars.get("ended") else "no"

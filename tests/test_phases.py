@@ -81,6 +81,8 @@ def env(tmp_path_factory):
         _route("stamp.test", [f"{T}:StampEveryAnswer"], extra="cache = true"),
         _route("stamp401.test", [f"{EXAMPLES}.token:RequireToken", f"{T}:StampEveryAnswer"]),
         _route("stamp502.test", [f"{T}:StampEveryAnswer"], pool="dead"),
+        _route("bodywatch.test", [f"{T}:BodyWatch"]),
+        _route("bodywatch502.test", [f"{T}:BodyWatch"], pool="dead"),
         '[[route]]\npath = "/"\npool = "web"\n',
     ]
     dead = free_port()
@@ -467,3 +469,32 @@ def test_response_phase_sees_every_answer(env):
     assert r.body == b"502 Bad Gateway\n"
     r = get(env, "stamp401.test", method="POST", body=b"x" * 10)   # answered with its body unread
     assert r.status == 401 and r.header("X-Stamp") == "401"
+
+
+def _log_line(env, marker):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [ln for ln in env["access"].read_text().splitlines() if marker in ln]
+        if lines:
+            return lines[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no access log line with {marker}")
+
+
+@pytest.mark.parametrize("target,size", [("/size/70000?m=len", 70000),
+                                         ("/chunked/5500?m=chunked", 5500),
+                                         ("/status/204?m=empty", 0)])
+def test_response_body_hooks_see_the_data_as_it_streams(env, target, size):
+    r = get(env, "bodywatch.test", target)
+    assert len(r.body) == size
+    line = _log_line(env, target)
+    assert f'body_bytes="{size}"' in line           # chunk framing removed
+    assert 'ended="yes"' in line
+
+
+def test_response_body_hooks_see_a_proxy_answer(env):
+    with Client(env["proxy"].port) as c:
+        r = c.request("GET", "/x?m=bodywatch502", host="bodywatch502.test")
+    assert r.status == 502
+    line = _log_line(env, "m=bodywatch502")
+    assert f'body_bytes="{len(r.body)}"' in line and 'ended="yes"' in line
