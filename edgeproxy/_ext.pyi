@@ -103,6 +103,13 @@ class HookCall:
     is_async: bool
     def __init__(self, name: str, fn: Any, is_async: bool) -> None: ...
 
+class Phase:
+    """A compiled phase (its request hook is C-level)."""
+
+class PhaseSeq(Phase):
+    items: tuple[Phase, ...]
+    def __init__(self, items: Any) -> None: ...
+
 class PhaseChain:
     """A route's (or the listeners' connect phase's) hooks, by phase (docs/hooks.md)."""
     wants: int

@@ -105,8 +105,6 @@ cdef int _start_cached(ClientConn c, Route route, HeadParser hp) except -2:
     c.state = C_BODY if has_body else C_WAIT
     if has_body:
         c._body_wait(hp.expect_continue)
-    c.stage = None
-    c.tap &= ~TAP_STAGE
     try:
         ctx = route.cache.on_request(
             c, c.lst.proto, hp.method[:hp.method_len], hp.host[:hp.host_len],
@@ -121,7 +119,7 @@ cdef int _start_cached(ClientConn c, Route route, HeadParser hp) except -2:
         return -1            # answered from the cache (and maybe closed)
     if ctx is None:
         return c._send_to_pool(route.pool, head)
-    c.stage = CacheExchange(ctx)
+    _add_stage(c, CacheExchange(ctx))
     fwd = ctx.head
     if fwd is None:
         return 0             # held: answered or forwarded later
@@ -148,8 +146,8 @@ cdef bint _serve_hot(ClientConn c, HotIndex hot, HeadParser hp) except -1:
     cdef Scratch o
     cdef bytes proto_b = c.lst.proto
     cdef bytes conn_line
-    if hp.body != B_NONE or hp.upgrade or hp.expect_continue:
-        return 0
+    if hp.body != B_NONE or hp.upgrade or hp.expect_continue or c.stage is not None:
+        return 0             # (an earlier compiled phase's stage wants this response)
     if hot.gen != NULL and hot.gen[0] != hot.synced:
         return 0             # another process changed the store: the phase syncs first
     if not ((hp.method_len == 3 and memcmp(hp.method, b"GET", 3) == 0)
@@ -208,8 +206,6 @@ cdef bint _serve_hot(ClientConn c, HotIndex hot, HeadParser hp) except -1:
     # answer as ClientConn.respond after CachePhase.on_request would
     c.req_done = 1
     c.state = C_WAIT
-    c.stage = None
-    c.tap &= ~TAP_STAGE
     c.upq = None
     keep = c.req_keep_alive and not c.eof and not _draining
     age = e.age_base + now

@@ -338,6 +338,8 @@ cdef class ClientConn(Stream):
         cdef Route route
         cdef int r
         _total_requests += 1
+        if self.stage is not None:      # (never expected: each request's stage ends with it)
+            self._stage_end(0)
         self.nreq += 1
         self.deadline = 0
         self.in_req = 1

@@ -78,6 +78,79 @@ cdef class Stage:
         pass
 
 
+cdef class PhaseSeq(Phase):
+    """Several compiled phases of one route, run in order (built by
+    edgeproxy.proxy.compiled): the first that does not return R_GO decides;
+    the cache, which always takes the request, comes last."""
+    cdef readonly tuple items
+
+    def __init__(self, items):
+        self.items = tuple(items)
+        for p in self.items:
+            if not isinstance(p, Phase):
+                raise TypeError(f"not a compiled Phase: {p!r}")
+
+    cdef int request(self, ClientConn c, Route route, HeadParser hp) except -2:
+        cdef Phase p
+        cdef int r
+        for p in self.items:
+            r = p.request(c, route, hp)
+            if r != R_GO:
+                return r
+        return R_GO
+
+
+cdef class StageSeq(Stage):
+    """The stages several compiled phases left on one request, called in
+    the order they were added (see _add_stage)."""
+    cdef list items
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    cdef bytes response(self, ClientConn c, HeadParser hp, UpstreamConn u, bint whole):
+        cdef Stage st
+        cdef bytes extra
+        cdef list out = None
+        for st in self.items:
+            extra = st.response(c, hp, u, whole)
+            if c.up is not u:
+                return None          # that stage answered instead
+            if extra:
+                if out is None:
+                    out = []
+                out.append(extra)
+        return b"".join(out) if out is not None else None
+
+    cdef void body(self, object data):
+        cdef Stage st
+        for st in self.items:
+            st.body(data)
+
+    cdef void end(self, bint whole):
+        cdef Stage st
+        for st in self.items:
+            st.end(whole)
+
+    cdef void error(self, ClientConn c, int status):
+        cdef Stage st
+        for st in self.items:
+            st.error(c, status)
+            if c.state != C_WAIT and c.state != C_BODY:
+                return               # that stage answered
+
+
+cdef void _add_stage(ClientConn c, Stage st):
+    """Leave st on c's current request beside the stages already there
+    (a compiled phase's request hook calls this; the cache's does)."""
+    if c.stage is None:
+        c.stage = st
+    elif type(c.stage) is StageSeq:
+        (<StageSeq>c.stage).items.append(st)
+    else:
+        c.stage = StageSeq([c.stage, st])
+
+
 _PHASE_NAMES = ("connect", "request", "request_body", "upstream_request", "response",
                 "response_body", "error", "log")
 # the core's own fields: hooks see the framing as the core will write it

@@ -88,13 +88,18 @@ class Hooks:
                           s.hooks_timeout, s.hooks_body_limit, self.loop)
 
 
-def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hooks | None = None
-                 ) -> Router:
+def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hooks | None = None,
+                 shared: dict | None = None) -> Router:
     """The routing table.  Route i of the config gets metrics row i + 1 (row
     0 counts requests no route took; see edgeproxy.metrics.route_labels).
     With `cache` (this worker's EdgeCache), routes with `cache = true` carry
     a cache phase and the others nothing; with `hooks`, routes with hooks
-    (their own or global ones) carry their PhaseChain."""
+    (their own or global ones) carry their PhaseChain.  The compiled phases
+    each route uses come from edgeproxy.proxy.compiled (`shared`: worker-wide
+    objects they share, kept across calls by the caller)."""
+    from edgeproxy.proxy.compiled import BuildEnv, route_phase
+
+    env = BuildEnv(config, pools, cache, hooks, shared if shared is not None else {})
     routes = []
     for i, r in enumerate(config.routes):
         phase = None
@@ -104,6 +109,7 @@ def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hook
         route = Route(r.host, r.path, pools[r.pool], i + 1, phase)
         if phase is not None:
             route.hot = cache.hot
+        route.phase = route_phase(env, r, i, route.phase)
         if hooks is not None:
             route.phases = hooks.chain(r.hooks)
         routes.append(route)

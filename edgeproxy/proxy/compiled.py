@@ -1,0 +1,48 @@
+"""The compiled phases of a route (ext/phases.pyx's Phase), in the order they
+run: after the route's Python hooks, before the backend.  Each feature that
+is a compiled phase (access lists, rate limits, auth, the firewall, rewrites
+and redirects, header rules, static files, compression) adds one maker to
+MAKERS; the cache's phase, which always takes the request, comes last.
+
+A maker is `make(env, route_config, index) -> Phase | None`: None when the
+route does not use the feature, so a route pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgeproxy._ext import PhaseSeq
+
+
+@dataclass
+class BuildEnv:
+    """What makers may use: the config, this worker's pools, its cache (or
+    None), its Hooks (or None), and `shared`, worker-wide objects a feature
+    builds once and its routes share (a limit table, a rule set)."""
+
+    config: object
+    pools: dict
+    cache: object = None
+    hooks: object = None
+    shared: dict = field(default_factory=dict)
+
+
+# (name, maker): run in this order; add a feature's maker at its place
+MAKERS: list = []
+
+
+def route_phase(env: BuildEnv, route_config, index: int, cache_phase):
+    """The Route.phase for a route: None, one Phase, or a PhaseSeq."""
+    items = []
+    for _name, make in MAKERS:
+        p = make(env, route_config, index)
+        if p is not None:
+            items.append(p)
+    if cache_phase is not None:
+        items.append(cache_phase)
+    if not items:
+        return None
+    if len(items) == 1:
+        return items[0]
+    return PhaseSeq(items)
