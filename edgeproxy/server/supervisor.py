@@ -77,11 +77,15 @@ def worker_count(config: Config) -> int:
 
 def config_checksum(config: Config) -> str:
     """sha256 of the file's bytes (what an operator can compare with
-    `sha256sum`), or of the dataclasses without a file."""
+    `sha256sum`; with includes, of every file read, in the order read:
+    `cat FILE conf.d/*.toml | sha256sum`), or of the dataclasses without a file."""
     if config.source:
+        digest = hashlib.sha256()
         try:
-            with open(config.source, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
+            for path in config.files or (config.source,):
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            return digest.hexdigest()
         except OSError:
             pass
     return hashlib.sha256(repr(config).encode()).hexdigest()
