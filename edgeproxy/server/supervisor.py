@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from edgeproxy.config import ConfigError
 from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import BackendConfig, Config, ListenConfig
+from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.health.board import backend_name
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
@@ -57,13 +58,15 @@ KILL_AFTER = 5.0            # beyond grace, workers still alive get SIGKILL
 
 
 def default_pid_file(config: Config) -> str:
-    """/tmp/edgeproxy-<hash>.pid, the hash of the config file's absolute
-    path (or, without a file, of the listen addresses)."""
+    """<runtime dir>/edgeproxy-<hash>.pid, the hash of the config file's absolute
+    path (or, without a file, of the listen addresses); the directory is
+    /run/edgeproxy under systemd, else /tmp (edgeproxy.config.runtime)."""
     if config.source:
         key = os.path.abspath(config.source)
     else:
         key = " ".join(lc.bind for lc in config.listen)
-    return f"/tmp/edgeproxy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pid"
+    return os.path.join(runtime_dir(),
+                        f"edgeproxy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pid")
 
 
 def pid_file_of(config: Config) -> str:
