@@ -9,7 +9,7 @@ import time
 
 import pytest
 from click.testing import CliRunner, Result
-from harness import Client, free_port, start_proxy
+from harness import Client, start_proxy
 
 from edgeproxy.cache import CacheStore, policy
 from edgeproxy.cache.keys import cache_key
