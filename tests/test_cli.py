@@ -188,8 +188,14 @@ def test_demo_refuses_a_port_in_use():
         busy.listen()
         port = busy.getsockname()[1]
         result = invoke("demo", "--port", str(port))
-    assert result.exit_code == 2
-    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+        assert result.exit_code == 2
+        assert f"port {port} on 127.0.0.1 is in use; pick another with --port" in result.stderr
+        result = invoke("demo", "--port", "0", "--https-port", str(port))
+        assert result.exit_code == 2
+        assert f"port {port} on 127.0.0.1 is in use; pick another with --https-port" in result.stderr
+    # one port for two listeners
+    result = invoke("demo", "--port", str(port), "--https-port", "0", "--admin-port", str(port))
+    assert result.exit_code == 2 and "pick another with --admin-port" in result.stderr
 
 
 # --- help ----------------------------------------------------------------------------
@@ -199,7 +205,8 @@ def test_demo_refuses_a_port_in_use():
     (["run"], ["-c, --config FILE", "--listen ADDRESS", "--upstream URL", "--workers N",
                "0 = one per CPU", "--access-log PATH", "stderr", "exit", "status is 2"]),
     (["check"], ["-c, --config FILE", "[required]", "exits 1"]),
-    (["demo"], ["--port PORT", "default: 8080", "demo origin", "background thread"]),
+    (["demo"], ["--port PORT", "default: 8080", "--https-port PORT", "default: 8443",
+                "--admin-port PORT", "default: 9901", "demo origin", "child process"]),
 ])
 def test_help(command, expected):
     result = invoke(*command, "--help")
