@@ -196,6 +196,23 @@ def test_check_prints_file_and_line_relative_as_given(tmp_path):
     ]
 
 
+def test_check_locates_certificate_problems_in_included_files(tmp_path):
+    from tlsutil import CA
+    ca = CA()
+    a = ca.issue("a.test").write(str(tmp_path), "a")
+    b = ca.issue("b.test").write(str(tmp_path), "b")
+    write(tmp_path / "main.toml", 'include = "tls.toml"\n' + BASE)
+    write(tmp_path / "tls.toml", f'# HTTPS\n[[listen]]\nbind = "127.0.0.1:8443"\n'
+                                  f'tls.certs = [{{ cert = "{a.cert}", key = "{b.key}" }}]\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "edgeproxy", "check", "-c", "main.toml"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "edgeproxy: main.toml: 1 TLS problem(s):"
+    assert lines[1].startswith("  tls.toml:4: listen[1].tls: ") and "does not match" in lines[1]
+
+
 # --- ${ENV} -----------------------------------------------------------------------------
 
 def test_substitute_forms():

@@ -232,9 +232,12 @@ def check(config_path: str) -> None:
         fail(error, 1)
     problems = tls_problems(config)
     if problems:
+        from edgeproxy.config.compose import locate
+        where = locate(config_path)
         click.echo(f"edgeproxy: {config_path}: {len(problems)} TLS problem(s):", err=True)
         for problem in problems:
-            click.echo(f"  {problem}", err=True)
+            at = where(problem)
+            click.echo(f"  {at}: {problem}" if at else f"  {problem}", err=True)
         sys.exit(1)
     click.echo(f"OK: {count_summary(config)}")
 

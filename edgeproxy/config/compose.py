@@ -27,13 +27,13 @@ import glob
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeproxy.config.keylines import KeyPath, format_key_path, key_lines, parse_key_path
 
-__all__ = ["Composed", "Problem", "compose", "substitute"]
+__all__ = ["Composed", "Problem", "compose", "locate", "substitute"]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _REFERENCE = re.compile(r"\$\$\{|\$\{(?P<body>[^}]*)(?P<close>\})?")
@@ -277,3 +277,16 @@ def compose(text: str, source: str | None, base_dir: str,
     if not composer.problems:
         composer.result.raw = composer.substitute_all(composer.result.raw, ())
     return composer.result, composer.problems
+
+
+def locate(source: str) -> Callable[[str], str | None]:
+    """For problems found after loading (certificates that do not load, ...):
+    "<key path>: ..." -> the "file:line" of its key, by reading `source` and its
+    includes again; a function that knows nothing when they cannot be read."""
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return lambda problem: None
+    composed, _ = compose(text, source, os.path.dirname(os.path.abspath(source)))
+    return lambda problem: composed.where(problem.partition(": ")[0])
