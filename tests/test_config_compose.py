@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -324,6 +325,81 @@ def test_key_lines_cover_tables_arrays_inline_tables_and_strings():
     assert ("not", "a", "table") not in lines
     assert (lines[("listen", 1)], lines[("listen", 1, "tls", "min_version")]) == (13, 16)
     assert lines[("pool", "my pool", "health", "path")] == 18
+
+
+def _random_document(rng: random.Random) -> tuple[str, dict]:
+    """A TOML document and the line each of its keys and array items is on."""
+    lines: list[str] = []
+    expected: dict = {}
+    names = ["a", "b_2", "x-y", '"dotted.name"', '"with # hash"', "'literal key'", '"q\\"uote"']
+
+    def unquote(name: str) -> str:
+        return tomllib.loads(f"k = {name}")["k"] if name[0] in "\"'" else name
+
+    def scalar() -> str:
+        return rng.choice(['"plain"', '"has # and [x] and = and \\" quote"', "'C:\\path'",
+                           "42", "-1.5e3", "true", "1979-05-27 07:32:00", "inf",
+                           '"""one line"""'])
+
+    def pairs(table: tuple, count: int) -> None:
+        used = set()
+        for _ in range(count):
+            name = rng.choice(names)
+            if unquote(name) in used:
+                continue
+            used.add(unquote(name))
+            path = table + (unquote(name),)
+            shape = rng.randrange(5)
+            if shape == 0:        # an array over several lines, with comments
+                lines.append(f"{name} = [  # starts")
+                expected[path] = len(lines)
+                for i in range(rng.randint(0, 3)):
+                    lines.append(f"  {scalar()},  # item {i}")
+                    expected[path + (i,)] = len(lines)
+                lines.append("]")
+            elif shape == 1:      # an inline table
+                lines.append(f"{name} = {{ k = {scalar()}, \"o t\" = [1, 2] }}")
+                expected[path] = expected[path + ("k",)] = len(lines)
+                expected[path + ("o t",)] = expected[path + ("o t", 1)] = len(lines)
+            elif shape == 2:      # a multi-line string with lines that look like TOML
+                lines.append(f'{name} = """')
+                expected[path] = len(lines)
+                lines.extend(["[not.a.table]", "x = 1", 'still \\""" inside, "" quotes', '"""'])
+            else:
+                lines.append(f"{name} = {scalar()}  # comment = [x]")
+                expected[path] = len(lines)
+
+    pairs((), rng.randint(0, 3))
+    for t in range(rng.randint(0, 3)):
+        lines.append(f"[table{t}]  # a table")
+        expected[(f"table{t}",)] = len(lines)
+        pairs((f"table{t}",), rng.randint(0, 3))
+    for i in range(rng.randint(0, 3)):
+        lines.append("")
+        lines.append("[[item]]")
+        expected[("item", i)] = len(lines)
+        pairs(("item", i), rng.randint(0, 3))
+        if rng.random() < 0.5:
+            lines.append("[item.sub]")
+            expected[("item", i, "sub")] = len(lines)
+            pairs(("item", i, "sub"), 2)
+    return "\n".join(lines) + "\n", expected
+
+
+def test_key_lines_on_generated_documents():
+    rng = random.Random(15)
+    for _ in range(300):
+        text, expected = _random_document(rng)
+        tomllib.loads(text)                    # the generator writes valid TOML
+        lines = key_lines(text)
+        for path, line in expected.items():
+            assert lines.get(path) == line, (path, text)
+
+
+def test_key_lines_never_raise_nor_hang_on_fragments():
+    text, _ = _random_document(random.Random(3))
+    for cut in range(0, len(text), 7):       # not TOML any more: still an answer
+        assert isinstance(key_lines(text[:cut] + '"\n[x' + "{[" * 3), dict)
 
 
 def test_key_path_text_round_trips():

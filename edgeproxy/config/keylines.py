@@ -123,10 +123,13 @@ class _Scanner:
                 if self.peek() in ("]", ""):
                     self.pos += 1
                     return
-                self.note(path + (i,), self.pos)
+                at = self.pos
+                self.note(path + (i,), at)
                 self.value(path + (i,))
                 self.skip(True)
                 if self.peek() == ",":
+                    self.pos += 1
+                elif self.pos == at:      # never stuck, whatever the text
                     self.pos += 1
                 i += 1
         elif c == "{":
@@ -136,9 +139,12 @@ class _Scanner:
                 if self.peek() in ("}", ""):
                     self.pos += 1
                     return
+                at = self.pos
                 self.pair(path)
                 self.skip(True)
                 if self.peek() == ",":
+                    self.pos += 1
+                elif self.pos == at:
                     self.pos += 1
         else:
             self.pos = _SCALAR.match(self.text, self.pos).end()
@@ -201,8 +207,15 @@ def _escaped(text: str, i: int) -> bool:
 
 
 def key_lines(text: str) -> dict[KeyPath, int]:
-    """{key path: line (from 1)} for a document tomllib accepts."""
-    return _Scanner(text).document()
+    """{key path: line (from 1)} for a document tomllib accepts.
+
+    Best effort: what it could not place is missing, and it never raises.
+    """
+    scanner = _Scanner(text)
+    try:
+        return scanner.document()
+    except Exception:  # noqa: BLE001 - positions are a nicety; the values came from tomllib
+        return scanner.lines
 
 
 _PATH_PART = re.compile(r'\.?(?:([A-Za-z0-9_-]+)|("(?:[^"\\]|\\.)*")|\[(\d+)\])')
