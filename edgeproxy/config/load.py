@@ -59,7 +59,8 @@ class ConfigError(Exception):
                  locations: Iterable[str | None] | None = None):
         self.errors = list(errors)
         self.source = source
-        self.locations = list(locations) if locations is not None else [None] * len(self.errors)
+        self.locations = list(locations or ())[:len(self.errors)]
+        self.locations += [None] * (len(self.errors) - len(self.locations))
         super().__init__(self.errors)
 
     def __str__(self) -> str:
@@ -122,11 +123,9 @@ class Reader:
     def __init__(self, base_dir: str):
         self.base_dir = base_dir      # relative file paths are relative to this
         self.errors: list[str] = []
-        self.paths: list[str] = []    # the key path of each error, to find its line
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}")
-        self.paths.append(path)
 
     def read(self, kind: Callable, value: Any, path: str,
              check: Callable | None = None) -> Any:
@@ -894,9 +893,9 @@ def build(raw: dict, *, source: str | None, base_dir: str,
     files = tuple(composed.files) if composed else ()
     config = CONFIG(raw, "", reader, source=source, files=files)
     if reader.errors or is_bad(config):
-        locations = [composed.where(p) for p in reader.paths] if composed else None
-        if not reader.errors:
-            locations = None
+        # each error starts with its key path: where that key is written
+        locations = ([composed.where(e.partition(": ")[0]) for e in reader.errors]
+                     if composed and reader.errors else None)
         raise ConfigError(reader.errors or ["invalid configuration"], source, locations)
     return config
 
