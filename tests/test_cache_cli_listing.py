@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import ssl
+import subprocess
+import sys
 import time
 
 import pytest
 from click.testing import CliRunner, Result
-from harness import Client, start_proxy
+from harness import ROOT, Client, start_proxy
 
 from edgeproxy.cache import CacheStore, policy
 from edgeproxy.cache.keys import cache_key
@@ -198,3 +200,21 @@ def test_load_delete_removes_entries_for_files_gone(tmp_path, certs, site):
         assert store.stats()["entries"] == 8
     again = run(*args, "--delete")
     assert "2 unchanged, 0 removed" in again.output
+
+
+def test_list_into_a_pipe_closed_early(tmp_path, certs):
+    """`edgeproxy cache list | head -1`: no traceback when the reader goes away
+    (click turns EPIPE into a quiet exit; this keeps it so)."""
+    cfg = tls_config(tmp_path, certs, 8080, 8443)
+    with open_store(cfg) as store:     # 300 KiB of keys: more than a pipe holds
+        now = time.time()
+        for i in range(150):
+            key = cache_key(b"https", b"a.example", b"/%03d/" % i + b"k" * 2000)
+            entry = policy.new_entry(key, [], 200, b"OK", [(b"Cache-Control", b"max-age=60")],
+                                     now, now)
+            assert store.begin(entry).commit()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(f"{sys.executable} -m edgeproxy cache list -c {cfg} | head -1",
+                          shell=True, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.stdout == "https://a.example/000/" + "k" * 2000 + "\n"
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
