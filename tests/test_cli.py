@@ -58,6 +58,12 @@ BAD_ERRORS = [
     'timeout.read: expected a number, got "sixty"',
     'route[0].pool: no pool named "apii" (did you mean "api"?)',
 ]
+BAD_LINES = [3, 5, 9, 11, 7]   # where each of BAD_ERRORS is in BAD
+
+
+def located(path, i: int) -> str:
+    """BAD_ERRORS[i] as check prints it for the file `path`: "  FILE:LINE: error"."""
+    return f"  {path}:{BAD_LINES[i]}: {BAD_ERRORS[i]}"
 
 
 @pytest.fixture
@@ -92,7 +98,7 @@ def test_check_bad_file_lists_every_error(files):
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert lines[0] == f"edgeproxy: invalid configuration in {files[1]} (5 errors):"
-    assert lines[1:] == [f"  {e}" for e in BAD_ERRORS]
+    assert lines[1:] == [located(files[1], i) for i in range(len(BAD_ERRORS))]
     assert "Traceback" not in result.output
 
 
@@ -115,8 +121,8 @@ def test_python_m_edgeproxy_check(files):
     bad = python_m("check", "-c", str(files[1]))
     assert bad.returncode == 1
     assert bad.stdout == ""
-    for error in BAD_ERRORS:
-        assert f"  {error}\n" in bad.stderr
+    for i in range(len(BAD_ERRORS)):
+        assert located(files[1], i) + "\n" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
@@ -126,7 +132,7 @@ def test_run_with_a_bad_file_exits_2(files):
     result = invoke("run", "-c", str(files[1]))
     assert result.exit_code == 2
     assert result.stderr.startswith(f"edgeproxy: invalid configuration in {files[1]} (5 errors):")
-    assert f"  {BAD_ERRORS[1]}\n" in result.stderr
+    assert located(files[1], 1) + "\n" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -182,8 +188,14 @@ def test_demo_refuses_a_port_in_use():
         busy.listen()
         port = busy.getsockname()[1]
         result = invoke("demo", "--port", str(port))
-    assert result.exit_code == 2
-    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+        assert result.exit_code == 2
+        assert f"port {port} on 127.0.0.1 is in use; pick another with --port" in result.stderr
+        result = invoke("demo", "--port", "0", "--https-port", str(port))
+        assert result.exit_code == 2
+        assert f"port {port} on 127.0.0.1 is in use; pick another with --https-port" in result.stderr
+    # one port for two listeners
+    result = invoke("demo", "--port", str(port), "--https-port", "0", "--admin-port", str(port))
+    assert result.exit_code == 2 and "pick another with --admin-port" in result.stderr
 
 
 # --- help ----------------------------------------------------------------------------
@@ -193,7 +205,8 @@ def test_demo_refuses_a_port_in_use():
     (["run"], ["-c, --config FILE", "--listen ADDRESS", "--upstream URL", "--workers N",
                "0 = one per CPU", "--access-log PATH", "stderr", "exit", "status is 2"]),
     (["check"], ["-c, --config FILE", "[required]", "exits 1"]),
-    (["demo"], ["--port PORT", "default: 8080", "demo origin", "background thread"]),
+    (["demo"], ["--port PORT", "default: 8080", "--https-port PORT", "default: 8443",
+                "--admin-port PORT", "default: 9901", "demo origin", "child process"]),
 ])
 def test_help(command, expected):
     result = invoke(*command, "--help")

@@ -548,9 +548,10 @@ def test_config_error_str_lists_every_error():
         parse_config(with_section("[server]\nwokers = 1\n[timeout]\nread = 0"), source="e.toml")
     assert str(info.value) == (
         "invalid configuration in e.toml (2 errors):\n"
-        '  server.wokers: unknown key (did you mean "workers"?)\n'
-        "  timeout.read: 0 must be greater than 0")
+        '  e.toml:9: server.wokers: unknown key (did you mean "workers"?)\n'
+        "  e.toml:11: timeout.read: 0 must be greater than 0")
     assert info.value.source == "e.toml"
+    assert info.value.locations == ["e.toml:9", "e.toml:11"]
 
 
 def test_toml_syntax_error_names_the_line():

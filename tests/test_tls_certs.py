@@ -138,7 +138,8 @@ def test_cert_and_key_in_one_file(root, tmp_path):
 
 def test_expiring_soon_warns_at_load(root, tmp_path, caplog):
     soon = NOW + dt.timedelta(days=5)
-    cfg = root.issue("soon.test", not_after=soon).write(tmp_path, "soon")
+    cfg = root.issue("soon.test", not_before=soon - dt.timedelta(days=90),  # 90 days in all
+                     not_after=soon).write(tmp_path, "soon")
     with caplog.at_level(logging.WARNING, logger="edgeproxy.tls"):
         load_cert_pair(cfg)
     messages = [r.getMessage() for r in caplog.records]
@@ -147,7 +148,8 @@ def test_expiring_soon_warns_at_load(root, tmp_path, caplog):
 
 def test_expiry_warnings_daily_check(root, tmp_path):
     soon = NOW + dt.timedelta(days=5)
-    cfg_soon = root.issue("soon.test", not_after=soon).write(tmp_path, "soon")
+    cfg_soon = root.issue("soon.test", not_before=soon - dt.timedelta(days=90),
+                          not_after=soon).write(tmp_path, "soon")
     cfg_far = root.issue("far.test").write(tmp_path, "far")   # 90 days
     certs = [load_cert_pair(cfg_soon), load_cert_pair(cfg_far)]
     warnings = expiry_warnings(certs, NOW)
@@ -158,6 +160,22 @@ def test_expiry_warnings_daily_check(root, tmp_path):
     assert len(later) == 2 and "expired on" in later[0] and cfg_far.cert in later[1]
     stls = build_server_context(ListenTLSConfig(certs=(cfg_far, cfg_soon)))
     assert [cfg_soon.cert in w for w in stls.expiry_warnings(NOW)] == [True]
+
+
+def test_short_lived_certificates_warn_in_the_last_third_of_their_life(root, tmp_path):
+    """A six-day certificate (ACME's short-lived profile, the demo's own) does not
+    warn when fresh, as the 14-day rule would have it; it does with two days left."""
+    six_days = root.issue("short.test", not_before=NOW - dt.timedelta(hours=1),
+                          not_after=NOW + dt.timedelta(days=6) - dt.timedelta(hours=1))
+    certs = [load_cert_pair(six_days.write(tmp_path, "short"))]
+    assert expiry_warnings(certs, NOW) == []
+    assert expiry_warnings(certs, NOW + dt.timedelta(days=3)) == []
+    late = expiry_warnings(certs, NOW + dt.timedelta(days=4))
+    assert len(late) == 1 and "(in 1 days)" in late[0]
+    # a 90-day certificate keeps the 14-day rule
+    ninety = [load_cert_pair(root.issue("ninety.test").write(tmp_path, "ninety"))]
+    assert expiry_warnings(ninety, NOW + dt.timedelta(days=75)) == []
+    assert len(expiry_warnings(ninety, NOW + dt.timedelta(days=77))) == 1
 
 
 def test_check_listen_tls_reports_every_problem(root, good, tmp_path):

@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Self, TypeVar
 
 import lmdb
@@ -935,6 +935,21 @@ class CacheStore:
         if total:
             self._write(lambda txn: self._log_change(txn, b""))
         return total
+
+    def entries(self, prefix: bytes = b"", batch: int = BATCH) -> Iterator[CacheEntry]:
+        """Every stored entry (variants included) whose primary key starts with
+        `prefix`, in key order.  Read `batch` records per read transaction, so
+        a slow consumer (a pager) never holds one snapshot for long."""
+        scan = prefix[:_MAX_KEY]
+        start: bytes | None = scan
+        while start is not None:
+            with self._environment().begin(db=self._meta) as txn:
+                found = self._scan(txn, scan, start, limit=batch)
+            start = found[-1][0] + b"\x00" if len(found) == batch else None
+            for db_key, raw in found:
+                record = self._decode(raw, db_key)
+                if isinstance(record, CacheEntry) and record.key.startswith(prefix):
+                    yield record
 
     async def delete_async(self, key: bytes, *, soft: bool = False) -> int:
         return await self._in_thread(lambda: self.delete(key, soft=soft))

@@ -1,7 +1,6 @@
 """The `edgeproxy` command line: run and reload the proxy, check a configuration, show its backends, run the demo."""
 from __future__ import annotations
 
-import dataclasses
 import errno
 import importlib
 import json
@@ -17,7 +16,6 @@ from typing import Any
 import click
 
 from edgeproxy.config import Config, ConfigError, load_config, quick_config
-from edgeproxy.config.model import CertConfig, ListenConfig, ListenTLSConfig
 
 __all__ = ["main", "setup_logging"]
 
@@ -234,9 +232,12 @@ def check(config_path: str) -> None:
         fail(error, 1)
     problems = tls_problems(config)
     if problems:
+        from edgeproxy.config.compose import locate
+        where = locate(config_path)
         click.echo(f"edgeproxy: {config_path}: {len(problems)} TLS problem(s):", err=True)
         for problem in problems:
-            click.echo(f"  {problem}", err=True)
+            at = where(problem)
+            click.echo(f"  {at}: {problem}" if at else f"  {problem}", err=True)
         sys.exit(1)
     click.echo(f"OK: {count_summary(config)}")
 
@@ -306,56 +307,68 @@ def port_is_free(host: str, port: int) -> bool:
 @main.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               metavar="PORT",
-              help="Port edgeproxy listens on, on 127.0.0.1 (0 = any free port).")
+              help="Port edgeproxy listens on for plain HTTP, on 127.0.0.1 (0 = any free port).")
+@click.option("--https-port", type=click.IntRange(0, 65535), default=8443, show_default=True,
+              metavar="PORT", help="Port of its HTTPS listener, on 127.0.0.1 (0 = any free port).")
+@click.option("--admin-port", type=click.IntRange(0, 65535), default=9901, show_default=True,
+              metavar="PORT", help="Port of the admin listener (status page, /metrics), on "
+                                   "127.0.0.1 (0 = any free port).")
 @click.pass_context
-def demo(ctx: click.Context, port: int) -> None:
+def demo(ctx: click.Context, port: int, https_port: int, admin_port: int) -> None:
     """Run edgeproxy in front of the built-in demo origin, to try with curl.
 
-    The demo origin (edgeproxy/demo/origin.py) runs in a background thread
-    of this process, on 127.0.0.1 and a free port; edgeproxy listens on
-    127.0.0.1:PORT, proxies everything to it and writes an access log to
-    stderr. Stop with Ctrl-C; the origin stops with it.
+    The demo origin (edgeproxy/demo/origin.py) runs as a child process on
+    127.0.0.1 and a free port. edgeproxy serves it on 127.0.0.1: plain HTTP
+    on PORT, HTTPS on HTTPS-PORT (with a self-signed certificate made for the
+    demo), a cached route (/cached/), and the admin listener on ADMIN-PORT.
+    The configuration is a file in a temporary directory (its path is
+    printed), and the access log goes to stderr. Stop with Ctrl-C; the origin
+    and the directory go with it.
     """
-    host = "127.0.0.1"
-    if port == 0:
-        port = free_port(host)
-    elif not port_is_free(host, port):
-        raise click.UsageError(f"port {port} on {host} is in use; pick another with --port")
-    from edgeproxy.demo.origin import start_origin
+    from edgeproxy.demo.session import CERT_DAYS, DemoPorts, OriginProcess, guide, write_config
     from edgeproxy.tls import write_selfsigned
-    tls_port = free_port(host)
-    certs = tempfile.TemporaryDirectory(prefix="edgeproxy-demo-")
-    origin = start_origin(host)
+    host = "127.0.0.1"
+    chosen: dict[str, int] = {}
+    for option, value in (("--port", port), ("--https-port", https_port),
+                          ("--admin-port", admin_port)):
+        if value == 0:
+            value = free_port(host)
+        elif value in chosen.values() or not port_is_free(host, value):
+            raise click.UsageError(f"port {value} on {host} is in use; pick another with {option}")
+        chosen[option] = value
+    ports = DemoPorts(host, chosen["--port"], chosen["--https-port"], chosen["--admin-port"])
+    workdir = tempfile.TemporaryDirectory(prefix="edgeproxy-demo-")
+    origin = None
+    code = 1
     try:
-        # a throwaway certificate, made now, so the demo serves HTTPS too
-        cert, key = write_selfsigned(["localhost", host], certs.name, days=7)
-        overrides = {"log": log_overrides(ctx, access_log="-")}
         try:
-            base = quick_config([f"{host}:{port}"], [origin.url], **overrides)
-            config = dataclasses.replace(base, listen=base.listen + (ListenConfig(
-                bind=f"{host}:{tls_port}", host=host, port=tls_port,
-                tls=ListenTLSConfig(certs=(CertConfig(cert=str(cert), key=str(key)),))),))
-        except ConfigError as error:  # pragma: no cover - the values are ours
+            origin = OriginProcess(host)
+        except OSError as error:
+            click.echo(f"edgeproxy: {error}", err=True)
+            sys.exit(1)
+        cert, _ = write_selfsigned(["localhost", host], workdir.name, days=CERT_DAYS)
+        config_path = write_config(workdir.name, ports, origin.url)
+        overrides = {"log": log_overrides(ctx)}
+
+        def load() -> Config:
+            return load_config(config_path, **overrides)
+
+        try:
+            config = load()
+        except ConfigError as error:  # pragma: no cover - the file is ours
             fail(error, 2)
         setup_logging(config.log.level)
-        proxy = f"http://{host}:{port}"
-        click.echo("\n".join([
-            f"edgeproxy demo: {proxy} and https://{host}:{tls_port} -> demo origin {origin.url}",
-            "Try:",
-            f"  curl -i {proxy}/",
-            f"  curl -ik https://{host}:{tls_port}/   (self-signed certificate: {cert})",
-            f"  curl -i {proxy}/api/hello",
-            f"  curl -s {proxy}/big?size=10485760 | wc -c",
-            f"  curl -i --data-binary 'hello' -H 'Transfer-Encoding: chunked' {proxy}/echo",
-            f"  curl -i '{proxy}/slow?delay=2'",
-            "The origin sends Server and X-Powered-By headers; edgeproxy removes them.",
-            "Press Ctrl-C to stop.",
-        ]))
+        click.echo(guide(ports, origin.url, config_path, str(cert)))
         from edgeproxy.server import serve
-        code = serve(config, supervise=False)  # the origin thread must not be forked
+        try:
+            code = serve(config, supervise=True, load=load)
+        except OSError as error:
+            click.echo(f"edgeproxy: cannot listen: {error}", err=True)
+            code = 2
     finally:
-        origin.stop()
-        certs.cleanup()
+        if origin is not None:
+            origin.stop()
+        workdir.cleanup()
     sys.exit(code)
 
 

@@ -17,7 +17,9 @@ import click
 from edgeproxy.cache import policy
 from edgeproxy.cache.keys import cache_key, key_for_url, key_prefix_for_url
 from edgeproxy.cache.store import CacheError, CacheStore
-from edgeproxy.config import Config, ConfigError, ListenConfig, load_config
+from edgeproxy.config import Config, ConfigError, ListenConfig, RouteConfig, load_config
+from edgeproxy.http._path import normalize_path
+from edgeproxy.http._pure import ParseError
 
 __all__ = ["cache"]
 
@@ -58,7 +60,9 @@ def cache() -> None:
       edgeproxy cache purge -c edgeproxy.toml --prefix https://example.com/static/ --soft
       edgeproxy cache purge -c edgeproxy.toml --tag product-42
       edgeproxy cache stats -c edgeproxy.toml
+      edgeproxy cache list -c edgeproxy.toml --prefix https://example.com/static/
       edgeproxy cache load -c edgeproxy.toml ./public --prefix /static/ --host example.com
+      edgeproxy cache load -c edgeproxy.toml ./public --prefix /static/ --delete
       edgeproxy cache warm -c edgeproxy.toml urls.txt
 
     These commands work while the proxy runs: every process shares the cache file.
@@ -148,6 +152,47 @@ def stats(config_path: str, as_json: bool) -> None:
         click.echo(f"{label + ':':<{width + 1}} {value}")
 
 
+def _serving_listener(config: Config) -> ListenConfig:
+    """The listener clients get the routes' answers from: the first one that does
+    not only redirect to HTTPS (`redirect_http`), so the HTTPS one behind a
+    redirecting :80."""
+    for listener in config.listen:
+        if not listener.redirect_http:
+            return listener
+    return config.listen[0]  # pragma: no cover - the loader requires a TLS listener then
+
+
+def _route_for(config: Config, host: str, path: str) -> tuple[int, RouteConfig] | None:
+    """(index, route) that a request for host and path takes, as the router
+    chooses it: an exact host, then a wildcard, then routes without a host;
+    within those, the longest path prefix.  None when no route takes it."""
+    name = host.lower()
+    if name.startswith("["):
+        name = name[:name.find("]") + 1]
+    else:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    try:
+        normal = normalize_path(path.encode("latin-1")).decode("latin-1")
+    except (ParseError, UnicodeEncodeError):
+        normal = path
+
+    def kind(route: RouteConfig) -> int | None:
+        if route.host is None:
+            return 2
+        if route.host.startswith("*."):
+            return 1 if name.endswith(route.host[1:]) and len(name) > len(route.host) - 1 else None
+        return 0 if route.host == name else None
+
+    for wanted in (0, 1, 2):
+        matches = [(len(r.path), i, r) for i, r in enumerate(config.routes)
+                   if kind(r) == wanted and normal.startswith(r.path)]
+        if matches:
+            _, i, route = max(matches, key=lambda m: (m[0], -m[1]))
+            return i, route
+    return None
+
+
 def _listener_origin(listener: ListenConfig) -> tuple[str, str]:
     """(scheme, host[:port]) clients use to reach a listener, as far as we can tell."""
     scheme = "https" if listener.tls else "http"
@@ -222,24 +267,32 @@ def _load_file(store: CacheStore, path: str, key: bytes, max_age: int) -> str:
 @click.option("--prefix", default="/", show_default=True, metavar="PATH",
               help="The URL path the directory is served under, e.g. /static/.")
 @click.option("--host", metavar="HOST[:PORT]",
-              help="The host the URLs are requested with (the Host header clients send). "
-                   "Default: the first listener's address.")
+              help="The host the URLs are requested with (the Host header clients send, "
+                   "with its port when not the scheme's default). Default: the address and "
+                   "port of the listener serving the routes (the first one that does not "
+                   "only redirect to HTTPS).")
 @click.option("--scheme", type=click.Choice(["http", "https"]), default=None,
-              help="Default: https when the first listener has TLS, else http.")
+              help="Default: that listener's: https when it has TLS, else http.")
 @click.option("--max-age", type=click.IntRange(min=0), default=3600, show_default=True,
               metavar="SECONDS", help="The Cache-Control max-age the entries get.")
+@click.option("--delete", is_flag=True,
+              help="Also remove the entries under PREFIX (for this scheme and host) that no "
+                   "file under DIRECTORY stands for any more: files deleted or renamed "
+                   "since the last load, or now too large. Use a PREFIX only DIRECTORY serves.")
 def load(config_path: str, directory: str, prefix: str, host: str | None, scheme: str | None,
-         max_age: int) -> None:
+         max_age: int, delete: bool) -> None:
     """Store every file under DIRECTORY as a cached 200 response.
 
     Each file becomes PREFIX + its relative path, with Content-Type from
     its extension, a strong ETag from its SHA-256, Last-Modified from its
     modification time and Cache-Control: max-age. Running it again stores
     only files that changed or whose entry went stale. Hidden files are
-    skipped, as are files larger than the cache's largest object.
+    skipped, as are files larger than the cache's largest object. A
+    warning says so when no route with cache = true serves PREFIX on
+    that host (the entries would never be answered).
     """
     config = _read_config(config_path)
-    default_scheme, default_host = _listener_origin(config.listen[0])
+    default_scheme, default_host = _listener_origin(_serving_listener(config))
     scheme = scheme or default_scheme
     host = host or default_host
     if not prefix.startswith("/"):
@@ -249,10 +302,18 @@ def load(config_path: str, directory: str, prefix: str, host: str | None, scheme
     if not host.isascii():
         raise click.BadParameter(f"{host!r}: give the host in ASCII (IDNA) form",
                                  param_hint="--host")
+    served = _route_for(config, host, prefix)
+    if served is None or not served[1].cache:
+        why = (f"route[{served[0]}] takes it but has no cache = true" if served
+               else "no route takes it")
+        click.echo(f"warning: {scheme}://{host}{prefix}: {why}; these entries would never "
+                   "be served", err=True)
     files = _files(directory)
     store = _open_store(config)
     outcome: Counter[str] = Counter()
     stored_bytes = 0
+    kept: set[bytes] = set()
+    removed = 0
     try:
         with click.progressbar(files, label="loading", show_pos=True,
                                item_show_func=lambda p: os.path.relpath(p, directory) if p else None
@@ -269,8 +330,18 @@ def load(config_path: str, directory: str, prefix: str, host: str | None, scheme
                 except CacheError as exc:
                     raise click.ClickException(str(exc)) from None
                 outcome[result] += 1
+                if result in ("stored", "unchanged"):
+                    kept.add(key)
                 if result == "stored":
                     stored_bytes += os.path.getsize(path)
+        if delete:
+            under = cache_key(scheme.encode("ascii"), host.encode("ascii"),
+                              prefix.encode("ascii"))
+            gone = sorted({e.key for e in store.entries(under)} - kept)
+            try:
+                removed = sum(store.delete(key) for key in gone)
+            except CacheError as exc:
+                raise click.ClickException(str(exc)) from None
     finally:
         store.close()
     skipped = {k: v for k, v in outcome.items() if k not in ("stored", "unchanged")}
@@ -278,7 +349,48 @@ def load(config_path: str, directory: str, prefix: str, host: str | None, scheme
                f"{outcome['unchanged']} unchanged")
     if skipped:
         summary += ", skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+    if delete:
+        summary += f", {removed} removed ({'entry' if removed == 1 else 'entries'} for files gone)"
     click.echo(f"{len(files)} files under {scheme}://{host}{prefix}: {summary}")
+
+
+@cache.command(name="list")
+@_CONFIG_OPTION
+@click.option("--prefix", metavar="URL-PREFIX",
+              help="Only the keys starting with this, e.g. https://example.com/static/.")
+@click.option("-l", "--long", "long_format", is_flag=True,
+              help="Also the status, body size, age and freshness of each entry.")
+def list_(config_path: str, prefix: str | None, long_format: bool) -> None:
+    """Show the stored keys (one per line, in key order; a response stored in
+    several variants, by Vary, shows once per variant)."""
+    key_prefix = b""
+    if prefix:
+        key_prefix = key_prefix_for_url(prefix)
+        if key_prefix is None:
+            raise click.BadParameter(f"{prefix!r} is not an http:// or https:// URL prefix",
+                                     param_hint="--prefix")
+    store = _open_store(_read_config(config_path))
+    now = time.time()
+    n = 0
+    try:
+        for entry in store.entries(key_prefix):
+            n += 1
+            key = entry.key.decode("latin-1")
+            if entry.variant:
+                key += f"  (vary: {b', '.join(entry.vary).decode('latin-1')})"
+            if long_format:
+                age = policy.current_age(entry, now)
+                fresh = age < entry.lifetime and not entry.invalidated and not entry.no_cache
+                state = "fresh" if fresh else "stale"
+                click.echo(f"{entry.status} {entry.body_length:>10} {int(age):>7}s "
+                           f"{state:<5} {key}")
+            else:
+                click.echo(key)
+    except CacheError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+    click.echo(f"{n} {'entry' if n == 1 else 'entries'}", err=True)
 
 
 # --- warm -------------------------------------------------------------------------------
@@ -369,7 +481,7 @@ async def _warm(listener: ListenConfig, scheme: str, host: str, urls: list[str],
 @click.argument("urls_file", metavar="URLS-FILE", type=click.File("r"))
 @click.option("--host", metavar="HOST[:PORT]",
               help="Host header for lines that are paths (/x) rather than URLs. "
-                   "Default: the first listener's address.")
+                   "Default: the serving listener's address (as for load).")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Requests in flight at once.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
@@ -377,15 +489,16 @@ async def _warm(listener: ListenConfig, scheme: str, host: str, urls: list[str],
 def warm(config_path: str, urls_file, host: str | None, concurrency: int,
          timeout: float) -> None:
     """GET each URL of URLS-FILE (one per line, "#" comments) through the
-    proxy's first listener, so that cacheable responses get stored.
+    proxy's serving listener (the first one that does not only redirect to
+    HTTPS), so that cacheable responses get stored.
 
     Lines are absolute URLs (their host goes in the Host header) or paths.
     Exits 1 if any request failed (no response at all).
     """
     config = _read_config(config_path)
-    listener = config.listen[0]
+    listener = _serving_listener(config)
     if listener.port == 0:
-        raise click.ClickException("the first listener has port 0; nothing to connect to")
+        raise click.ClickException("the serving listener has port 0; nothing to connect to")
     scheme, default_host = _listener_origin(listener)
     urls = [line.strip() for line in urls_file
             if line.strip() and not line.lstrip().startswith("#")]

@@ -8,6 +8,8 @@ and one field there.
 
 Every error is one line, "<key path>: <what is wrong>", e.g.
 `route[1].pool: no pool named "apii"`.  Array indices count from 0.
+`include` and `${ENV}` are resolved first (`edgeproxy.config.compose`),
+which also tells each error's file and line.
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ import math
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from edgeproxy.config.compose import Composed, compose
 from edgeproxy.config.model import (
     BackendConfig,
     CacheConfig,
@@ -48,18 +50,25 @@ __all__ = ["ConfigError", "load_config", "parse_config", "quick_config"]
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; `.errors` lists every problem found."""
+    """The configuration is unusable; `.errors` lists every problem found.
 
-    def __init__(self, errors: Iterable[str], source: str | None = None):
+    `.locations[i]` is where `.errors[i]` comes from, "file:line", or None.
+    """
+
+    def __init__(self, errors: Iterable[str], source: str | None = None,
+                 locations: Iterable[str | None] | None = None):
         self.errors = list(errors)
         self.source = source
+        self.locations = list(locations or ())[:len(self.errors)]
+        self.locations += [None] * (len(self.errors) - len(self.locations))
         super().__init__(self.errors)
 
     def __str__(self) -> str:
         where = f" in {self.source}" if self.source else ""
         n = len(self.errors)
         head = f"invalid configuration{where} ({n} error{'' if n == 1 else 's'}):"
-        return "\n".join([head, *(f"  {e}" for e in self.errors)])
+        return "\n".join([head, *(f"  {at}: {e}" if at else f"  {e}"
+                                   for e, at in zip(self.errors, self.locations, strict=True))])
 
 
 # --- the walk ---------------------------------------------------------------
@@ -868,8 +877,11 @@ MERGED_SECTIONS = {"server", "timeout", "limits", "log", "cache"}
 # --- entry points -------------------------------------------------------------
 
 def build(raw: dict, *, source: str | None, base_dir: str,
-          overrides: dict[str, Any] | None = None) -> Config:
-    """Validate a raw document (as tomllib returns it) into a `Config`."""
+          overrides: dict[str, Any] | None = None, composed: Composed | None = None) -> Config:
+    """Validate a raw document (as tomllib returns it) into a `Config`.
+
+    With `composed` (where the document came from), errors carry their file and line.
+    """
     raw = dict(raw)
     for section, value in (overrides or {}).items():
         if section in MERGED_SECTIONS and isinstance(value, dict) \
@@ -878,26 +890,32 @@ def build(raw: dict, *, source: str | None, base_dir: str,
         else:
             raw[section] = value
     reader = Reader(base_dir)
-    config = CONFIG(raw, "", reader, source=source)
+    files = tuple(composed.files) if composed else ()
+    config = CONFIG(raw, "", reader, source=source, files=files)
     if reader.errors or is_bad(config):
-        raise ConfigError(reader.errors or ["invalid configuration"], source)
+        # each error starts with its key path: where that key is written
+        locations = ([composed.where(e.partition(": ")[0]) for e in reader.errors]
+                     if composed and reader.errors else None)
+        raise ConfigError(reader.errors or ["invalid configuration"], source, locations)
     return config
 
 
 def parse_config(text: str, source: str | None = None, **overrides: Any) -> Config:
-    """Parse TOML text.  Relative paths in it are relative to `source`'s
-    directory (the current directory when there is no source).
+    """Parse TOML text, with its `include`s and `${ENV}` references
+    (`edgeproxy.config.compose`).  Relative paths in it are relative to
+    `source`'s directory (the current directory when there is no source).
 
     `overrides` replace whole sections (`listen=[...]`), or for the table
     sections (server, timeout, limits, log, cache) individual keys
     (`server={"workers": 2}`); they are validated like the file.
     """
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{source or '<config>'}: invalid TOML: {exc}"], source) from None
     base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
-    return build(raw, source=source, base_dir=base_dir, overrides=overrides)
+    composed, problems = compose(text, source, base_dir)
+    if problems:
+        raise ConfigError([p.message for p in problems], source,
+                          [p.where for p in problems])
+    return build(composed.raw, source=source, base_dir=base_dir, overrides=overrides,
+                 composed=composed)
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> Config:

@@ -174,3 +174,4 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     cache: CacheConfig | None = None  # no [cache] section: no cache
     source: str | None = None        # the file it came from, if any
+    files: tuple[str, ...] = field(default=(), compare=False)  # every file read: source first, then its includes

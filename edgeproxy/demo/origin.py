@@ -7,6 +7,9 @@ Paths:
   /echo             any method: the request (method, target, headers as
                     "Name: value" strings, body length and SHA-256) as JSON
   /slow?delay=S     waits S seconds (default 1, at most 60), then answers JSON
+  /cached/NAME      a cacheable text page (Cache-Control: max-age=30, an ETag,
+                    Last-Modified; 304 to a matching If-None-Match), the same
+                    for as long as the origin runs: the demo's cached route
 
 It speaks keep-alive, answers with Content-Length, reads request bodies
 framed by Content-Length or chunked, answers `Expect: 100-continue`, and
@@ -19,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import sys
 import threading
 import time
 from email.utils import formatdate
@@ -45,12 +50,16 @@ INDEX_HTML = b"""<!doctype html>
 <li><a href="/big?size=1048576">/big?size=1048576</a>: a body of N bytes</li>
 <li>/echo: the request, as JSON (try a POST)</li>
 <li><a href="/slow?delay=2">/slow?delay=2</a>: an answer after S seconds</li>
+<li><a href="/cached/page">/cached/page</a>: cacheable for 30 s (see its Cache-Status)</li>
 </ul>
 </body>
 </html>
 """
 
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found",
+CACHED_MAX_AGE = 30           # seconds /cached/ pages are fresh for
+STARTED = time.time()         # /cached/ pages say when the origin started: their content
+
+REASONS = {100: "Continue", 200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 413: "Content Too Large",
            431: "Request Header Fields Too Large", 501: "Not Implemented"}
 
@@ -210,12 +219,14 @@ async def answer(request: Request, body_length: int, body_sha256: str) -> Respon
         })
     handlers = {"/": index, "/api/hello": hello, "/big": big, "/slow": slow}
     handler = handlers.get(path)
-    if handler is None:
+    if handler is None and not path.startswith("/cached/"):
         return text_response(404, f"not found: {path}")
     if request.method not in ("GET", "HEAD"):
         response = text_response(405, f"{request.method} is not allowed on {path}")
         response.headers.append(("Allow", "GET, HEAD"))
         return response
+    if handler is None:
+        return cached(path, request.get("if-none-match"))
     return await handler(query)
 
 
@@ -233,6 +244,21 @@ async def big(query: dict) -> Response:
     if not text.isdigit() or int(text) > MAX_BIG:
         return text_response(400, f"size must be an integer from 0 to {MAX_BIG}")
     return Response(200, "text/plain; charset=utf-8", big=int(text))
+
+
+def cached(path: str, if_none_match: list[str]) -> Response:
+    """A page that may be cached for CACHED_MAX_AGE seconds; 304 when the
+    client (or the proxy revalidating) already has it."""
+    body = (f"{path}: a cacheable page from the demo origin, unchanged since it started "
+            f"({formatdate(STARTED, usegmt=True)}). edgeproxy keeps it for "
+            f"{CACHED_MAX_AGE} s: see Cache-Status.\n").encode()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+    headers = [("Cache-Control", f"public, max-age={CACHED_MAX_AGE}"), ("ETag", etag),
+               ("Last-Modified", formatdate(STARTED, usegmt=True))]
+    tags = {t.strip().removeprefix("W/") for v in if_none_match for t in v.split(",")}
+    if etag in tags or "*" in tags:
+        return Response(304, None, headers=headers)
+    return Response(200, "text/plain; charset=utf-8", body, headers=headers)
 
 
 async def slow(query: dict) -> Response:
@@ -254,7 +280,8 @@ def response_head(response: Response, keep_alive: bool, http10: bool) -> bytes:
              "X-Powered-By: edgeproxy-demo"]
     if response.content_type:
         lines.append(f"Content-Type: {response.content_type}")
-    lines.append(f"Content-Length: {response.length}")
+    if response.status != 304:     # a 304 has no body, and no length of its own
+        lines.append(f"Content-Length: {response.length}")
     lines.extend(f"{k}: {v}" for k, v in response.headers)
     if not keep_alive:
         lines.append("Connection: close")
@@ -439,14 +466,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m edgeproxy.demo.origin",
                                      description="Run the edgeproxy demo origin.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
+    parser.add_argument("--port", type=int, default=5000,
+                        help="port to listen on (default 5000; 0: any free port)")
+    parser.add_argument("--until-stdin-closes", action="store_true",
+                        help="exit when standard input reaches its end (run by `edgeproxy "
+                             "demo`, it ends with its parent however that stops)")
     args = parser.parse_args()
 
     async def run() -> None:
         origin = await OriginServer.start(args.host, args.port)
         print(f"demo origin on {origin.url}", flush=True)
+        done = asyncio.Event()
+        if args.until_stdin_closes:
+            fd = sys.stdin.fileno()
+
+            def readable() -> None:
+                if not os.read(fd, 4096):
+                    asyncio.get_running_loop().remove_reader(fd)
+                    done.set()
+            asyncio.get_running_loop().add_reader(fd, readable)
         try:
-            await asyncio.Event().wait()
+            await done.wait()
         finally:
             await origin.close()
 

@@ -2,9 +2,11 @@
 ejections, outstanding requests, failures, the last health check) that the
 running proxy rewrites each second and `edgeproxy status` reads and prints.
 
-It lives at `server.state_file`, or by default in the temp directory under
-a name derived from the configuration file's absolute path, so `edgeproxy
-status -c FILE` finds the proxy started with `edgeproxy run -c FILE`.
+It lives at `server.state_file`, or by default in the run-time directory
+(/run/edgeproxy under systemd, else the temp directory:
+`edgeproxy.config.runtime`) under a name derived from the configuration
+file's absolute path, so `edgeproxy status -c FILE` finds the proxy started
+with `edgeproxy run -c FILE`.
 
 Under a supervisor it shows what the admin `/status` shows: backends added,
 removed and drained through the admin API, and request counts that go on
@@ -17,11 +19,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping
 
 from edgeproxy.config.model import Config
+from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health.board import CHECK_FAIL, CHECK_NONE, HealthBoard, backend_name
 
 log = logging.getLogger("edgeproxy.health")
@@ -37,7 +39,7 @@ def state_path(config: Config) -> str:
     else:
         ident = "quick:" + ",".join(lc.bind for lc in config.listen)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), f"edgeproxy-{digest}.state.json")
+    return os.path.join(runtime_dir(), f"edgeproxy-{digest}.state.json")
 
 
 def snapshot(config: Config, board: HealthBoard, checker=None, pid: int | None = None, *,

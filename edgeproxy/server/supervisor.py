@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from edgeproxy.config import ConfigError
 from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import BackendConfig, Config, ListenConfig
+from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.health.board import backend_name
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
@@ -57,13 +58,15 @@ KILL_AFTER = 5.0            # beyond grace, workers still alive get SIGKILL
 
 
 def default_pid_file(config: Config) -> str:
-    """/tmp/edgeproxy-<hash>.pid, the hash of the config file's absolute
-    path (or, without a file, of the listen addresses)."""
+    """<runtime dir>/edgeproxy-<hash>.pid, the hash of the config file's absolute
+    path (or, without a file, of the listen addresses); the directory is
+    /run/edgeproxy under systemd, else /tmp (edgeproxy.config.runtime)."""
     if config.source:
         key = os.path.abspath(config.source)
     else:
         key = " ".join(lc.bind for lc in config.listen)
-    return f"/tmp/edgeproxy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pid"
+    return os.path.join(runtime_dir(),
+                        f"edgeproxy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pid")
 
 
 def pid_file_of(config: Config) -> str:
@@ -77,11 +80,15 @@ def worker_count(config: Config) -> int:
 
 def config_checksum(config: Config) -> str:
     """sha256 of the file's bytes (what an operator can compare with
-    `sha256sum`), or of the dataclasses without a file."""
+    `sha256sum`; with includes, of every file read, in the order read:
+    `cat FILE conf.d/*.toml | sha256sum`), or of the dataclasses without a file."""
     if config.source:
+        digest = hashlib.sha256()
         try:
-            with open(config.source, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
+            for path in config.files or (config.source,):
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            return digest.hexdigest()
         except OSError:
             pass
     return hashlib.sha256(repr(config).encode()).hexdigest()

@@ -33,6 +33,7 @@ log = logging.getLogger("edgeproxy.server")
 # long; one in use gets "Connection: close" on its next response instead, so
 # a request is never cut by the close racing it.
 DRAIN_IDLE_CLOSE = 1.0
+EXPIRY_CHECK_INTERVAL = 86400.0  # seconds between two certificate expiry checks (after the one at load)
 # The signals a worker handles.  Without a supervisor they are held (blocked)
 # from before the sockets listen until run() has its handlers: a SIGHUP sent
 # as soon as the port accepts would otherwise take its default action (exit).
@@ -95,7 +96,9 @@ class Worker:
         self.slot = slot
         self.ops = list(ops)
         self.tls = tls or {}
-        self._next_expiry_check = 0.0
+        # Loading the certificates checked them and logged any expiry (once,
+        # in the process that loaded them): the daily check starts a day later.
+        self._next_expiry_check = time.time() + EXPIRY_CHECK_INTERVAL
         self.board = board or HealthBoard(config, 1)
         self.board_row = board_row
         self.monitor = monitor
@@ -148,7 +151,7 @@ class Worker:
         second: list[tuple[str, Callable[[], object]]] = []
         if self.access_log is not None:
             second.append(("access log flush", self.access_log.flush))
-        if self.tls:
+        if self.tls and self.board_row == 0:    # one worker warns, not every one
             second.append(("certificate expiry check", self._check_expiry))
         second.append(("health board", self._write_board))
         second.append(("descriptor check", check_descriptors))
@@ -164,7 +167,7 @@ class Worker:
     def _check_expiry(self) -> None:
         wall = self._date_second
         if wall >= self._next_expiry_check:
-            self._next_expiry_check = wall + 86400
+            self._next_expiry_check = wall + EXPIRY_CHECK_INTERVAL
             for stls in self.tls.values():
                 for warning in stls.expiry_warnings():
                     log.warning("%s", warning)

@@ -18,6 +18,10 @@ from edgeproxy.config.model import CertConfig
 log = logging.getLogger("edgeproxy.tls")
 
 EXPIRY_WARNING_DAYS = 14
+# A certificate whose whole validity is short (ACME's six-day certificates, the
+# demo's own) is renewed early in its life, not 14 days before its end: it warns
+# only once this share of its lifetime is left.
+EXPIRY_WARNING_SHARE = 1 / 3
 MIN_RSA_BITS = 2048
 
 _PEM_BLOCK = re.compile(
@@ -51,6 +55,10 @@ class LoadedCert:
     @property
     def not_after(self) -> _dt.datetime:
         return self.leaf.not_valid_after_utc
+
+    @property
+    def lifetime(self) -> _dt.timedelta:
+        return self.leaf.not_valid_after_utc - self.leaf.not_valid_before_utc
 
     @property
     def dns_names(self) -> tuple[str, ...]:
@@ -191,14 +199,15 @@ def load_cert_pair(cfg: CertConfig, now: _dt.datetime | None = None) -> LoadedCe
 
 def expiry_warnings(certs: Iterable[LoadedCert], now: _dt.datetime | None = None,
                     days: int = EXPIRY_WARNING_DAYS) -> list[str]:
-    """A message for each certificate that expires within `days` (or has expired)."""
+    """A message for each certificate that expires within `days`, or within a
+    third of its lifetime when that is shorter (or has expired)."""
     now = _utc(now)
     out = []
     for c in certs:
         left = c.not_after - now
         if left <= _dt.timedelta(0):
             out.append(f"{c.config.cert}: the certificate expired on {fmt_time(c.not_after)}")
-        elif left <= _dt.timedelta(days=days):
+        elif left <= min(_dt.timedelta(days=days), c.lifetime * EXPIRY_WARNING_SHARE):
             out.append(f"{c.config.cert}: the certificate expires on {fmt_time(c.not_after)} "
                        f"(in {left.days} days)")
     return out
