@@ -69,6 +69,7 @@ cdef class TLSServerConn:
         bint fed              # OpenSSL has been given input before the current read
         bint resume_queued    # _resumed is scheduled
         bint closing
+        public object pp_addr # what a PROXY header said (ProxyHeaderConn), or None
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -180,6 +181,9 @@ cdef class TLSServerConn:
         _tls_handshaking.discard(self)
         self._flush()                  # the server's last flight and session tickets
         self.app = ClientConn(self.lst)
+        if self.pp_addr is not None:
+            _client_addr_given(self.app, self.pp_addr[0], self.pp_addr[1], self.pp_addr[2],
+                               self.pp_addr[3])
         self.app.connection_made(self)
         self._decrypt()                # a request sent along with the Finished
 
