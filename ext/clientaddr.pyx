@@ -238,7 +238,7 @@ cdef int _node(const unsigned char *p, size_t n, unsigned char *out) noexcept:
     """A node as these fields write it: "1.2.3.4", "1.2.3.4:80", "[v6]",
     "[v6]:80" or a bare IPv6 address.  4 or 6 (the family), 0 when it is
     not an address (unknown, an obfuscated name, garbage)."""
-    cdef size_t i, colons = 0, end
+    cdef size_t i, colons = 0, end = 0
     if n == 0:
         return 0
     if p[0] == b'[':
