@@ -83,7 +83,7 @@ class AcceptGuard:
         for srv in self.servers:
             srv.close()
         self.servers = []
-        _ext.resource_error("accept", f"fewer than {self.reserve} descriptors left: not "
+        _ext.resource_error("pause", f"fewer than {self.reserve} descriptors left: not "
                                       "accepting new connections until some close")
 
     async def _resume(self) -> None:
