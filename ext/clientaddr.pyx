@@ -139,13 +139,13 @@ cdef void _client_addr_given(ClientConn c, bytes tcp, bytes real, int port, obje
     c.pp_dst = dst
 
 
-cdef void _note_refused(ClientConn c, int reason):
+cdef void _note_refused(bytes addr, int reason):
     cdef double now = _mono()
     _m[M_CLIENT_REFUSED + reason] += 1
     if now - _refused_logged[reason] >= 1.0:
         # at most once a second per reason: a flood must not become a log flood
         _refused_logged[reason] = now
-        _log.warning("client %s: connection refused (%s)", c.hop.decode("latin-1"),
+        _log.warning("client %s: connection refused (%s)", addr.decode("latin-1"),
                      ("listener max_connections reached", "server.max_connections_per_ip reached",
                       "server.max_pending_heads_per_ip reached")[reason])
 
@@ -160,7 +160,7 @@ cdef int _conn_admit(ClientConn c) except -1:
         lst.nconns += 1
         c.lst_counted = 1
         if lst.nconns > lst.max_conns:
-            _note_refused(c, REFUSED_MAX_CONNS)
+            _note_refused(c.hop, REFUSED_MAX_CONNS)
             _refuse_503(c)
             return 1
     if a is None:
@@ -168,15 +168,11 @@ cdef int _conn_admit(ClientConn c) except -1:
     if a.trusted is not None:
         c.hop_trusted = a.trusted.has_text(c.hop)
     if a.max_per_ip or a.max_heads_per_ip:
-        e = _ip_table.get(c.hop)
-        if e is None:
-            e = IpCount()
-            e.key = c.hop
-            _ip_table[c.hop] = e
+        e = _ip_entry(c.hop)
         e.conns += 1
         c.ipc = e
         if a.max_per_ip and e.conns > a.max_per_ip:
-            _note_refused(c, REFUSED_PER_IP)
+            _note_refused(c.hop, REFUSED_PER_IP)
             _refuse_503(c)
             return 1
         if _head_begin(c):
@@ -200,7 +196,7 @@ cdef int _head_begin(ClientConn c) except -1:
     c.in_head = 1
     e.heads += 1
     if e.heads > cap:
-        _note_refused(c, REFUSED_PENDING_HEADS)
+        _note_refused(c.hop, REFUSED_PENDING_HEADS)
         c.close()
         return 1
     return 0
@@ -224,8 +220,40 @@ cdef void _conn_release(ClientConn c) noexcept:
             c.in_head = 0
             e.heads -= 1
         e.conns -= 1
-        if e.conns <= 0:
+        if e.conns <= 0 and e.heads <= 0:
             _ip_table.pop(e.key, None)
+
+
+cdef IpCount _ip_entry(bytes addr):
+    cdef IpCount e = _ip_table.get(addr)
+    if e is None:
+        e = IpCount()
+        e.key = addr
+        _ip_table[addr] = e
+    return e
+
+
+cdef bint _tls_head_begin(TLSServerConn t, bytes addr):
+    """A TLS handshake begins: it counts as an unfinished head of its
+    address (a slow handshake is a slowloris too).  1 when one too many
+    (the connection is aborted)."""
+    cdef IpCount e = _ip_entry(addr)
+    e.heads += 1
+    t.ipc = e
+    if e.heads > t.lst.cfg.addr.max_heads_per_ip:
+        _note_refused(addr, REFUSED_PENDING_HEADS)
+        t.abort()
+        return 1
+    return 0
+
+
+cdef void _tls_head_end(TLSServerConn t) noexcept:
+    """The handshake ended (done, failed, or the connection is gone)."""
+    cdef IpCount e = t.ipc
+    t.ipc = None
+    e.heads -= 1
+    if e.conns <= 0 and e.heads <= 0:
+        _ip_table.pop(e.key, None)
 
 
 # ---- the real client address from X-Forwarded-For / Forwarded -----------------

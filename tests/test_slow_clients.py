@@ -71,7 +71,10 @@ def test_the_header_timeout_is_a_deadline_for_the_whole_head(origin, proxy_facto
     # the same on a kept-alive connection's second request
     s = connect(p.port)
     s.sendall(b"GET /size/2 HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    first = b""
+    while not first.endswith(b"xx"):
+        first += s.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200 ")
     time.sleep(0.5)
     got, took = trickle_until_answered(s, b"GET /size/2 HTTP/1.1\r\nX-Slow: " + b"a" * 1000, 0.1, 6)
     # (a later request's head: closed at the deadline; main answers no 408 there either)
@@ -225,3 +228,33 @@ def test_a_thousand_slowloris_connections_beside_a_normal_client(origin, proxy_f
         for s in conns:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_slow_tls_handshakes_count_as_unfinished_heads(origin, proxy_factory, tmp_path):
+    import ssl
+
+    from tlsutil import CA
+    root = CA("slow clients root")
+    cert = root.issue("a.test", cn="a.test").write(tmp_path, "server")
+    p = proxy_factory(config(origin.url, "max_pending_heads_per_ip = 3"),
+                      listen_lines=[f'tls.certs = [{{ cert = "{cert.cert}", key = "{cert.key}" }}]'])
+    # three connections that never finish their handshake (nothing sent at all)
+    idle = [connect(p.port, "127.0.0.2") for _ in range(3)]
+    time.sleep(0.3)
+    assert closed_at_once(connect(p.port, "127.0.0.2"))
+    ctx = ssl.create_default_context(cafile=root.write(tmp_path, "root"))
+    with ctx.wrap_socket(connect(p.port, "127.0.0.1"), server_hostname="a.test") as s:
+        s.sendall(b"GET /size/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    # a handshake that ends frees its place for the next
+    idle.pop().close()
+    time.sleep(0.3)
+    with ctx.wrap_socket(connect(p.port, "127.0.0.2"), server_hostname="a.test") as s:
+        s.sendall(b"GET /size/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    # (s is idle between requests now: not counted) two idle handshakes + one more
+    extra = connect(p.port, "127.0.0.2")
+    assert not closed_at_once(extra, 0.5)
+    assert closed_at_once(connect(p.port, "127.0.0.2"))
+    for s in idle + [extra]:
+        s.close()

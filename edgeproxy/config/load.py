@@ -864,6 +864,7 @@ SERVER = Table(ServerConfig, (
     Key("real_ip_header", one_of("x-forwarded-for", "forwarded")),
     Key("max_connections_per_ip", integer, at_least(0)),
     Key("max_pending_heads_per_ip", integer, at_least(0)),
+    Key("fd_reserve", integer, at_least(0)),
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(

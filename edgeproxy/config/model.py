@@ -38,6 +38,7 @@ class ServerConfig:
     real_ip_header: str = "x-forwarded-for"  # x-forwarded-for | forwarded
     max_connections_per_ip: int = 0  # open connections per client address per worker; 0 = no limit
     max_pending_heads_per_ip: int = 0  # unfinished request heads per address per worker; 0 = no limit
+    fd_reserve: int = 16             # descriptors kept free: accepting stops below; 0 = off
 
     @property
     def hidden_headers(self) -> frozenset[str]:

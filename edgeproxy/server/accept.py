@@ -66,9 +66,14 @@ class AcceptGuard:
     async def _serve(self, sock, factory, backlog):
         return await self.loop.create_server(factory, sock=sock.dup(), backlog=backlog)
 
+    def out_of_descriptors(self) -> None:
+        """An accept met EMFILE (the standard loop says so): stop now."""
+        if not self.paused and not self.closed and self._resuming is None and self.reserve:
+            self._pause()
+
     def tick(self) -> None:
         """Called by the worker's ticker."""
-        if self.closed or self._resuming is not None:
+        if self.closed or self._resuming is not None or not self.reserve:
             return
         room = descriptors_left(self.reserve)
         if not self.paused and not room:

@@ -25,7 +25,7 @@ from edgeproxy.proxy import build_listener_factory, build_pools, build_router, b
 from edgeproxy.proxy.build import Hooks
 from edgeproxy.server.accept import AcceptGuard
 from edgeproxy.server.accesslog import AccessLog
-from edgeproxy.server.loop import check_descriptors, new_event_loop
+from edgeproxy.server.loop import check_descriptors, new_event_loop, on_accept_exhausted
 from edgeproxy.server.memory import HeapTrimmer
 
 log = logging.getLogger("edgeproxy.server")
@@ -106,7 +106,9 @@ class Worker:
         self.checker: HealthChecker | None = None
         self.state_writer: StateWriter | None = None
         self.loop = new_event_loop()
-        self.accept = AcceptGuard(self.loop)   # the listeners' servers, paused when out of fds
+        # the listeners' servers, paused when nearly out of descriptors
+        self.accept = AcceptGuard(self.loop, config.server.fd_reserve)
+        on_accept_exhausted[:] = [self.accept.out_of_descriptors]
         self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
                            if config.log.access_log else None)
         self.pools: dict = {}
