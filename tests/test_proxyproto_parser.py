@@ -135,7 +135,7 @@ prefixes = st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", b"PR
 
 
 @pytest.mark.skipif(_ext is None, reason="compiled core not built")
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefixes, st.binary(max_size=80))
 def test_twins_agree_on_any_bytes(prefix, tail):
     data = prefix + tail
@@ -148,7 +148,7 @@ text_fields = st.lists(st.sampled_from(["192.0.2.1", "::1", "2001:db8::5", "0", 
 
 
 @pytest.mark.skipif(_ext is None, reason="compiled core not built")
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.sampled_from(["TCP4", "TCP6", "UNKNOWN", "TCP5"]), text_fields,
        st.sampled_from(["\r\n", "\n", "\r", ""]))
 def test_twins_agree_on_v1_lines(proto, parts, end):
@@ -161,7 +161,7 @@ addresses = st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(st
 
 
 @pytest.mark.skipif(_ext is None, reason="compiled core not built")
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.sampled_from([1, 2]), addresses, st.integers(0, 65535), addresses,
        st.integers(0, 65535))
 def test_writers_agree_and_what_they_write_parses_back(version, src, sport, dst, dport):

@@ -207,6 +207,8 @@ def test_a_thousand_slowloris_connections_beside_a_normal_client(origin, proxy_f
         after = latencies(p.port, 40)
         base = statistics.median(before + after)
         loaded = statistics.median(during)
+        print(f"slowloris: median {base * 1e3:.2f} ms without, {loaded * 1e3:.2f} ms with "
+              f"{opened} connections; worker CPU {cpu:.2f}s in {wall:.1f}s")
         # within 2x of the unloaded median (plus 2 ms for timer noise on a busy machine)
         assert loaded <= 2 * base + 0.002, (loaded, base)
         # the worker's CPU stays low: the normal client's requests plus a byte per
