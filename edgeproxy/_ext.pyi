@@ -63,6 +63,34 @@ class ProxySettings:
                  server_header: str = ...,
                  hide: Iterable[str] = ..., access_log: Any = ...,
                  normalize_target: bool = ...) -> None: ...
+    addr: ClientAddr | None   # trusted proxies and per-address limits (clientaddr.pyx)
+
+class AddrSet:
+    """CIDR blocks (IPv4, IPv6) to test client addresses against."""
+    blocks: tuple[str, ...]
+    def __init__(self, blocks: Iterable[str] = ...) -> None: ...
+    def __contains__(self, ip: str | bytes) -> bool: ...
+
+class ClientAddr:
+    trusted: AddrSet | None
+    forwarded: bool
+    max_per_ip: int
+    max_heads_per_ip: int
+    def __init__(self, trusted: Iterable[str] = ..., real_ip_header: str = ...,
+                 max_connections_per_ip: int = ..., max_pending_heads_per_ip: int = ...) -> None: ...
+
+def client_addr_stats() -> dict[str, tuple[int, int]]: ...
+
+class ProxyProtocolError(ValueError): ...
+
+def parse_proxy_header(data: bytes | bytearray | memoryview) -> tuple[
+    int, int, str, str, str | None, int, str | None, int] | None: ...
+def proxy_header(version: int, src: str | None, sport: int, dst: str | None,
+                 dport: int) -> bytes: ...
+
+class ProxyHeaderConn:
+    """A listener with proxy_protocol: reads the PROXY header, then hands over."""
+    def __init__(self, lst: Listener) -> None: ...
 
 class SharedMemory:
     def __init__(self, buffer: Any) -> None: ...
@@ -76,6 +104,7 @@ class Backend:
     up: bool
     requests: int
     active: int
+    proxy_protocol: int          # 1, 2: a PROXY header of that version on each connection
     def __init__(self, host: str, port: int, *, scheme: str = ..., weight: int = ...,
                  idle_max: int = ..., idle_timeout: float = ..., t_connect: float = ...,
                  ssl: Any = ..., server_hostname: str | None = ..., backup: bool = ...) -> None: ...
@@ -207,7 +236,11 @@ class Listener:
                  tls_context: Any = ...) -> None: ...
     tls_context: Any        # https: the ssl.SSLContext its TLSServerConn run
     phases: PhaseChain | None   # global hooks with a connect phase
-    def __call__(self) -> ClientConn | TLSServerConn: ...
+    max_conns: int               # open connections at most (this worker); 0 = no limit
+    nconns: int
+    proxy_protocol: bool
+    pp_from: AddrSet | None
+    def __call__(self) -> ClientConn | TLSServerConn | ProxyHeaderConn: ...
 
 class ClientConn:
     state: int

@@ -17,6 +17,7 @@ cdef class Backend:
     cdef public int idle_max
     cdef public double idle_timeout
     cdef public double t_connect
+    cdef public int proxy_protocol   # 1, 2: send a PROXY header of that version on each connection
     cdef public long long requests
     cdef public int active           # outstanding requests (this worker)
     cdef public int connects
@@ -97,7 +98,8 @@ cdef class Backend:
         return None
 
     cdef void put_idle(self, UpstreamConn u):
-        if len(self.idle) >= self.idle_max or _draining:
+        # a PROXY header named one client: its connection serves no other
+        if len(self.idle) >= self.idle_max or _draining or self.proxy_protocol:
             u.close()
             return
         # a response can end while its client's backpressure has reading from
@@ -151,14 +153,19 @@ def resource_error(str kind, str what):
 
 
 async def _connect(Backend b, ClientConn c):
+    cdef bytes pp = _proxy_header_for(b, c) if b.proxy_protocol else None
     loop = asyncio.get_running_loop()
     try:
-        if b.ssl is not None:
+        if pp is not None and b.ssl is not None:
+            coro = _connect_after_proxy_header(loop, b, pp)
+        elif b.ssl is not None:
             coro = loop.create_connection(b._new_conn, b.host, b.port, ssl=b.ssl,
                                           server_hostname=b.server_hostname or b.host)
         else:
             coro = loop.create_connection(b._new_conn, b.host, b.port)
         _, up = await asyncio.wait_for(coro, b.t_connect)
+        if pp is not None and b.ssl is None and (<UpstreamConn>up).transport is not None:
+            (<UpstreamConn>up).transport.write(pp)     # before the request: _upstream_ready
     except asyncio.TimeoutError:
         _log.warning("backend %s: connect timed out after %.1fs", b.name, b.t_connect)
         _note_failure(b, "connect timeout")

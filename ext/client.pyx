@@ -99,9 +99,18 @@ cdef class ClientConn(Stream):
         public double deadline
         int nreq
         double t_idle             # _mono() when it last had no request (accepted, or one ended)
-        bytes peer
+        bytes peer                # the client's address (this request's: see clientaddr.pyx)
         str peer_str              # peer as str, made for the first hook that asks
-        bytes fwd_for
+        bytes fwd_for             # the Forwarded element for hop
+        # the client's address (ext/clientaddr.pyx, ext/proxyproto.pyx)
+        bytes tcp_peer            # the TCP peer
+        bytes hop                 # the connection's client: the PROXY header's, else tcp_peer
+        int src_port              # hop's port
+        object pp_dst             # (address, port) the PROXY header says the client reached, or None
+        IpCount ipc               # this address's counts, when a per-address limit is on
+        bint hop_trusted          # hop is a trusted proxy: requests may name the client
+        bint in_head              # counted in ipc.heads
+        bint lst_counted          # counted in lst.nconns
         bytes subject             # verified client certificate subject (mTLS), or None
         # access log, filled only when it is on
         # the request in progress, for metrics and the access log
@@ -141,11 +150,17 @@ cdef class ClientConn(Stream):
     def connection_made(self, transport):
         self.transport = transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            ip = peer[0]
-            self.peer = ip.encode("latin-1")
-            self.fwd_for = (b'for="[%s]"' % self.peer) if ":" in ip else (b"for=" + self.peer)
+        if self.hop is None:         # else a PROXY header named the client
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.tcp_peer = peer[0].encode("latin-1")
+                self.src_port = peer[1]
+            else:
+                self.tcp_peer = b"-"
+            self.hop = self.tcp_peer
+        self.peer = self.hop
+        if self.hop != b"-":
+            self.fwd_for = (b'for="[%s]"' % self.hop) if b":" in self.hop else (b"for=" + self.hop)
         if self.lst.subject_of is not None:
             subj = self.lst.subject_of(transport)
             if subj:
@@ -154,6 +169,8 @@ cdef class ClientConn(Stream):
         self.t_idle = _mono()
         _conns.add(self)
         _m[M_CONNECTIONS] += 1
+        if (self.cfg.addr is not None or self.lst.max_conns) and _conn_admit(self):
+            return
         if self.lst.phases is not None and self.lst.phases.wants & (1 << PHASE_CONNECT):
             _connect_phase(self)
 
@@ -235,10 +252,14 @@ cdef class ClientConn(Stream):
                                           self.cfg.max_line, self.cfg.max_head,
                                           self.cfg.max_fields)
                 if r == 0:
+                    if self.ipc is not None and not self.in_head and _head_begin(self):
+                        return
                     self.pending_seen = n - off
                     self._stash(owner, base, off, n)
                     return
                 self.pending_seen = 0
+                if self.in_head:
+                    _head_end(self)
                 if r < 0:
                     self._reply_error(_parser.err_status, 0)
                     return
@@ -338,6 +359,8 @@ cdef class ClientConn(Stream):
         cdef Route route
         cdef int r
         _total_requests += 1
+        if self.hop_trusted:
+            _real_ip(self, hp)
         if self.stage is not None:      # (never expected: each request's stage ends with it)
             self._stage_end(0)
         self.nreq += 1
@@ -956,6 +979,7 @@ cdef class ClientConn(Stream):
             self.close()
         elif self.state == C_HEAD:
             if self.pending is not None or self.nreq == 0:
+                _m[M_CLIENT_SLOW] += 1
                 self._reply_error(408, 0)
             else:
                 self.close()       # idle keep-alive connection
@@ -967,6 +991,7 @@ cdef class ClientConn(Stream):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 self.deadline = _now + self.cfg.t_body
                 return
+            _m[M_CLIENT_SLOW + 1] += 1
             _log.info("client %s: no request body for %.1fs", self.peer.decode("latin-1"),
                       self.cfg.t_body)
             self._reply_error(408, 0)
@@ -989,6 +1014,8 @@ cdef class ClientConn(Stream):
         self.state = C_CLOSED
         self.deadline = 0
         _conns.discard(self)
+        if self.ipc is not None or self.lst_counted:
+            _conn_release(self)
         if self.ctx is not None:
             _drop_ctx(self)
         if self.conn_ctx is not None:

@@ -129,7 +129,7 @@ cdef bytes _request_head(ClientConn c, HeadParser hp, Backend b):
         if hp.hid[i] == H_X_FORWARDED_FOR and hp.fields[i].value_len:
             o.add(hp.fields[i].value, hp.fields[i].value_len)
             o.add(b", ", 2)
-    o.addb(c.peer)
+    o.addb(c.hop)       # (c.peer when the request names no other client)
     o.add(b"\r\nX-Forwarded-Proto: ", 21)
     o.addb(c.lst.proto)
     o.add(b"\r\n", 2)

@@ -12,6 +12,7 @@ cdef class ProxySettings:
     cdef public tuple hide                 # extra lower-case field names to drop
     cdef public object access_log          # object with .log(...) or None
     cdef public bint normalize_target      # forward the routing path, not the path as received
+    cdef public ClientAddr addr            # trusted proxies, per-address limits (clientaddr.pyx), or None
 
     def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
                  max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,
@@ -225,6 +226,10 @@ cdef class Listener:
     cdef public object subject_of    # transport -> verified client subject (str) or None
     cdef public object tls_context   # https: the ssl.SSLContext TLSServerConn runs
     cdef public PhaseChain phases    # hooks with a connect phase, or None
+    cdef public int max_conns        # open connections at most (this worker); 0 = no limit
+    cdef public int nconns           # open connections, counted when max_conns is set
+    cdef public bint proxy_protocol  # each connection starts with a PROXY header (proxyproto.pyx)
+    cdef public AddrSet pp_from      # the sources that may send it; None = any
 
     def __init__(self, cfg, router, proto="http", resp_extra=b"", redirect_port=0,
                  subject_header=None, subject_of=None, tls_context=None):
@@ -240,6 +245,8 @@ cdef class Listener:
         self.subject_of = subject_of
 
     def __call__(self):
+        if self.proxy_protocol:
+            return ProxyHeaderConn(self)
         if self.proto == b"https":
             return TLSServerConn(self)
         return ClientConn(self)

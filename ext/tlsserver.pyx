@@ -69,6 +69,8 @@ cdef class TLSServerConn:
         bint fed              # OpenSSL has been given input before the current read
         bint resume_queued    # _resumed is scheduled
         bint closing
+        public object pp_addr # what a PROXY header said (ProxyHeaderConn), or None
+        IpCount ipc           # its address's counts while the handshake runs (clientaddr.pyx)
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -103,6 +105,12 @@ cdef class TLSServerConn:
             return
         self.deadline = _now + self.lst.cfg.t_header
         _tls_handshaking.add(self)
+        if self.lst.cfg.addr is not None and self.lst.cfg.addr.max_heads_per_ip:
+            if self.pp_addr is not None:
+                _tls_head_begin(self, self.pp_addr[1])
+            else:
+                peer = transport.get_extra_info("peername")
+                _tls_head_begin(self, peer[0].encode("latin-1") if peer else b"-")
 
     def get_buffer(self, Py_ssize_t hint):
         return _tls_rbuf
@@ -131,6 +139,8 @@ cdef class TLSServerConn:
     def connection_lost(self, exc):
         self.closing = 1
         _tls_handshaking.discard(self)
+        if self.ipc is not None:
+            _tls_head_end(self)
         app = self.app
         # break the ClientConn <-> TLSServerConn cycle (neither class clears
         # itself in the cycle collector) and free the SSL object now
@@ -178,8 +188,13 @@ cdef class TLSServerConn:
             self.raw.close()
             return
         _tls_handshaking.discard(self)
+        if self.ipc is not None:
+            _tls_head_end(self)
         self._flush()                  # the server's last flight and session tickets
         self.app = ClientConn(self.lst)
+        if self.pp_addr is not None:
+            _client_addr_given(self.app, self.pp_addr[0], self.pp_addr[1], self.pp_addr[2],
+                               self.pp_addr[3])
         self.app.connection_made(self)
         self._decrypt()                # a request sent along with the Finished
 

@@ -137,7 +137,8 @@ def metrics_layout():
             "gauges": M_GAUGES, "duration_buckets": M_DURATION_BUCKETS,
             "duration_bounds_us": [_dur_bounds_us[i] for i in range(DUR_NBUCKETS - 1)],
             "routes": M_ROUTES, "route_max": M_ROUTE_MAX, "backends": M_BACKENDS,
-            "backend_max": M_BACKEND_MAX}
+            "backend_max": M_BACKEND_MAX, "client_refused": M_CLIENT_REFUSED,
+            "client_slow": M_CLIENT_SLOW}
 
 
 def attach_metrics(object region, Py_ssize_t offset):
@@ -324,6 +325,8 @@ def expire_timeouts():
             u._on_timeout()
     if _tls_handshaking:
         _tls_expire()
+    if _pp_waiting:
+        _pp_expire()
 
 
 def close_idle_clients(double min_idle=0.0):

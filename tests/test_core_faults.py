@@ -375,8 +375,10 @@ def test_running_out_of_descriptors_never_counts_against_a_backend(proxy_factory
     a, b = Origin().start(), Origin().start()
     conns: list[socket.socket] = []
     try:
-        # one failure would eject a backend, if this host's errors counted
-        p = proxy_factory(pool_config([a.url, b.url], "passive.failures = 1"),
+        # one failure would eject a backend, if this host's errors counted (and the
+        # worker would stop accepting before it runs out, without fd_reserve = 0)
+        p = proxy_factory("[server]\nfd_reserve = 0\n"
+                          + pool_config([a.url, b.url], "passive.failures = 1"),
                           args=("--no-supervisor",), env={"EDGEPROXY_LOOP": loop})
         pid = p.proc.pid
         time.sleep(0.3)                  # the start-up probe connection is gone

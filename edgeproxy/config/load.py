@@ -339,6 +339,24 @@ def one_of(*choices: str) -> Callable:
 TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+def cidr(value: Any, path: str, reader: Reader) -> str:
+    """An IPv4 or IPv6 block ("10.0.0.0/8", "::1/128"; an address alone is
+    one host), without host bits set."""
+    value = string(value, path, reader)
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise Invalid(f"{show(value)} is not a CIDR block ({exc})") from None
+
+
+def proxy_protocol_version(value: Any, path: str, reader: Reader) -> str:
+    if value is False:
+        return ""
+    if value not in ("v1", "v2"):
+        raise Invalid(f"expected \"v1\", \"v2\" or false, got {show(value)}")
+    return value
+
+
 def header_name(value: Any, path: str, reader: Reader) -> str:
     value = string(value, path, reader)
     if not TOKEN.fullmatch(value):
@@ -707,6 +725,13 @@ def config_finish(values: dict, path: str, reader: Reader) -> None:
                                  "true but no listener has tls to redirect to")
 
     server = values.get("server")
+    if isinstance(listen, tuple):
+        trusted = server.trusted_proxies if isinstance(server, ServerConfig) else ()
+        for i, item in enumerate(listen):
+            if item.proxy_protocol is True and not item.proxy_protocol_from and not trusted:
+                reader.error(f"listen[{i}].proxy_protocol",
+                             "true but no source may send the header: set proxy_protocol_from "
+                             "(or server.trusted_proxies) to the load balancers' addresses")
     if isinstance(listen, tuple) and isinstance(server, ServerConfig) and server.admin:
         admin_host = "127.0.0.1" if server.admin_host == "localhost" else normal_host(server.admin_host)
         for i, item in enumerate(listen):
@@ -768,6 +793,9 @@ LISTEN = Table(ListenConfig, (
     Key("backlog", integer, at_least(1)),
     Key("redirect_http", boolean),
     Key("tls", LISTEN_TLS),
+    Key("max_connections", integer, at_least(0)),
+    Key("proxy_protocol", boolean),
+    Key("proxy_protocol_from", list_of(cidr, what="CIDR blocks")),
 ), finish=listen_finish)
 
 ROUTE = Table(RouteConfig, (
@@ -815,6 +843,7 @@ POOL = Table(PoolConfig, (
     Key("max_conns", integer, at_least(0)),
     Key("queue_timeout", number, above(0)),
     Key("slow_start", number, at_least(0)),
+    Key("proxy_protocol", proxy_protocol_version),
 ), finish=lambda values, path, reader: (pool_finish(values, path, reader),
                                         pool_balance_finish(values, path, reader)))
 
@@ -831,6 +860,11 @@ SERVER = Table(ServerConfig, (
     Key("hooks_timeout", number, above(0)),
     Key("hooks_body_limit", size, above(0)),
     Key("normalize_target", boolean),
+    Key("trusted_proxies", list_of(cidr, what="CIDR blocks")),
+    Key("real_ip_header", one_of("x-forwarded-for", "forwarded")),
+    Key("max_connections_per_ip", integer, at_least(0)),
+    Key("max_pending_heads_per_ip", integer, at_least(0)),
+    Key("fd_reserve", integer, at_least(0)),
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(

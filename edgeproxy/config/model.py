@@ -33,6 +33,12 @@ class ServerConfig:
     hooks_timeout: float = 1.0       # seconds one hook call may take; then 503
     hooks_body_limit: int = 1 * MiB  # request bodies buffered for request_body hooks; 413 beyond
     normalize_target: bool = False   # forward the normalised path instead of the path as received
+    # the client's address (docs/configuration.md, "The client's address")
+    trusted_proxies: tuple[str, ...] = ()   # CIDR blocks whose requests may name the client
+    real_ip_header: str = "x-forwarded-for"  # x-forwarded-for | forwarded
+    max_connections_per_ip: int = 0  # open connections per client address per worker; 0 = no limit
+    max_pending_heads_per_ip: int = 0  # unfinished request heads per address per worker; 0 = no limit
+    fd_reserve: int = 16             # descriptors kept free: accepting stops below; 0 = off
 
     @property
     def hidden_headers(self) -> frozenset[str]:
@@ -64,6 +70,9 @@ class ListenConfig:
     backlog: int = 2048
     tls: ListenTLSConfig | None = None  # HTTPS when set
     redirect_http: bool = False      # plain listener: answer 308 to the https:// URL
+    max_connections: int = 0         # open connections per worker; beyond: 503 and close; 0 = no limit
+    proxy_protocol: bool = False     # each connection starts with a PROXY header (v1 or v2)
+    proxy_protocol_from: tuple[str, ...] | None = None  # who may send it; None = server.trusted_proxies
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class PoolConfig:
     max_conns: int = 0               # outstanding requests per backend per worker; 0 = unlimited
     queue_timeout: float = 5.0       # a request queued for max_conns gets 503 after this
     slow_start: float = 0.0          # seconds over which a recovered backend's weight ramps up
+    proxy_protocol: str = ""         # "v1" | "v2": a PROXY header on each backend connection; "" = off
 
 
 @dataclass(frozen=True)

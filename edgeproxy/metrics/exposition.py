@@ -28,6 +28,11 @@ class SlotLabels:
     removed: set[int] = field(default_factory=set)  # backends removed at run time
 
 
+# the reasons of edgeproxy_client_connections_refused_total, in slot order
+REFUSED_REASONS = ("max_connections", "max_connections_per_ip", "max_pending_heads_per_ip",
+                   "proxy_protocol")
+
+
 @dataclass
 class Counts:
     """Monotonic counters, by label."""
@@ -41,6 +46,8 @@ class Counts:
     tls_handshake_failures: int = 0
     hook_errors: int = 0
     hook_timeouts: int = 0
+    refused: Counter = field(default_factory=Counter)   # client connections refused, by reason
+    slow: Counter = field(default_factory=Counter)      # slow clients answered 408, by part
 
     def add_slot(self, v: memoryview, labels: SlotLabels) -> None:
         base = LAYOUT["routes"]
@@ -60,6 +67,10 @@ class Counts:
         self.tls_handshake_failures += v[LAYOUT["tls_handshake_failures"]]
         self.hook_errors += v[LAYOUT["hook_errors"]]
         self.hook_timeouts += v[LAYOUT["hook_timeouts"]]
+        for i, reason in enumerate(REFUSED_REASONS):
+            self.refused[reason] += v[LAYOUT["client_refused"] + i]
+        for i, part in enumerate(("header", "body")):
+            self.slow[part] += v[LAYOUT["client_slow"] + i]
         base = LAYOUT["backends"]
         for j, key in enumerate(labels.backends):
             n = v[base + j * BACKEND_WIDTH]
@@ -75,7 +86,8 @@ class Counts:
                      self.connections + other.connections,
                      self.tls_handshake_failures + other.tls_handshake_failures,
                      self.hook_errors + other.hook_errors,
-                     self.hook_timeouts + other.hook_timeouts)
+                     self.hook_timeouts + other.hook_timeouts,
+                     self.refused + other.refused, self.slow + other.slow)
         return out
 
 
@@ -179,6 +191,15 @@ def render_prometheus(snap: Snapshot, info: dict) -> str:
     metric("edgeproxy_hook_timeouts_total", "counter",
            "Async phase hook calls that did not end within server.hooks_timeout (answered 503).",
            [("", c.hook_timeouts)])
+    metric("edgeproxy_client_connections_refused_total", "counter",
+           "Client connections refused: over a listener's max_connections or "
+           "server.max_connections_per_ip (answered 503), over server.max_pending_heads_per_ip "
+           "(closed), or without a valid PROXY header from an allowed source (closed).",
+           [(_labels(reason=r), c.refused[r]) for r in REFUSED_REASONS])
+    metric("edgeproxy_client_slow_total", "counter",
+           "Requests answered 408: a head not whole within timeout.header, or a body that "
+           "stalled for timeout.body.",
+           [(_labels(part=p), c.slow[p]) for p in ("header", "body")])
     metric("edgeproxy_client_connections", "gauge", "Open client connections.",
            [("", snap.gauges["client_connections"])])
     metric("edgeproxy_upstream_connections", "gauge", "Open backend connections.",

@@ -7,13 +7,23 @@ import os
 import ssl
 import sys
 
-from edgeproxy._ext import Backend, Listener, PhaseChain, Pool, ProxySettings, Route, Router
+from edgeproxy._ext import (
+    AddrSet,
+    Backend,
+    ClientAddr,
+    Listener,
+    PhaseChain,
+    Pool,
+    ProxySettings,
+    Route,
+    Router,
+)
 from edgeproxy.config.model import Config, ListenConfig
 
 
 def build_settings(config: Config, access_log=None) -> ProxySettings:
     lim, t = config.limits, config.timeout
-    return ProxySettings(
+    settings = ProxySettings(
         max_line=lim.request_line,
         max_head=lim.header_size,
         max_fields=lim.header_count,
@@ -30,6 +40,18 @@ def build_settings(config: Config, access_log=None) -> ProxySettings:
         access_log=access_log,
         normalize_target=config.server.normalize_target,
     )
+    settings.addr = _client_addr(config)
+    return settings
+
+
+def _client_addr(config: Config) -> ClientAddr | None:
+    """The core's client-address settings; None when nothing uses them (so
+    a connection pays one pointer test)."""
+    s = config.server
+    if not (s.trusted_proxies or s.max_connections_per_ip or s.max_pending_heads_per_ip):
+        return None
+    return ClientAddr(s.trusted_proxies, s.real_ip_header, s.max_connections_per_ip,
+                      s.max_pending_heads_per_ip)
 
 
 def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
@@ -50,6 +72,7 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
                                     idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
                                     t_connect=config.timeout.connect, ssl=ctx,
                                     server_hostname=sni, backup=bc.backup))
+            backends[-1].proxy_protocol = {"": 0, "v1": 1, "v2": 2}[pc.proxy_protocol]
         pools[name] = Pool(name, backends, balance=pc.balance, hash_key=pc.hash_key,
                            retries=pc.retries, max_conns=pc.max_conns,
                            queue_timeout=pc.queue_timeout, slow_start=pc.slow_start,
@@ -122,6 +145,10 @@ def build_listener_factory(settings: ProxySettings, router: Router, listen: List
     """See _listener; with `hooks`, global hooks with a connect phase run
     on each new connection."""
     lst = _listener(settings, router, listen, config, tls_context)
+    lst.max_conns = listen.max_connections
+    if listen.proxy_protocol:
+        lst.proxy_protocol = True
+        lst.pp_from = AddrSet(listen.proxy_protocol_from or config.server.trusted_proxies)
     if hooks is not None:
         chain = hooks.chain(())
         if chain is not None and chain.wants_phase("connect"):

@@ -11,7 +11,11 @@ from types import ModuleType
 
 from edgeproxy import _ext
 
-__all__ = ["new_event_loop", "uvloop_module", "check_descriptors"]
+__all__ = ["new_event_loop", "uvloop_module", "check_descriptors", "on_accept_exhausted"]
+
+# called when an accept found no descriptor (the standard loop reports it;
+# libuv does not): the worker's AcceptGuard stops accepting at once
+on_accept_exhausted: list = []
 
 
 def uvloop_module() -> ModuleType:
@@ -51,6 +55,15 @@ def _on_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     if isinstance(exc, OSError) and exc.errno in _ext.RESOURCE_ERRNOS \
             and "accept" in context.get("message", ""):
         _ext.resource_error("accept", f"accept failed: {exc.strerror}")
+        for stop_accepting in on_accept_exhausted:
+            stop_accepting()
+        return
+    if isinstance(exc, ValueError) and str(exc) == "Invalid file descriptor: -1" \
+            and on_accept_exhausted:
+        # the standard loop, out of descriptors, goes on accepting up to the
+        # backlog and queues a retry of accept for each try (CPython 3.11);
+        # once the AcceptGuard has closed the server, they meet its closed
+        # socket, which ends them
         return
     loop.default_exception_handler(context)
 

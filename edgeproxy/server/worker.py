@@ -23,8 +23,9 @@ from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.proxy.build import Hooks
+from edgeproxy.server.accept import AcceptGuard
 from edgeproxy.server.accesslog import AccessLog
-from edgeproxy.server.loop import check_descriptors, new_event_loop
+from edgeproxy.server.loop import check_descriptors, new_event_loop, on_accept_exhausted
 from edgeproxy.server.memory import HeapTrimmer
 
 log = logging.getLogger("edgeproxy.server")
@@ -105,7 +106,9 @@ class Worker:
         self.checker: HealthChecker | None = None
         self.state_writer: StateWriter | None = None
         self.loop = new_event_loop()
-        self.servers: list[asyncio.AbstractServer] = []
+        # the listeners' servers, paused when nearly out of descriptors
+        self.accept = AcceptGuard(self.loop, config.server.fd_reserve)
+        on_accept_exhausted[:] = [self.accept.out_of_descriptors]
         self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
                            if config.log.access_log else None)
         self.pools: dict = {}
@@ -157,7 +160,8 @@ class Worker:
         second.append(("descriptor check", check_descriptors))
         second.append(("heap trim", self.heap.tick))
         tick: list[tuple[str, Callable[[], object]]] = [
-            ("timeouts", _ext.expire_timeouts), ("pools", _ext.pools_tick)]
+            ("timeouts", _ext.expire_timeouts), ("pools", _ext.pools_tick),
+            ("accept guard", self.accept.tick)]
         if self.cache is not None:
             tick.append(("cache sync", self.cache.sync_hot))
         if self.slot is not None:
@@ -214,8 +218,7 @@ class Worker:
             # TLS is run by the listener's own protocol (_ext.TLSServerConn) on a plain
             # TCP server; the handshake deadline is timeout.header
             factory = build_listener_factory(settings, router, lc, self.config, ssl_ctx, hooks)
-            srv = await self.loop.create_server(factory, sock=sock, backlog=lc.backlog)
-            self.servers.append(srv)
+            await self.accept.add(sock, factory, lc.backlog)
             log.info("listening on %s://%s (pid %d)", "https" if ssl_ctx else "http", lc.bind,
                      os.getpid())
         self._tick_steps()
@@ -229,8 +232,7 @@ class Worker:
             self._drain_deadline = min(self._drain_deadline, deadline)
             return
         self._drain_deadline = deadline
-        for srv in self.servers:
-            srv.close()
+        self.accept.close()
         _ext.set_draining(True)
         self.loop.create_task(self._drain()).add_done_callback(lambda _: self.loop.stop())
 
@@ -300,6 +302,7 @@ class Worker:
             b = _ext.Backend(op["host"], op["port"], weight=op.get("weight", 1),
                              idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
                              t_connect=self.config.timeout.connect)
+            b.proxy_protocol = {"": 0, "v1": 1, "v2": 2}[pc.proxy_protocol]
             # its health slot: the supervisor gave it one on the shared board
             self.board.place(op["pool"], name, op["slot"])
             self.board.attach_backend(op["pool"], b)
