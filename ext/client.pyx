@@ -136,6 +136,8 @@ cdef class ClientConn(Stream):
         RequestCtx conn_ctx # the connect phase's
         Route route
         bytearray body_buf  # the request body, kept for request_body hooks
+        # a static file's body still to go (ext/static.pyx FileSender), or None
+        object sender
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -206,6 +208,8 @@ cdef class ClientConn(Stream):
             self.deadline = 0
         if self.up is not None:
             self.up._resume()
+        elif self.sender is not None:     # a static file goes on (ext/static.pyx)
+            self.sender.resume()
 
     # -- reading --
 
@@ -1023,6 +1027,10 @@ cdef class ClientConn(Stream):
             self.conn_ctx = None
         if self.stage is not None:
             self._stage_end(0)
+        if self.sender is not None:       # a static file's body was cut off
+            s = self.sender
+            self.sender = None
+            s.abort()
         u = self.up
         self.up = None
         self.upq = None

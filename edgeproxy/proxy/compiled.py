@@ -28,8 +28,14 @@ class BuildEnv:
     shared: dict = field(default_factory=dict)
 
 
+from edgeproxy.static import make_static_phase  # noqa: E402
+
 # (name, maker): run in this order; add a feature's maker at its place
-MAKERS: list = []
+MAKERS: list = [
+    # static files answer every request of their route, so they come last,
+    # just before the cache's place (a static route has no cache)
+    ("static", make_static_phase),
+]
 
 
 def route_phase(env: BuildEnv, route_config, index: int, cache_phase):
