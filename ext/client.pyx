@@ -138,6 +138,9 @@ cdef class ClientConn(Stream):
         bytearray body_buf  # the request body, kept for request_body hooks
         # a static file's body still to go (ext/static.pyx FileSender), or None
         object sender
+        # the response's body filter (compression, ext/compress.pyx), or None
+        BodyFilter xform
+        bytes added_fields  # field lines the request's stages added to the client's head
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -367,6 +370,8 @@ cdef class ClientConn(Stream):
             _real_ip(self, hp)
         if self.stage is not None:      # (never expected: each request's stage ends with it)
             self._stage_end(0)
+        self.xform = None
+        self.added_fields = None
         self.nreq += 1
         self.deadline = 0
         self.in_req = 1

@@ -70,6 +70,7 @@ cdef enum:
     STATIC_CHUNK = 64 * 1024      # bytes one sendfile or pread moves at most
     STATIC_HOOKED_MAX = 16 << 20  # a route with response hooks reads the file into memory
     STATIC_PATH_MAX = 4096
+    STATIC_COMPRESS_MAX = 256 * 1024   # larger files are compressed only as precompressed siblings
 
 # what a request asked for beyond a plain GET (bits of _scan)
 cdef enum:
@@ -83,6 +84,7 @@ cdef Scratch _st_path = Scratch()     # the file's path beneath the root, NUL-en
 cdef object _st_log = logging.getLogger("edgeproxy.static")
 cdef object _st_evaluate = None       # edgeproxy.static.conditional.evaluate (on first use)
 cdef object _st_ranked = None         # edgeproxy.static.negotiate.ranked_encodings
+cdef object _st_compress_whole = None # edgeproxy.compress.encoders.compress_whole
 cdef bytes _st_boundary = os.urandom(10).hex().encode("ascii")
 cdef tuple _ENC_ALL = ("zstd", "br", "gzip")
 cdef dict _ENC_SUFFIX = {"zstd": b".zst\x00", "br": b".br\x00", "gzip": b".gz\x00"}  # NUL-ended
@@ -482,6 +484,13 @@ cdef class StaticPhase(Phase):
                         break
                     _c_close(sfd)
         self.served += 1
+        if enc is None and self.compress and ae is not None and size <= STATIC_COMPRESS_MAX \
+                and size >= max(self.compress_min, 1) and not (flags & SF_COND and b"range" in _st_cond) \
+                and ctype.partition(b";")[0].decode("latin-1") in self.compress_types:
+            ranked = _ranked(ae, self.compress)
+            if ranked:
+                self._serve_compressed(c, fd, ranked[0], ctype, mtime, size, flags, is_head)
+                return 0
         o.n = 0
         _add_etag(o, mtime, size)
         if flags & SF_COND:
@@ -554,6 +563,63 @@ cdef class StaticPhase(Phase):
         _st_send(c, fd, segs, 0 if is_head else total, status)
         return 0
 
+    cdef int _serve_compressed(self, ClientConn c, int fd, str coding, bytes ctype,
+                               long long mtime, long long size, int flags,
+                               bint is_head) except -1:
+        """A small file compressed on the fly (no precompressed sibling):
+        read, compressed in one go (bounded by STATIC_COMPRESS_MAX), sent
+        with a weak ETag (its bytes differ from the file's)."""
+        cdef Scratch o = _st_out
+        cdef bytes data, body, etag
+        cdef object verdict
+        cdef ssize_t n
+        global _st_compress_whole
+        if _st_compress_whole is None:
+            from edgeproxy.compress.encoders import compress_whole
+            _st_compress_whole = compress_whole
+        o.n = 0
+        o.add(b"W/", 2)
+        _add_etag(o, mtime, size)
+        etag = o.p[:o.n]
+        if flags & SF_COND:
+            verdict = self._evaluate(c, etag, mtime, size)
+            if verdict[0] != 200:
+                _c_close(fd)
+                self._status_only(c, verdict[0], mtime, size, coding.encode("ascii"), 1)
+                return 0
+        data = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
+        n = _c_pread(fd, PyBytes_AS_STRING(data), <size_t>size, 0)
+        if n != size:
+            _c_close(fd)
+            _st_log.warning("static: a file changed size while it was read; closing the connection")
+            c.close()
+            return 0
+        try:
+            body = _st_compress_whole(coding, data)
+        except Exception:
+            _st_log.exception("static: %s compression failed", coding)
+            _c_close(fd)
+            _st_small(c, 500, b"Internal Server Error", b"")
+            return 0
+        o.n = 0
+        o.add(b"HTTP/1.1 200 OK\r\n", 17)
+        o.addb(_date_line)
+        o.add(b"Last-Modified: ", 15)
+        _add_http_date(o, mtime)
+        o.add(b"\r\nETag: ", 8)
+        o.addb(etag)
+        o.add(b"\r\n", 2)
+        o.addb(self.cache_control_line)
+        o.add(b"Vary: Accept-Encoding\r\nContent-Encoding: ", 41)
+        o.addb(coding.encode("ascii"))
+        o.add(b"\r\nContent-Type: ", 16)
+        o.addb(ctype)
+        o.add(b"\r\nContent-Length: ", 18)
+        o.add_int(len(body))
+        o.add(b"\r\n", 2)
+        _st_send(c, fd, [body], 0 if is_head else len(body), 200)
+        return 0
+
     cdef bytes _type_of(self, const char *name, size_t n):
         cdef size_t i = n
         cdef size_t j
@@ -583,7 +649,7 @@ cdef class StaticPhase(Phase):
             return (200, None)
 
     cdef void _status_only(self, ClientConn c, int status, long long mtime, long long size,
-                           bytes enc):
+                           bytes enc, bint weak=0):
         """304, 412 or 416 for a file."""
         cdef Scratch o = _st_out
         cdef bytes body = b""
@@ -594,6 +660,8 @@ cdef class StaticPhase(Phase):
             o.add(b"Last-Modified: ", 15)
             _add_http_date(o, mtime)
             o.add(b"\r\nETag: ", 8)
+            if weak:
+                o.add(b"W/", 2)
             _add_etag(o, mtime, size)
             o.add(b"\r\n", 2)
             o.addb(self.cache_control_line)
@@ -603,10 +671,10 @@ cdef class StaticPhase(Phase):
             return
         if status == 412:
             body = b"412 Precondition Failed\n"
-            o.add(b"HTTP/1.1 412 Precondition Failed\r\n", 35)
+            o.add(b"HTTP/1.1 412 Precondition Failed\r\n", 34)
         else:
             body = b"416 Range Not Satisfiable\n"
-            o.add(b"HTTP/1.1 416 Range Not Satisfiable\r\n", 37)
+            o.add(b"HTTP/1.1 416 Range Not Satisfiable\r\n", 36)
             o.add(b"Content-Range: bytes */", 23)
             o.add_int(size)
             o.add(b"\r\n", 2)

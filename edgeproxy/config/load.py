@@ -40,8 +40,8 @@ from edgeproxy.config.model import (
     PoolConfig,
     PoolTLSConfig,
     RouteConfig,
-    StaticConfig,
     ServerConfig,
+    StaticConfig,
     TimeoutConfig,
 )
 from edgeproxy.http._path import normalize_path
