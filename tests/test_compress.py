@@ -356,3 +356,16 @@ def test_config_errors(tmp_path, line, message):
                          capture_output=True, text=True, cwd=str(ROOT), timeout=60)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr
+
+
+def test_negotiation_table():
+    from edgeproxy.static.negotiate import ranked_encodings
+
+    offer = ("zstd", "br", "gzip")
+    assert ranked_encodings(b"gzip;q=0.8, br;q=0.9, zstd;q=0.1", offer) == ("br", "gzip", "zstd")
+    assert ranked_encodings(b"*;q=0.5, gzip", offer) == ("gzip", "zstd", "br")
+    assert ranked_encodings(b"gzip;q=0, *", offer) == ("zstd", "br")
+    assert ranked_encodings(b"gzip;q=1.5", offer) == ()          # q above 1: not well formed
+    assert ranked_encodings(b"gzip;q=0.0001", offer) == ()       # more than 3 decimals
+    assert ranked_encodings(b"", offer) == () and ranked_encodings(None, offer) == ()
+    assert ranked_encodings(b" GZip ; Q=0.5 ", offer) == ("gzip",)

@@ -348,7 +348,7 @@ def test_precompressed_siblings(site, proxy_factory):
     ('path = "/"\nstatic = { root = "ROOT", index = "a/b" }', "must be a file name"),
     ('path = "/"\nstatic = { root = "ROOT", cache_control = "a\\nb" }', "control character"),
     ('path = "/"\nstatic = { root = "ROOT" }\ncache = true', "served from disk"),
-    ('path = "/"', "missing (required, unless the route is static)"),
+    ('path = "/"', "missing (required): name a pool, or serve files with static"),
 ])
 def test_config_errors(tmp_path, route, message):
     root = tmp_path / "r"
@@ -360,3 +360,17 @@ def test_config_errors(tmp_path, route, message):
                          capture_output=True, text=True, cwd=str(ROOT), timeout=60)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr
+
+
+def test_range_parsing_edge_cases():
+    from edgeproxy.static.conditional import MAX_RANGES, parse_range
+
+    assert parse_range(b"bytes=0-0", 10) == [(0, 0)]
+    assert parse_range(b"bytes=-20", 10) == [(0, 9)]          # a suffix longer than the file
+    assert parse_range(b"bytes=-0", 10) == []                 # unsatisfiable
+    assert parse_range(b"bytes=10-", 10) == []
+    assert parse_range(b"bytes=0-1, 20-30", 10) == [(0, 1)]   # the satisfiable ones only
+    assert parse_range(b"BYTES = 1-2", 10) == [(1, 2)]
+    for bad in (b"bytes=", b"bytes=a-b", b"bytes=1-2-3", b"bytes=-", b"items=0-1", b"bytes=3-1",
+                b"bytes=" + b",".join(b"0-1" for _ in range(MAX_RANGES + 1))):
+        assert parse_range(bad, 10) is None, bad

@@ -629,7 +629,7 @@ def route_finish(values: dict, path: str, reader: Reader) -> None:
     static, pool = values.get("static"), values.get("pool")
     if static is None:
         if pool is None:
-            reader.error(key_path(path, "pool"), "missing (required, unless the route is static)")
+            reader.error(key_path(path, "pool"), "missing (required): name a pool, or serve files with static")
             values["pool"] = BAD
         return
     if pool is not None:
