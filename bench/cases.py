@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.origin import CACHED_PREFIX, UPLOAD_PATH, MiB
+from bench.origin import CACHED_PREFIX, STATIC_PREFIX, UPLOAD_PATH, MiB
 
 # How the contenders are set up for a case; a run restarts them when it changes.
 PLAIN = "plain"   # plain HTTP listener, no cache
@@ -68,6 +68,8 @@ CASES: dict[str, Case] = {case.name: case for case in (
     Case("get-1k-c1000", "/1k.bin", connections=1000),
     Case("get-1k-close", "/1k.bin", close=True),
     Case("post-1m", UPLOAD_PATH, body_bytes=MiB),
+    Case("static-1k", f"{STATIC_PREFIX}1k.bin"),      # files from disk: edgeproxy route.static, nginx alias
+    Case("static-100k", f"{STATIC_PREFIX}100k.bin"),
     Case("idle-10k", "/1k.bin", connections=10_000, idle=True),
     Case("https-1k", "/1k.bin", setup=TLS),
     Case("https-handshake", "/1k.bin", close=True, setup=TLS),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.cases import CACHE, PLAIN, TLS
 from bench.certs import RunCert
-from bench.origin import CACHED_PREFIX, nginx_binary, nginx_user_line
+from bench.origin import CACHED_PREFIX, STATIC_PREFIX, nginx_binary, nginx_user_line, static_root
 from bench.servers import Pinning, Server
 from bench.templates import fill
 
@@ -81,11 +81,16 @@ class NginxProxy(Contender):
                           f"keys_zone=bench_cache:10m max_size={CACHE_MIB}m inactive=60m "
                           f"use_temp_path=off;")
             cache_location = fill("nginx-proxy-cache.conf", CACHED_PREFIX=CACHED_PREFIX)
+        static_location = ""
+        if setup.setup == PLAIN:
+            static_location = fill("nginx-proxy-static.conf", STATIC_PREFIX=STATIC_PREFIX,
+                                   STATIC_ROOT=static_root(setup.workdir))
         conf.write_text(fill("nginx-proxy.conf", USER=nginx_user_line(), NOFILE=setup.nofile,
                              WORKER_CONNECTIONS=setup.nofile - 64, WORKDIR=setup.workdir,
                              PORT=setup.port, ORIGIN_PORT=setup.origin_port,
                              LISTEN_SSL=" ssl" if tls else "", TLS=tls,
-                             CACHE_ZONE=cache_zone, CACHE_LOCATION=cache_location))
+                             CACHE_ZONE=cache_zone, CACHE_LOCATION=cache_location,
+                             STATIC_LOCATION=static_location))
         argv = [nginx_binary() or "nginx", "-p", str(setup.workdir), "-c", str(conf),
                 "-e", str(setup.workdir / "nginx-proxy-error.log")]
         return Server(self.name, setup.pinning.for_proxy(argv), setup.port,
@@ -131,6 +136,7 @@ class EdgeProxy(Contender):
     configuration file: one worker, its defaults otherwise."""
     name = "edgeproxy"
     hooks = True          # the tree knows route.hooks (get-1k-hook)
+    static = True         # the tree knows route.static (static-1k, static-100k)
 
     @property
     def repo(self) -> Path:
@@ -154,6 +160,11 @@ class EdgeProxy(Contender):
             cached_route = f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\n'
             if self.hooks:
                 cached_route += 'hooks = ["bench.hooks:Noop"]'
+            if self.static:
+                # static-1k, static-100k: files from disk (route.static)
+                root = static_root(setup.workdir)
+                cached_route += (f'\n\n[[route]]\npath = "{STATIC_PREFIX}"\n'
+                                 f'static = {{ root = {_toml(root)} }}\n')
 
         if setup.setup == CACHE:
             cached_route = f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\ncache = true'
@@ -189,6 +200,7 @@ class EdgeProxyBase(EdgeProxy):
     get-1k-hook route has no hook (an earlier tree may not know the key)."""
     name = "edgeproxy-base"
     hooks = False
+    static = False
 
     @property
     def repo(self) -> Path:

@@ -29,6 +29,11 @@ UPLOAD_ANSWER = b"ok\n"
 CACHED_PREFIX = "/cached/"
 CACHE_CONTROL = "public, max-age=600"
 CACHED_LOG = "origin-cached.log"   # in the workdir: one line per request under CACHED_PREFIX
+# The FILES again under this prefix: what the static cases serve from disk
+# (edgeproxy's route.static, nginx's alias; HAProxy, which serves no files,
+# proxies them to the origin).
+STATIC_PREFIX = "/static/"
+STATIC_ROOT = "static-root"        # in the workdir: the directory the contenders serve
 
 NGINX = "/usr/sbin/nginx"
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
@@ -56,6 +61,14 @@ def write_docroot(docroot: Path) -> None:
     docroot.mkdir(parents=True, exist_ok=True)
     for path, size in FILES.items():
         (docroot / path.lstrip("/")).write_bytes(file_body(size))
+
+
+def static_root(workdir: Path) -> Path:
+    """The directory the static cases' contenders serve (the FILES), written once."""
+    root = workdir / STATIC_ROOT
+    if not root.exists():
+        write_docroot(root)
+    return root
 
 
 def nginx_origin(workdir: Path, port: int, nofile: int, pinning: Pinning) -> Server:
@@ -207,7 +220,8 @@ class _OriginProtocol(asyncio.Protocol):
 
 async def serve(port: int) -> None:
     answers = {path: file_body(size) for path, size in FILES.items()}
-    answers.update({CACHED_PREFIX + path[1:]: body for path, body in answers.items()})
+    answers.update({prefix + path[1:]: answers[path] for path in FILES
+                    for prefix in (CACHED_PREFIX, STATIC_PREFIX)})
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _OriginProtocol(answers), "127.0.0.1", port,
                                       backlog=4096, reuse_address=True)

@@ -139,6 +139,21 @@ class PhaseSeq(Phase):
     items: tuple[Phase, ...]
     def __init__(self, items: Any) -> None: ...
 
+class StaticPhase(Phase):
+    """route.static: files served from a directory (ext/static.pyx)."""
+    root: str
+    served: int
+    def __init__(self, root: str, route_path: str, *, index: str = ..., fallback: str | None = ...,
+                 cache_control: str | None = ..., symlinks: bool = ..., precompressed: bool = ...,
+                 types: dict[bytes, bytes] | None = ..., compress: tuple[str, ...] = ...,
+                 compress_types: tuple[str, ...] = ..., compress_min_size: int = ...) -> None: ...
+
+class CompressPhase(Phase):
+    """route.compress: responses compressed as they stream (ext/compress.pyx)."""
+    offer: tuple[str, ...]
+    min_size: int
+    def __init__(self, offer: tuple[str, ...], types: Any, min_size: int) -> None: ...
+
 class PhaseChain:
     """A route's (or the listeners' connect phase's) hooks, by phase (docs/hooks.md)."""
     wants: int

@@ -38,10 +38,20 @@ cdef class CacheExchange(Stage):
         """The field lines to add to the client's head, or None; the phase
         may answer instead (respond: then c.up is no longer u)."""
         cdef bint framed = hp.body == B_CHUNKED and c.req_minor != 0
+        cdef list fields = _response_field_list(hp, c.cfg)
+        cdef long long clen = hp.content_length
+        if c.added_fields is not None:     # an earlier stage's (compression's Vary)
+            fields.extend(_split_lines(c.added_fields))
+        if c.xform is not None:
+            # an earlier stage filters the body (compression): the cache
+            # stores what the client gets, with its fields and framing
+            fields = c.xform.cache_fields(fields)
+            framed = c.req_minor != 0
+            clen = -1
+            whole = 0
         try:
             r = self.ex.on_response(c, hp.status, hp.reason[:hp.reason_len] if hp.reason_len else b"",
-                                    _response_field_list(hp, c.cfg), framed, hp.content_length,
-                                    whole)
+                                    fields, framed, clen, whole)
         except Exception:
             _log.exception("cache phase failed on a response; passing it on uncached")
             return None
@@ -71,6 +81,16 @@ cdef class CacheExchange(Stage):
             self.ex.on_backend_error(c, status)
         except Exception:
             _log.exception("cache phase failed on a backend error")
+
+
+cdef list _split_lines(bytes lines):
+    """Field lines ("Name: value" and CRLF each) as [(name, value)]."""
+    cdef list out = []
+    for line in lines.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            out.append((name.strip(), value.strip()))
+    return out
 
 
 cdef list _field_list(HeadParser hp):

@@ -136,6 +136,11 @@ cdef class ClientConn(Stream):
         RequestCtx conn_ctx # the connect phase's
         Route route
         bytearray body_buf  # the request body, kept for request_body hooks
+        # a static file's body still to go (ext/static.pyx FileSender), or None
+        object sender
+        # the response's body filter (compression, ext/compress.pyx), or None
+        BodyFilter xform
+        bytes added_fields  # field lines the request's stages added to the client's head
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -206,6 +211,8 @@ cdef class ClientConn(Stream):
             self.deadline = 0
         if self.up is not None:
             self.up._resume()
+        elif self.sender is not None:     # a static file goes on (ext/static.pyx)
+            self.sender.resume()
 
     # -- reading --
 
@@ -363,6 +370,8 @@ cdef class ClientConn(Stream):
             _real_ip(self, hp)
         if self.stage is not None:      # (never expected: each request's stage ends with it)
             self._stage_end(0)
+        self.xform = None
+        self.added_fields = None
         self.nreq += 1
         self.deadline = 0
         self.in_req = 1
@@ -1023,6 +1032,10 @@ cdef class ClientConn(Stream):
             self.conn_ctx = None
         if self.stage is not None:
             self._stage_end(0)
+        if self.sender is not None:       # a static file's body was cut off
+            s = self.sender
+            self.sender = None
+            s.abort()
         u = self.up
         self.up = None
         self.upq = None

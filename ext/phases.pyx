@@ -78,6 +78,29 @@ cdef class Stage:
         pass
 
 
+cdef class BodyFilter:
+    """Replaces the response body the core splices to the client (the
+    compression phase's): a Stage's response() sets it as ClientConn.xform
+    for the response whose head it sees.  The core then calls head() once
+    the client's head is in _out (to edit it there), data() with the
+    backend's body bytes (framing removed) instead of writing them, and
+    end() when the backend's body is complete; the filter writes what the
+    client gets, framed (chunked for HTTP/1.1; close-delimited for 1.0)."""
+
+    cdef void head(self, ClientConn c):
+        pass
+
+    cdef void data(self, ClientConn c, const char *p, size_t n):
+        pass
+
+    cdef void end(self, ClientConn c):
+        pass
+
+    cdef list cache_fields(self, list fields):
+        """The fields (name, value) a cache stage stores for this response."""
+        return fields
+
+
 cdef class PhaseSeq(Phase):
     """Several compiled phases of one route, run in order (built by
     edgeproxy.proxy.compiled): the first that does not return R_GO decides;
@@ -120,6 +143,8 @@ cdef class StageSeq(Stage):
                 if out is None:
                     out = []
                 out.append(extra)
+                # the stages after it (the cache) see what the client will get
+                c.added_fields = b"".join(out)
         return b"".join(out) if out is not None else None
 
     cdef void body(self, object data):

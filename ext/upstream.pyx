@@ -227,7 +227,8 @@ cdef class UpstreamConn(Stream):
                 self._start_body(c, base + off, n - off)
                 if self.client is not c:
                     return
-                if self.state == U_BODY and self.body_kind == B_LENGTH and self.body_left <= INLINE_BODY:
+                if self.state == U_BODY and self.body_kind == B_LENGTH and self.body_left <= INLINE_BODY \
+                        and c.xform is None:
                     # small response: head and body in one write
                     k = n - off
                     if k > self.body_left:
@@ -246,7 +247,11 @@ cdef class UpstreamConn(Stream):
                     if self.state != U_BODY:
                         self._finish(c)
             elif self.state == U_BODY:
-                if self.body_kind == B_LENGTH:
+                if c.xform is not None:
+                    # a body filter (compression) writes what the client gets
+                    if self._filter_body(c, base, &off, n) < 0:
+                        return
+                elif self.body_kind == B_LENGTH:
                     k = n - off
                     if k > self.body_left:
                         k = self.body_left
@@ -331,11 +336,14 @@ cdef class UpstreamConn(Stream):
                 return
         self.keep_alive = hp.keep_alive
         self.body_kind = hp.body
-        self.decode = hp.body == B_CHUNKED and c.req_minor == 0
+        # chunks are decoded for an HTTP/1.0 client, and for a body filter
+        self.decode = hp.body == B_CHUNKED and (c.req_minor == 0 or c.xform is not None)
         c.resp_status = hp.status
         c.resp_started = 1
+        # an HTTP/1.0 client's body ends with the connection unless its length is known
         c.resp_keep = (c.req_keep_alive and c.req_done and not c.eof
-                       and hp.body != B_CLOSE and not self.decode and not _draining)
+                       and hp.body != B_CLOSE and not _draining
+                       and not (c.req_minor == 0 and (self.decode or c.xform is not None)))
         if hp.body == B_LENGTH:
             self.body_left = hp.content_length
             self.state = U_BODY if hp.content_length > 0 else U_HEAD
@@ -345,7 +353,8 @@ cdef class UpstreamConn(Stream):
         elif hp.body == B_CLOSE:
             self.state = U_BODY
         if c.ctx is not None and c.ctx.chain.wants & (1 << PHASE_RESPONSE_BODY):
-            _hooks_body_start(c, hp.body == B_CHUNKED and not self.decode)
+            _hooks_body_start(c, (hp.body == B_CHUNKED and not self.decode)
+                              or (c.xform is not None and c.req_minor != 0))
         if self.state == U_BODY and not self.paused:
             self.deadline = _now + c.cfg.t_read    # from now on, between two reads
         _response_head_into(self, c, hp, 1)
@@ -353,11 +362,53 @@ cdef class UpstreamConn(Stream):
             _out.n -= 2
             _out.addb(extra)
             _out.add(b"\r\n", 2)
+        if c.xform is not None:  # its framing and fields (Content-Encoding...)
+            c.xform.head(c)
         c.resp_head_len = _out.n
+
+    cdef int _filter_body(self, ClientConn c, const char *base, size_t *offp,
+                          size_t n) except -2:
+        """Body bytes base[offp[0]:n] to c.xform, framing removed; -1 when
+        the connection was closed."""
+        cdef size_t off = offp[0]
+        cdef long long k
+        cdef Py_ssize_t m
+        cdef size_t so, sl
+        cdef BodyFilter f = c.xform
+        if self.body_kind == B_LENGTH:
+            k = n - off
+            if k > self.body_left:
+                k = self.body_left
+            f.data(c, base + off, <size_t>k)
+            offp[0] = off + <size_t>k
+            self.body_left -= k
+            if self.body_left == 0:
+                self._finish(c)
+        elif self.body_kind == B_CHUNKED:
+            m = chunk_step(&self.chunk, base + off, n - off, &so, &sl)
+            if m < 0:
+                _log.warning("backend %s: bad chunked body: %s", self.backend.name,
+                             (<bytes>self.chunk.err).decode())
+                c.close()
+                self.close()
+                return -1
+            if sl:
+                f.data(c, base + off + so, sl)
+            offp[0] = off + <size_t>m
+            if self.chunk.phase == CS_DONE:
+                self._finish(c)
+        else:   # B_CLOSE: everything until the backend closes
+            f.data(c, base + off, n - off)
+            offp[0] = n
+        return 0
 
     cdef void _finish(self, ClientConn c):
         """The response is complete: pool or close this connection, then let
         the client go on."""
+        cdef BodyFilter f = c.xform
+        if f is not None:        # the filter's last bytes
+            c.xform = None
+            f.end(c)
         if self.keep_alive and c.req_done and self.transport is not None \
                 and self.state != U_CLOSED and self.body_kind != B_CLOSE:
             self.client = None

@@ -106,7 +106,35 @@ def _normalised(name: bytes, request_headers: Headers) -> bytes:
     # RFC 9111 §4.1: combine the field lines and drop whitespace around
     # commas; lower-case where the field's values are case-insensitive.
     joined = b",".join(item.strip() for v in values for item in v.split(b","))
+    if name == b"accept-encoding":
+        return _accepted_codings(joined.lower())
     return joined.lower() if name in _CASE_INSENSITIVE else joined
+
+
+def _accepted_codings(value: bytes) -> bytes:
+    """Accept-Encoding as the set of codings it accepts (q > 0), sorted:
+    clients that accept the same codings share one variant, so that a
+    compressed response (route.compress) is stored once per coding class
+    rather than once per spelling of the field; whichever coding the stored
+    variant has, every client of its class accepts it.  A value that is
+    not well formed is kept as it is (its own variant)."""
+    accepted = set()
+    for item in value.split(b","):
+        coding, _, params = item.partition(b";")
+        coding = coding.strip()
+        if not coding:
+            continue
+        q = 1.0
+        for p in params.split(b";") if params else ():
+            k, _, v = p.partition(b"=")
+            if k.strip() == b"q":
+                try:
+                    q = float(v.strip())
+                except ValueError:
+                    return value
+        if q > 0 and coding != b"identity":
+            accepted.add(coding)
+    return b",".join(sorted(accepted)) if accepted else b"identity"
 
 
 def variant_key(names: tuple[bytes, ...], request_headers: Headers) -> bytes:

@@ -41,6 +41,7 @@ from edgeproxy.config.model import (
     PoolTLSConfig,
     RouteConfig,
     ServerConfig,
+    StaticConfig,
     TimeoutConfig,
 )
 from edgeproxy.http._path import normalize_path
@@ -573,6 +574,72 @@ def url_path(value: Any, path: str, reader: Reader) -> str:
     return text
 
 
+def directory(value: Any, path: str, reader: Reader) -> str:
+    """An existing directory the proxy can read; returns its absolute path."""
+    full = file_path(value, path, reader)
+    if not os.path.isdir(full):
+        raise Invalid(f"{show(value)} is not a directory ({full})")
+    if not os.access(full, os.R_OK | os.X_OK):
+        raise Invalid(f"{show(value)} cannot be read ({full})")
+    return full
+
+
+def file_name(value: Any, path: str, reader: Reader) -> str:
+    """A file name without a directory ("" for none)."""
+    text = string(value, path, reader)
+    if "/" in text or "\\" in text or "\x00" in text or text in (".", ".."):
+        raise Invalid(f"{show(text)} must be a file name, without \"/\"")
+    return text
+
+
+def static_fallback(value: Any, path: str, reader: Reader) -> str:
+    """A file beneath a static root, written as a path ("/index.html")."""
+    text = url_path(value, path, reader)
+    if "\\" in text or any(seg in (".", "..") for seg in text.split("/")) or text.endswith("/"):
+        raise Invalid(f"{show(text)} must name a file beneath the root (no \".\", \"..\" "
+                      "or trailing \"/\")")
+    return text
+
+
+def coding(value: Any, path: str, reader: Reader) -> str:
+    """A content coding edgeproxy can compress with, whose package is installed."""
+    from edgeproxy.compress import missing_package
+
+    name = one_of("zstd", "br", "gzip")(value, path, reader)
+    pkg = missing_package(name)
+    if pkg is not None:
+        raise Invalid(f"{show(name)} needs the {pkg!r} package (pip install {pkg})")
+    return name
+
+
+def media_type(value: Any, path: str, reader: Reader) -> str:
+    """A media type without parameters ("text/html"), lower-case."""
+    text = string(value, path, reader).strip().lower()
+    if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+*-]+", text):
+        raise Invalid(f"{show(text)} is not a media type (type/subtype, no parameters)")
+    return text
+
+
+def codings_finish(value: tuple) -> str | None:
+    return "lists a coding twice" if len(set(value)) != len(value) else None
+
+
+def route_finish(values: dict, path: str, reader: Reader) -> None:
+    """A route goes to a pool or serves files (static), not both."""
+    static, pool = values.get("static"), values.get("pool")
+    if static is None:
+        if pool is None:
+            reader.error(key_path(path, "pool"), "missing (required): name a pool, or serve files with static")
+            values["pool"] = BAD
+        return
+    if pool is not None:
+        reader.error(key_path(path, "pool"), "a static route serves files itself; "
+                     "remove pool (or static)")
+    if values.get("cache") is True:
+        reader.error(key_path(path, "cache"), "a static route is served from disk; "
+                     "cache is for responses of a pool")
+
+
 def route_path(value: Any, path: str, reader: Reader) -> str:
     """A route's path prefix, in the normal form requests are routed on
     (edgeproxy/http/_path.py): any other spelling could never match."""
@@ -746,7 +813,8 @@ def config_finish(values: dict, path: str, reader: Reader) -> None:
         names = set(pools) if isinstance(pools, dict) else None
         seen_routes: dict[tuple, int] = {}
         for i, route in enumerate(routes):
-            if names is not None and isinstance(route.pool, str) and route.pool not in names:
+            if names is not None and isinstance(route.pool, str) and route.pool \
+                    and route.pool not in names:
                 hint = difflib.get_close_matches(route.pool, names, n=1, cutoff=0.6)
                 reader.error(f"route[{i}].pool", f"no pool named {show(route.pool)}"
                              + (f" (did you mean {json.dumps(hint[0])}?)" if hint else ""))
@@ -798,13 +866,26 @@ LISTEN = Table(ListenConfig, (
     Key("proxy_protocol_from", list_of(cidr, what="CIDR blocks")),
 ), finish=listen_finish)
 
+STATIC = Table(StaticConfig, (
+    Key("root", directory, required=True),
+    Key("index", file_name),
+    Key("fallback", static_fallback),
+    Key("cache_control", text_line),
+    Key("symlinks", boolean),
+    Key("precompressed", boolean),
+))
+
 ROUTE = Table(RouteConfig, (
     Key("host", host_pattern),
     Key("path", route_path),
-    Key("pool", string, required=True),
+    Key("pool", string),
     Key("cache", boolean),
     Key("hooks", list_of(hook_spec, what="\"module:attr\" strings")),
-))
+    Key("static", STATIC),
+    Key("compress", list_of(coding, what="codings (\"zstd\", \"br\", \"gzip\")"), codings_finish),
+    Key("compress_types", list_of(media_type, what="media types")),
+    Key("compress_min_size", size, at_least(0)),
+), finish=route_finish)
 
 POOL_TLS = Table(PoolTLSConfig, (
     Key("verify", boolean),

@@ -130,12 +130,38 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class StaticConfig:
+    """A route's `static` table: files served from a directory, no backend
+    (edgeproxy.static, ext/static.pyx)."""
+    root: str                        # the directory (absolute once loaded)
+    index: str = "index.html"        # served for a path ending in "/"; "" for none
+    fallback: str | None = None      # "/index.html": served (200) for paths with no file
+    cache_control: str | None = None # sent as Cache-Control with every file
+    symlinks: bool = False           # follow symlinks that lead out of the root
+    precompressed: bool = False      # serve name.zst / .br / .gz to clients accepting them
+
+
+# media types compressed by default (`route.compress_types`)
+DEFAULT_COMPRESS_TYPES = (
+    "text/html", "text/css", "text/plain", "text/javascript", "text/xml", "text/csv",
+    "text/markdown", "application/javascript", "application/json", "application/xml",
+    "application/manifest+json", "application/wasm", "image/svg+xml",
+    "application/x-javascript", "application/ld+json", "application/rss+xml",
+    "application/atom+xml", "font/ttf", "font/otf",
+)
+
+
+@dataclass(frozen=True)
 class RouteConfig:
-    pool: str
+    pool: str = ""                   # "" only for a static route (no backend)
     path: str = "/"                  # prefix; the longest match wins
     host: str | None = None          # exact "a.example.com" or wildcard "*.example.com"
     cache: bool = False              # responses on this route may be cached
     hooks: tuple[str, ...] = ()      # "module:attr" phase hooks, after the global ones
+    static: StaticConfig | None = None  # serve files from disk instead of a pool
+    compress: tuple[str, ...] = ()   # content codings to compress with, by preference
+    compress_types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES  # media types compressed
+    compress_min_size: int = 256     # bodies known to be smaller go as they are
 
 
 @dataclass(frozen=True)

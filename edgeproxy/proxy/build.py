@@ -129,7 +129,9 @@ def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hook
         if r.cache and cache is not None:
             from edgeproxy.cache.phase import CachePhase
             phase = CachePhase(cache, pools[r.pool])
-        route = Route(r.host, r.path, pools[r.pool], i + 1, phase)
+        # a static route has no pool; the core's Route still needs one (it is never used)
+        pool = pools[r.pool] if r.pool else Pool(f"static:{i}", [])
+        route = Route(r.host, r.path, pool, i + 1, phase)
         if phase is not None:
             route.hot = cache.hot
         route.phase = route_phase(env, r, i, route.phase)

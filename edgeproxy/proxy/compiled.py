@@ -28,8 +28,18 @@ class BuildEnv:
     shared: dict = field(default_factory=dict)
 
 
+from edgeproxy.compress import make_compress_phase  # noqa: E402
+from edgeproxy.static import make_static_phase  # noqa: E402
+
 # (name, maker): run in this order; add a feature's maker at its place
-MAKERS: list = []
+MAKERS: list = [
+    # compression leaves a stage that runs before the cache's, so the cache
+    # stores the compressed variant (a route with a pool only)
+    ("compress", make_compress_phase),
+    # static files answer every request of their route, so they come last,
+    # just before the cache's place (a static route has no cache)
+    ("static", make_static_phase),
+]
 
 
 def route_phase(env: BuildEnv, route_config, index: int, cache_phase):
