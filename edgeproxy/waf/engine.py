@@ -186,12 +186,15 @@ class CRule:
                  "op_name", "negated", "transforms", "tkey", "multi", "capture", "chain",
                  "setvars", "msg", "logdata", "tags", "severity", "log", "auditlog",
                  "disruptive", "status", "skip_after", "skip", "ctls", "is_action",
-                 "marker", "unsupported")
+                 "marker", "unsupported", "set_gid", "set_index", "rx_pattern")
 
     def __init__(self) -> None:
         self.marker = None
         self.chain = None
         self.unsupported = None
+        self.set_gid = -1
+        self.set_index = -1
+        self.rx_pattern = None
 
 
 # ------------------------------------------------------------------ the engine
@@ -212,6 +215,8 @@ class Engine:
         self.load_seconds = 0.0
         self._tcache_ids: dict[tuple, int] = {}
         self._all: list[CRule] = []
+        self._rx_rules: list[CRule] = []
+        self.sets: list = []
 
     # -- loading
 
@@ -268,6 +273,7 @@ class Engine:
                 compiled.append(m)
                 continue
             compiled.append(self._compile_rule(r, dflt, None))
+        self._build_sets()
         by_id = {c.id: c for c in compiled if c.marker is None}
         removed: set[int] = set()
         for d in removals:
@@ -407,6 +413,9 @@ class Engine:
                 raise SecLangError(r.where, r.line, str(e)) from None
             c.op_dynamic = dynamic
             c.op_arg = Macro(op.arg) if dynamic else op.arg
+            if op.name == "rx":
+                c.rx_pattern = op.arg
+                self._rx_rules.append(c)
             if op.name in UNSUPPORTED:
                 c.unsupported = f"@{op.name} needs a missing library; never matches"
                 self.notes.append(f"{r.where}:{r.line}: rule {c.id}: {c.unsupported}")
@@ -417,6 +426,33 @@ class Engine:
                 prev.chain = nxt
                 prev = nxt
         return c
+
+    def _build_sets(self) -> None:
+        """One RE2 set per transformation chain over its rules' @rx patterns.
+
+        A value is matched once against its chain's set (cached per
+        transaction); a rule then runs its own pattern only when the set says
+        it matches and it needs the captures.
+        """
+        groups: dict[int, list[CRule]] = {}
+        for c in self._rx_rules:
+            groups.setdefault(c.tkey, []).append(c)
+        from .operators import RX_OPTIONS
+        for rules in groups.values():
+            st = re2.Set.SearchSet(RX_OPTIONS)
+            for i, c in enumerate(rules):
+                if st.Add(c.rx_pattern) != i:
+                    raise SecLangError(c.where, c.line, "pattern not accepted by an RE2 set")
+            try:
+                if st.Compile() is False:
+                    continue  # too large for one set: the rules run their own patterns
+            except re2.error:
+                continue
+            gid = len(self.sets)
+            self.sets.append(st)
+            for i, c in enumerate(rules):
+                c.set_gid = gid
+                c.set_index = i
 
     def rule_ids(self) -> list[int]:
         return [c.id for c in self._all]
@@ -434,6 +470,7 @@ def _int_arg(d: Directive) -> int:
 
 # ------------------------------------------------------------------ a transaction
 
+_MATCHED = ("",)
 _SCALARS_REQ = ("REQUEST_METHOD", "REQUEST_PROTOCOL", "REQUEST_LINE", "REQUEST_URI",
                 "REQUEST_URI_RAW", "REQUEST_FILENAME", "REQUEST_BASENAME", "QUERY_STRING")
 
@@ -461,6 +498,8 @@ class Transaction:
         self.status = 200
         self.allowed = False
         self.tcache: dict = {}
+        self.scache: dict = {}
+        self.vcache: dict = {}
         self.current_rule: CRule | None = None
         self._setup_request()
 
@@ -528,6 +567,7 @@ class Transaction:
         self._set_args(get, [])
 
     def _set_args(self, get, post) -> None:
+        self.vcache.clear()
         c = self.coll
         c["ARGS_GET"] = get
         c["ARGS_POST"] = post
@@ -560,11 +600,12 @@ class Transaction:
         elif proc == "JSON":
             post, err = bodies.parse_json(body, self.engine.json_depth)
             self._set_args(self.coll["ARGS_GET"], post)
-        elif proc == "XML":
+        self.vcache.clear()
+        if proc == "XML":
             text, attrs, err = bodies.parse_xml(body)
             if not err:
                 self.coll["XML"] = [("/*", text)] + [("//@*", a) for a in attrs]
-        elif proc == "MULTIPART":
+        if proc == "MULTIPART":
             mp = bodies.parse_multipart(ctype, body)
             err = mp.error
             self._set_args(self.coll["ARGS_GET"], mp.args)
@@ -578,8 +619,9 @@ class Transaction:
             for f in bodies._FLAGS:
                 s[f] = str(mp.flags.get(f, 0))
             s["MULTIPART_STRICT_ERROR"] = str(bodies.strict_error(mp))
-        elif proc:
+        if proc and proc not in ("URLENCODED", "JSON", "XML", "MULTIPART"):
             err = f"Unknown request body processor: {proc}"
+        self.vcache.clear()
         s["REQBODY_ERROR"] = "1" if err else "0"
         s["REQBODY_PROCESSOR_ERROR"] = s["REQBODY_ERROR"]
         if err:
@@ -592,6 +634,7 @@ class Transaction:
 
     def set_response(self, status: int, headers: list[tuple[str, str]], body: str = "",
                      protocol: str = "HTTP/1.1") -> None:
+        self.vcache.clear()
         s = self.scalars
         s["RESPONSE_STATUS"] = str(status)
         s["RESPONSE_PROTOCOL"] = protocol
@@ -607,40 +650,53 @@ class Transaction:
 
     # -- values of a target
 
+    def _source(self, name: str):
+        """(vname, lowercased key, value) triples of a collection, cached per transaction."""
+        got = self.vcache.get(name)
+        if got is not None:
+            return got
+        if name == "TX":
+            return [(f"TX:{k}", k, v) for k, v in self.tx.items()]
+        if name == "MATCHED_VARS":
+            return [(n, n.partition(":")[2].lower(), v) for n, v in self.matched_vars]
+        src = self.coll.get(name)
+        if src is None:
+            return None
+        got = [(f"{name}:{k}", k.lower(), v) for k, v in src]
+        self.vcache[name] = got
+        return got
+
     def values(self, t: Target, rule: CRule) -> list[tuple[str, str]]:
         name = t.name
-        if name == "TX":
-            src = list(self.tx.items())
-        elif name == "MATCHED_VARS":
-            src = self.matched_vars
+        key = t.key
+        if name == "TX" and key is not None and t.key_re is None:
+            v = self.tx.get(key)
+            sel = [] if v is None else [(f"TX:{key}", key, v)]
         elif name == "MATCHED_VAR":
-            return [("MATCHED_VAR", self.matched_var)] if not t.count else [("", "1")]
+            return [("", "1")] if t.count else [("MATCHED_VAR", self.matched_var)]
         elif name == "MATCHED_VAR_NAME":
             return [("MATCHED_VAR_NAME", self.matched_var_name)]
-        elif name in self.coll:
-            src = self.coll[name]
-        elif name in self.scalars:
-            if t.count:
-                return [(name, "1")]
-            return [(name, self.scalars[name])]
         else:
-            if t.count:
-                return [(name, "0")]
-            return []
-        key, key_re = t.key, t.key_re
-        if key is not None:
-            sel = [(k, v) for k, v in src if k.lower() == key]
-        elif key_re is not None:
-            sel = [(k, v) for k, v in src if key_re.search(k)]
-        else:
-            sel = src
+            src = self._source(name)
+            if src is None:
+                if name in self.scalars:
+                    return [(name, "1")] if t.count else [(name, self.scalars[name])]
+                return [(name, "0")] if t.count else []
+            if key is not None:
+                sel = [x for x in src if x[1] == key]
+            elif t.key_re is not None:
+                srch = t.key_re.search
+                n0 = len(name) + 1
+                sel = [x for x in src if srch(x[0][n0:])]
+            else:
+                sel = src
         if t.excludes:
-            sel = [(k, v) for k, v in sel if not _excluded(k, t.excludes)]
+            sel = [x for x in sel if not _excluded3(x, len(name) + 1, t.excludes)]
         if self.removed_targets:
             sel = self._runtime_excludes(name, sel, rule)
         if t.count:
             return [(name, str(len(sel)))]
-        return [(f"{name}:{k}", v) for k, v in sel]
+        return [(x[0], x[2]) for x in sel]
 
     def _runtime_excludes(self, name, sel, rule: CRule):
         for ranges, tag, v in self.removed_targets:
@@ -650,8 +706,8 @@ class Transaction:
                 continue
             if tag is not None and tag not in rule.tags:
                 continue
-            rec = _exclude_record(v)
-            sel = [(k, x) for k, x in sel if not _excluded(k, [rec])]
+            rec = [_exclude_record(v)]
+            sel = [x for x in sel if not _excluded3(x, len(name) + 1, rec)]
         return sel
 
     # -- macros
@@ -742,6 +798,9 @@ class Transaction:
         arg = r.op_arg.expand(self) if r.op_dynamic else r.op_arg
         op = r.op
         neg = r.negated
+        gid = r.set_gid
+        scache = self.scache
+        sets = self.engine.sets
         for t in r.targets:
             for vname, value in self.values(t, r):
                 if r.transforms:
@@ -749,7 +808,18 @@ class Transaction:
                 else:
                     vals = (value,)
                 for v in vals:
-                    caps = op(v, arg)
+                    if gid >= 0:
+                        hits = scache.get((gid, v))
+                        if hits is None:
+                            hits = scache[(gid, v)] = frozenset(sets[gid].Match(v) or ())
+                        if r.set_index not in hits:
+                            caps = None
+                        elif r.capture:
+                            caps = op(v, arg)
+                        else:
+                            caps = _MATCHED
+                    else:
+                        caps = op(v, arg)
                     if neg:
                         if caps is not None:
                             continue
@@ -876,6 +946,15 @@ class Transaction:
             action = "pass"
         return Verdict(action, self.status if self.interrupted else 200,
                        list(self.rule_ids), list(self.messages), score)
+
+
+def _excluded3(x, n0: int, excludes) -> bool:
+    for key, rx in excludes:
+        if key is not None and x[1] == key:
+            return True
+        if rx is not None and rx.search(x[0][n0:]):
+            return True
+    return False
 
 
 def _excluded(k: str, excludes) -> bool:

@@ -114,6 +114,10 @@ def _pm_from_file(arg: str, base_dir: str):
 
 
 def _to_int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        pass
     s = s.strip()
     i = 0
     if s[:1] in "+-":
