@@ -145,14 +145,16 @@ def load_cases(crs: str) -> list[Case]:
     return cases
 
 
-def load_overrides(crs: str, platform: str = "nginx") -> dict[tuple[int, int], dict]:
+def load_overrides(crs: str, platform: str = "nginx") -> dict[tuple[int, int], tuple[dict, str]]:
+    """(rule id, test id) -> (the output the platform gets instead, the reason)."""
     path = os.path.join(crs, "tests", "regression", f"{platform}-overrides.yaml")
     with open(path, encoding="utf-8") as f:
         doc = yaml.safe_load(f)
-    out: dict[tuple[int, int], dict] = {}
+    out: dict[tuple[int, int], tuple[dict, str]] = {}
     for o in doc.get("test_overrides") or []:
         for tid in o.get("test_ids") or []:
-            out[(int(o["rule_id"]), int(tid))] = o.get("output") or {}
+            # An override without an output ignores the test (go-ftw's behaviour).
+            out[(int(o["rule_id"]), int(tid))] = (o.get("output") or {}, (o.get("reason") or "").strip())
     return out
 
 
@@ -192,6 +194,8 @@ def to_request(raw: bytes) -> tuple[Request | None, int]:
         body = _dechunk(rest)
     elif lower.get("content-length", "").isdigit():
         body = rest[:int(lower["content-length"])]
+    else:
+        body = b""  # RFC 9112 6.3: no framing, no body
     ver = version[5:] if version.upper().startswith("HTTP/") else version
     return Request(method, target, ver, headers, body.decode("latin-1")), status
 
@@ -235,8 +239,8 @@ def reflect(req: Request) -> tuple[int, list[tuple[str, str]], str]:
 _RESPONSE_TYPES = ("text/plain", "text/html", "text/xml", "application/json")
 
 
-def run_in_process(engine: Engine, raw: bytes) -> tuple[int, list[int], list[str]]:
-    """(status, logged rule ids, messages) of one request through the engine."""
+def run_in_process(engine: Engine, raw: bytes) -> tuple[int, list[int], list[tuple[int, str, str]]]:
+    """(status, logged rule ids, (id, msg, logdata) per logged match) of one request."""
     req, status = to_request(raw)
     if req is None or status != 200:
         return status, [], []
@@ -250,10 +254,16 @@ def run_in_process(engine: Engine, raw: bytes) -> tuple[int, list[int], list[str
         status = tx.status if tx.interrupted else st
     else:
         status = tx.status
-    return status, tx.rule_ids, tx.messages
+    return status, tx.rule_ids, tx.details
 
 
-def judge(output: dict, status: int, ids: list[int], messages: list[str]) -> str | None:
+def _esc(s: str) -> str:
+    if s.isprintable() and s.isascii():
+        return s
+    return "".join(c if 0x20 <= ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in s)
+
+
+def judge(output: dict, status: int, ids: list[int], details) -> str | None:
     """None when the stage passes, else why not."""
     log = output.get("log") or {}
     logged = set(ids)
@@ -268,7 +278,8 @@ def judge(output: dict, status: int, ids: list[int], messages: list[str]) -> str
         allowed = want if isinstance(want, list) else [want]
         if status not in allowed:
             return f"status {status}, expected {want}"
-    text = "\n".join(f'[id "{i}"] [msg "{m}"]' for i, m in zip(ids, messages))
+    # The log lines as ModSecurity writes them (control bytes as \xHH), for match_regex.
+    text = "\n".join(f'[id "{i}"] [msg "{_esc(m)}"] [data "{_esc(d)}"]' for i, m, d in details)
     if log.get("match_regex") and not re.search(log["match_regex"], text):
         return f"log does not match {log['match_regex']!r}"
     if log.get("no_match_regex") and re.search(log["no_match_regex"], text):
@@ -278,24 +289,44 @@ def judge(output: dict, status: int, ids: list[int], messages: list[str]) -> str
     return None
 
 
+def run_case(engine: Engine, case: Case, override: tuple[dict, str] | None) -> tuple[str | None, bool]:
+    """(why it fails or None, whether the platform override was needed to pass).
+
+    A test passes on its own expectations; only when it does not is the
+    platform's override tried, so the overrides used are the exclusions this
+    engine needs, a subset of the platform's list.
+    """
+    results = [run_in_process(engine, st.raw) for st in case.stages]
+    why = None
+    for st, (status, ids, msgs) in zip(case.stages, results, strict=True):
+        why = judge(st.output, status, ids, msgs)
+        if why:
+            break
+    if why is None or override is None:
+        return why, False
+    for status, ids, msgs in results:
+        if judge(override[0], status, ids, msgs):
+            return why, False
+    return None, True
+
+
 def run_suite(engine: Engine, cases: list[Case], overrides: dict) -> dict:
-    """Run every case in process; per rule file pass/fail and the failures."""
+    """Run every case in process; per rule file pass/fail, the failures, the overrides used."""
     per_file: dict[str, list[int]] = {}
     failures: list[tuple[str, str]] = []
+    used: list[tuple[str, str]] = []
     passed = 0
     for c in cases:
-        why = None
-        for st in c.stages:
-            output = overrides.get((c.rule_id, c.test_id), st.output)
-            status, ids, msgs = run_in_process(engine, st.raw)
-            why = judge(output, status, ids, msgs)
-            if why:
-                break
+        ov = overrides.get((c.rule_id, c.test_id))
+        why, needed = run_case(engine, c, ov)
         counts = per_file.setdefault(c.rule_file, [0, 0])
         if why is None:
             passed += 1
             counts[0] += 1
+            if needed:
+                used.append((c.name, ov[1]))
         else:
             counts[1] += 1
             failures.append((c.name, why))
-    return {"passed": passed, "total": len(cases), "per_file": per_file, "failures": failures}
+    return {"passed": passed, "total": len(cases), "per_file": per_file, "failures": failures,
+            "overrides_used": used}

@@ -312,16 +312,18 @@ def _part(text: str, mp: Multipart) -> None:
         if not colon or not k.strip():
             mp.flag("MULTIPART_INVALID_PART")
             continue
+        if any(not (0x21 <= ord(ch) <= 0x7E) for ch in k):
+            mp.error = mp.error or "Multipart: Invalid part header (contains invalid character)"
         headers.append((k.strip(), v.strip()))
     name = filename = None
     for k, v in headers:
         if k.lower() == "content-disposition":
             name, filename = _disposition(v, mp)
+    for k, v in headers:
+        mp.part_headers.append((name or "", f"{k}: {v}"))
     if name is None:
         mp.flag("MULTIPART_INVALID_PART")
         return
-    for k, v in headers:
-        mp.part_headers.append((name, f"{k}: {v}"))
     mp.name = name
     if filename is not None:
         mp.files.append((name, filename))

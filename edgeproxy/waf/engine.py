@@ -21,6 +21,7 @@ import re2
 
 from . import bodies
 from .operators import UNSUPPORTED, OperatorError, compile_operator, compile_rx
+from .seclang import VARIABLES as _IS_COLLECTION
 from .seclang import Directive, Rule, SecLangError, Variable, expand_globs, parse_files
 from .transforms import TRANSFORMS
 
@@ -87,7 +88,7 @@ class Macro:
         self.parts = tuple(parts)
         self.static = text if all(isinstance(p, str) for p in parts) else None
 
-    def expand(self, tx: "Transaction") -> str:
+    def expand(self, tx: Transaction) -> str:
         if self.static is not None:
             return self.static
         out = []
@@ -102,7 +103,7 @@ class Macro:
 # ------------------------------------------------------------------ compiled records
 
 class Target:
-    __slots__ = ("name", "key", "key_re", "count", "excludes")
+    __slots__ = ("name", "key", "key_re", "count", "excludes", "sig")
 
     def __init__(self, v: Variable) -> None:
         self.name = v.name
@@ -118,6 +119,11 @@ class Target:
             else:
                 self.key = v.key.lower()
         self.excludes: list = []  # (key lowercased | None, compiled re | None)
+        self.sig = None  # set by Engine once exclusions are final: the per-request cache key
+
+    def seal(self) -> None:
+        self.sig = (self.name, self.key, self.key_re.pattern if self.key_re is not None else None,
+                    self.count, tuple((k, r.pattern if r is not None else None) for k, r in self.excludes))
 
 
 def _exclude_record(v: Variable):
@@ -221,7 +227,7 @@ class Engine:
     # -- loading
 
     @classmethod
-    def load(cls, patterns: list[str], extra_text: str | None = None) -> "Engine":
+    def load(cls, patterns: list[str], extra_text: str | None = None) -> Engine:
         from .seclang import parse_text
         t0 = time.perf_counter()
         items = []
@@ -234,7 +240,7 @@ class Engine:
         return eng
 
     @classmethod
-    def from_items(cls, items) -> "Engine":
+    def from_items(cls, items) -> Engine:
         eng = cls()
         eng._compile(items)
         return eng
@@ -278,6 +284,12 @@ class Engine:
         removed: set[int] = set()
         for d in removals:
             self._apply_removal(d, compiled, by_id, removed)
+        for c in compiled:
+            link = c
+            while link is not None and link.marker is None:
+                for t in link.targets:
+                    t.seal()
+                link = link.chain
         for c in compiled:
             if c.marker is not None:
                 for p in self.phases:  # markers belong to every phase
@@ -355,7 +367,7 @@ class Engine:
         logdata = r.first("logdata")
         c.msg = Macro(msg) if msg is not None else None
         c.logdata = Macro(logdata) if logdata is not None else None
-        c.tags = tuple(r.all("tag"))
+        c.tags = tuple(r.all("tag")) if parent is None else parent.tags  # a link is its rule's
         c.severity = r.first("severity")
         # log / disruptive: the rule's own, else the phase default's.
         d_names = {a.name for a in d_acts}
@@ -457,7 +469,7 @@ class Engine:
     def rule_ids(self) -> list[int]:
         return [c.id for c in self._all]
 
-    def transaction(self, request: Request) -> "Transaction":
+    def transaction(self, request: Request) -> Transaction:
         return Transaction(self, request)
 
 
@@ -471,6 +483,8 @@ def _int_arg(d: Directive) -> int:
 # ------------------------------------------------------------------ a transaction
 
 _MATCHED = ("",)
+# Collections that change while a phase runs: never cached.
+_VOLATILE = frozenset(("TX", "MATCHED_VARS", "MATCHED_VAR", "MATCHED_VAR_NAME"))
 _SCALARS_REQ = ("REQUEST_METHOD", "REQUEST_PROTOCOL", "REQUEST_LINE", "REQUEST_URI",
                 "REQUEST_URI_RAW", "REQUEST_FILENAME", "REQUEST_BASENAME", "QUERY_STRING")
 
@@ -490,9 +504,11 @@ class Transaction:
         self.matched_vars: list[tuple[str, str]] = []
         self.rule_ids: list[int] = []
         self.messages: list[str] = []
+        self.details: list[tuple[int, str, str]] = []  # (rule id, msg, logdata) per logged match
         self.removed_ids: list[tuple[int, int]] = []
         self.removed_tags: list[str] = []
         self.removed_targets: list = []  # (ranges | None, tag | None, Variable)
+        self.removed_names: set[str] = set()
         self.body_processor = ""
         self.interrupted = False
         self.status = 200
@@ -607,7 +623,7 @@ class Transaction:
                 self.coll["XML"] = [("/*", text)] + [("//@*", a) for a in attrs]
         if proc == "MULTIPART":
             mp = bodies.parse_multipart(ctype, body)
-            err = mp.error
+            err = "Multipart parsing error: " + mp.error if mp.error else ""
             self._set_args(self.coll["ARGS_GET"], mp.args)
             self.coll["FILES"] = mp.files
             self.coll["FILES_NAMES"] = [(k, k) for k, _ in mp.files]
@@ -668,6 +684,15 @@ class Transaction:
 
     def values(self, t: Target, rule: CRule) -> list[tuple[str, str]]:
         name = t.name
+        if name in _VOLATILE or (self.removed_targets and name in self.removed_names):
+            return self._values(t, rule)
+        got = self.vcache.get(t.sig)
+        if got is None:
+            got = self.vcache[t.sig] = self._values(t, rule)
+        return got
+
+    def _values(self, t: Target, rule: CRule) -> list[tuple[str, str]]:
+        name = t.name
         key = t.key
         if name == "TX" and key is not None and t.key_re is None:
             v = self.tx.get(key)
@@ -679,9 +704,15 @@ class Transaction:
         else:
             src = self._source(name)
             if src is None:
+                if self.removed_targets and name in self.removed_names and \
+                        not self._runtime_excludes(name, [(name, "", "")], rule):
+                    return [(name, "0")] if t.count else []
                 if name in self.scalars:
                     return [(name, "1")] if t.count else [(name, self.scalars[name])]
-                return [(name, "0")] if t.count else []
+                if t.count:
+                    return [(name, "0")]
+                # ModSecurity's anchored (single-value) variables always exist, empty by default.
+                return [] if _IS_COLLECTION.get(name, True) else [(name, "")]
             if key is not None:
                 sel = [x for x in src if x[1] == key]
             elif t.key_re is not None:
@@ -692,7 +723,7 @@ class Transaction:
                 sel = src
         if t.excludes:
             sel = [x for x in sel if not _excluded3(x, len(name) + 1, t.excludes)]
-        if self.removed_targets:
+        if self.removed_targets and name in self.removed_names:
             sel = self._runtime_excludes(name, sel, rule)
         if t.count:
             return [(name, str(len(sel)))]
@@ -706,6 +737,8 @@ class Transaction:
                 continue
             if tag is not None and tag not in rule.tags:
                 continue
+            if v.key is None:
+                return []  # the whole variable is removed from this rule
             rec = [_exclude_record(v)]
             sel = [x for x in sel if not _excluded3(x, len(name) + 1, rec)]
         return sel
@@ -895,12 +928,10 @@ class Transaction:
         self.current_rule = r
         if r.log:
             self.rule_ids.append(r.id)
-            parts = []
-            if r.msg is not None:
-                parts.append(r.msg.expand(self))
-            if r.logdata is not None:
-                parts.append(r.logdata.expand(self))
-            self.messages.append(" ".join(p for p in parts if p))
+            msg = r.msg.expand(self) if r.msg is not None else ""
+            data = r.logdata.expand(self) if r.logdata is not None else ""
+            self.details.append((r.id, msg, data))
+            self.messages.append(f"{msg} {data}" if msg and data else msg or data)
         dis = r.disruptive
         if dis is None or dis == "pass":
             return
@@ -920,14 +951,17 @@ class Transaction:
             self.removed_tags.append(c.value)
         elif o == "ruleRemoveTargetById":
             self.removed_targets.append((c.ids, None, c.target))
+            self.removed_names.add(c.target.name)
         elif o == "ruleRemoveTargetByTag":
             self.removed_targets.append((None, c.value, c.target))
+            self.removed_names.add(c.target.name)
         elif o == "ruleEngine":
             if c.value in ("On", "Off", "DetectionOnly"):
                 self.mode = c.value
         elif o == "requestBodyProcessor":
             self.body_processor = c.value.upper()
             self.scalars["REQBODY_PROCESSOR"] = self.body_processor
+            self.vcache.clear()
         # forceRequestBodyVariable, auditEngine, requestBodyAccess and the
         # limits are no-ops: REQUEST_BODY is always set, the audit log is ours.
 

@@ -116,7 +116,6 @@ CONFIG_DIRECTIVES = {
     "SecArgumentSeparator", "SecCookieFormat", "SecUnicodeMapFile", "SecStatusEngine",
     "SecServerSignature", "SecUploadDir", "SecUploadKeepFiles", "SecUploadFileMode",
     "SecTmpSaveUploadedFiles", "SecWebAppId", "SecHttpBlKey", "SecGeoLookupDb",
-    "SecRequestBodyLimitAction",
 }
 
 RULE_DIRECTIVES = {"SecRule", "SecAction"}
@@ -160,7 +159,7 @@ class Rule:
     variables: list[Variable]
     operator: Operator | None
     actions: list[Action]
-    chain: list["Rule"] = field(default_factory=list)
+    chain: list[Rule] = field(default_factory=list)
     directive: str = "SecRule"
 
     def first(self, name: str) -> str | None:
@@ -340,8 +339,9 @@ def parse_variables(text: str, where: str = "<text>", line: int = 0) -> list[Var
                 j += 2
                 continue
             if colon and not in_re and not in_q and c == "/" and text[j - 1] == ":":
-                in_re = True
-            elif in_re and c == "/":
+                # a /regex/ key ends with "/" before the next "|" or the end
+                in_re = _regex_key_end(text, j) > j
+            elif in_re and c == "/" and (j + 1 == n or text[j + 1] == "|"):
                 in_re = False
             elif colon and c == "'" and text[j - 1] == ":" and not in_re:
                 in_q = True
@@ -378,6 +378,18 @@ def parse_variables(text: str, where: str = "<text>", line: int = 0) -> list[Var
             key = key[1:-1]
         out.append(Variable(name_u, key, is_re, exclude, count))
     return out
+
+
+def _regex_key_end(text: str, start: int) -> int:
+    """Where the /regex/ key starting at `start` closes, or -1 (then it is a plain key)."""
+    k = start + 1
+    while True:
+        k = text.find("/", k)
+        if k < 0:
+            return -1
+        if k + 1 == len(text) or text[k + 1] == "|":
+            return k
+        k += 1
 
 
 def parse_operator(text: str, where: str = "<text>", line: int = 0) -> Operator:

@@ -63,8 +63,9 @@ def _url_decode_uni(s: str) -> str:
                     and _ishex(s[i + 4]) and _ishex(s[i + 5])):
                 b = int(s[i + 4:i + 6], 16)
                 if 0 < b < 0x5F and s[i + 2] in "fF" and s[i + 3] in "fF":
-                    b += 0x20  # full-width ASCII
-                out.append(chr(b))
+                    out.append(chr(b + 0x20))  # full-width ASCII
+                else:
+                    out.append("x")  # ModSecurity's placeholder for other code points
                 i += 6
                 continue
             if i + 2 < n and _ishex(s[i + 1]) and _ishex(s[i + 2]):
@@ -201,18 +202,20 @@ def _cmd_line(s: str) -> str:
     return _lower("".join(out))
 
 
-_WS_RUN = re2.compile(r"[ \t\n\r\f\v\xa0]+")
+_WS_CHARS = " \t\n\r\f\v\xa0"
+_WS_TO_SPACE = str.maketrans({c: " " for c in _WS_CHARS})
+_WS_DELETE = str.maketrans("", "", _WS_CHARS)
 
 
 def _compress_ws(s: str) -> str:
-    return _WS_RUN.sub(" ", s)
-
-
-_WS_ANY = re2.compile(r"[ \t\n\r\f\v\xa0]")
+    t = s.translate(_WS_TO_SPACE)
+    while "  " in t:  # each pass halves the longest run: O(n log n) at worst
+        t = t.replace("  ", " ")
+    return t
 
 
 def _remove_ws(s: str) -> str:
-    return _WS_ANY.sub("", s)
+    return s.translate(_WS_DELETE)
 
 
 def _replace_comments(s: str) -> str:
@@ -317,7 +320,7 @@ def _utf8_to_unicode(s: str) -> str:
             out.append(chr(c))
             i += 1
             continue
-        out.append("%%u%04x" % ord(ch))
+        out.append(f"%u{ord(ch):04x}")
         i += ln
     return "".join(out)
 
@@ -407,7 +410,7 @@ def _url_encode(s: str) -> str:
         elif c == " ":
             out.append("+")
         else:
-            out.append("%%%02x" % ord(c))
+            out.append(f"%{ord(c):02x}")
     return "".join(out)
 
 
