@@ -89,3 +89,21 @@ def test_a_missing_file_is_an_error(tmp_path):
     with pytest.raises(SecLangError) as e:
         Engine.load([str(tmp_path / "nope.conf")])
     assert "cannot read" in str(e.value)
+
+
+CRS33 = "/usr/share/modsecurity-crs"
+
+
+@pytest.mark.skipif(not os.path.isdir(CRS33), reason="Debian's modsecurity-crs (CRS 3.3) is not installed")
+def test_debian_crs_3_3_loads_with_its_pcre_only_rules_listed():
+    setup = "/etc/modsecurity/crs/crs-setup.conf"
+    files = ([setup] if os.path.exists(setup) else []) + [f"{CRS33}/rules/*.conf"]
+    with pytest.raises(SecLangError) as e:
+        Engine.load(files)  # strict: a pattern RE2 cannot run is an error naming file and line
+    assert "RE2" in str(e.value) and ".conf:" in str(e.value)
+    eng = Engine.load(files, strict=False)
+    assert eng.rule_count > 500
+    # Every rule that cannot match is named, by file, line and id.
+    for note in eng.notes:
+        assert ".conf:" in note and "rule 9" in note and "never matches" in note
+    assert len(eng.notes) <= 8

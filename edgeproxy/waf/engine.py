@@ -219,6 +219,7 @@ class Engine:
         self.arguments_limit = 1000
         self.json_depth = 512
         self.load_seconds = 0.0
+        self.strict = True
         self._tcache_ids: dict[tuple, int] = {}
         self._all: list[CRule] = []
         self._rx_rules: list[CRule] = []
@@ -227,7 +228,13 @@ class Engine:
     # -- loading
 
     @classmethod
-    def load(cls, patterns: list[str], extra_text: str | None = None) -> Engine:
+    def load(cls, patterns: list[str], extra_text: str | None = None, strict: bool = True) -> Engine:
+        """Parse and compile rule files (globs expanded in order).
+
+        `strict`: a pattern RE2 cannot run (a lookbehind, a backreference) is
+        an error; otherwise the rule loads as never matching and is listed in
+        `notes`.
+        """
         from .seclang import parse_text
         t0 = time.perf_counter()
         items = []
@@ -235,6 +242,7 @@ class Engine:
             items.extend(parse_text(extra_text, "<config>"))
         items.extend(parse_files(expand_globs(patterns)))
         eng = cls()
+        eng.strict = strict
         eng._compile(items)
         eng.load_seconds = time.perf_counter() - t0
         return eng
@@ -422,14 +430,22 @@ class Engine:
             try:
                 c.op = compile_operator(op.name, op.arg, base, c.capture, dynamic)
             except OperatorError as e:
-                raise SecLangError(r.where, r.line, str(e)) from None
+                if self.strict or op.name != "rx":
+                    raise SecLangError(r.where, r.line, str(e)) from None
+                # Lenient loading (CRS 3.3's lookbehind in 920120): the rule loads,
+                # never matches, and the load notes name it.
+                c.op = compile_operator("noMatch", "", base)
+                op = type(op)("noMatch", "", op.negated)
+                c.unsupported = f"{e}; never matches"
+                self.notes.append(f"{r.where}:{r.line}: rule {c.id}: {c.unsupported}")
+            c.op_name = op.name
             c.op_dynamic = dynamic
             c.op_arg = Macro(op.arg) if dynamic else op.arg
             if op.name == "rx":
                 c.rx_pattern = op.arg
                 self._rx_rules.append(c)
             if op.name in UNSUPPORTED:
-                c.unsupported = f"@{op.name} needs a missing library; never matches"
+                c.unsupported = f"@{op.name} is not supported; never matches"
                 self.notes.append(f"{r.where}:{r.line}: rule {c.id}: {c.unsupported}")
         if r.chain and parent is None:
             prev = c

@@ -28,7 +28,8 @@ except ImportError:  # pragma: no cover - a dependency
     libinjection = None
 
 # Operators that load but never match (reported by the compiler).
-UNSUPPORTED: set[str] = set()
+UNSUPPORTED: set[str] = {"geoLookup", "rbl", "gsbLookup", "inspectFile", "fuzzyHash", "verifyCC",
+                         "verifyCPF", "verifySSN", "verifySVNR", "rsub"}
 if libinjection is None:  # pragma: no cover
     UNSUPPORTED |= {"detectSQLi", "detectXSS"}
 
@@ -40,6 +41,7 @@ class OperatorError(ValueError):
 RX_OPTIONS = re2.Options()
 RX_OPTIONS.dot_nl = True  # ModSecurity compiles with PCRE_DOTALL
 RX_OPTIONS.max_mem = 64 << 20
+RX_OPTIONS.log_errors = False  # errors are raised, with the rule's file and line
 
 _MATCH = ("",)
 
@@ -287,6 +289,6 @@ def compile_operator(name: str, arg: str, base_dir: str, capture: bool = False, 
         return _detect_xss if libinjection is not None else _none
     if name == "unconditionalMatch":
         return lambda v, _a: (v,)
-    if name == "noMatch":
+    if name == "noMatch" or name in UNSUPPORTED:
         return _none
     raise OperatorError(f"operator @{name} is not supported")

@@ -61,7 +61,8 @@ VARIABLES = {
     "RESPONSE_CONTENT_LENGTH": False, "STATUS_LINE": False, "INBOUND_DATA_ERROR": False,
     "OUTBOUND_DATA_ERROR": False, "FULL_REQUEST": False, "FULL_REQUEST_LENGTH": False,
     "AUTH_TYPE": False, "HIGHEST_SEVERITY": False, "RULE": True, "WEBAPPID": False,
-    "URLENCODED_ERROR": False, "UNIQUE_ID_": False,
+    "URLENCODED_ERROR": False, "GEO": True, "PATH_INFO": False, "REMOTE_HOST": False,
+    "USERID": False, "SESSIONID": False,
 }
 
 OPERATORS = {
@@ -69,6 +70,10 @@ OPERATORS = {
     "containsWord", "within", "eq", "ge", "gt", "le", "lt", "validateByteRange",
     "validateUrlEncoding", "validateUtf8Encoding", "ipMatch", "ipMatchFromFile",
     "detectSQLi", "detectXSS", "unconditionalMatch", "noMatch", "strmatch",
+    # known, loaded, never match (the engine's load notes say so): no GeoIP
+    # database or DNS blocklist lookups at the edge
+    "geoLookup", "rbl", "gsbLookup", "inspectFile", "fuzzyHash", "verifyCC",
+    "verifyCPF", "verifySSN", "verifySVNR", "rsub",
 }
 
 TRANSFORMATIONS = {
