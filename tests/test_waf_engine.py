@@ -195,3 +195,23 @@ def test_crs_passes_a_clean_browser_request(crs_block):
     tx.run_request()
     v = tx.verdict()
     assert v.action == "pass" and v.rule_ids == [] and v.anomaly_score == 0
+
+
+def test_ctl_remove_target_by_tag_covers_single_value_variables():
+    # CRS 941010: a plain REQUEST_FILENAME is taken out of the xss-perf-disable rules.
+    eng = engine(
+        'SecRule REQUEST_FILENAME "!@validateByteRange 45-57,65-90,97-122" '
+        '"id:1,phase:1,pass,nolog,ctl:ruleRemoveTargetByTag=perf;REQUEST_FILENAME"\n'
+        "SecRule REQUEST_FILENAME|ARGS \"@contains cookie\" \"id:2,phase:2,pass,tag:'perf'\"\n"
+    )
+    assert run(eng, uri="/a/document.cookie").rule_ids == []
+    assert run(eng, uri="/a/document.cookie?x=cookie").rule_ids == [2]
+    assert run(eng, uri="/a/<cookie>").rule_ids == [2]
+
+
+def test_single_value_variables_exist_empty():
+    # libmodsecurity's anchored variables: REQUEST_BASENAME of "/" is "" (CRS 920200 relies on it).
+    eng = engine('SecRule REQUEST_BASENAME "!@endsWith .pdf" "id:1,phase:1,pass"\n'
+                 'SecRule QUERY_STRING "@rx ^$" "id:2,phase:1,pass"\n')
+    assert run(eng, uri="/").rule_ids == [1, 2]
+    assert run(eng, uri="/a.pdf?x=1").rule_ids == []
