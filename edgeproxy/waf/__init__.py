@@ -1,0 +1,1 @@
+"""The application firewall: SecLang rules (OWASP CRS) compiled to an evaluation plan."""
