@@ -353,6 +353,8 @@ cdef class UpstreamConn(Stream):
             _out.n -= 2
             _out.addb(extra)
             _out.add(b"\r\n", 2)
+            if c.cfg.log_fields & LOG_CACHE:
+                c.log_cache = extra
         c.resp_head_len = _out.n
 
     cdef void _finish(self, ClientConn c):

@@ -21,6 +21,7 @@ from email.utils import formatdate
 from edgeproxy import _ext
 from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
+from edgeproxy.metrics.region import route_labels
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.proxy.build import Hooks
 from edgeproxy.server.accept import AcceptGuard
@@ -109,7 +110,8 @@ class Worker:
         # the listeners' servers, paused when nearly out of descriptors
         self.accept = AcceptGuard(self.loop, config.server.fd_reserve)
         on_accept_exhausted[:] = [self.accept.out_of_descriptors]
-        self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
+        self.access_log = (AccessLog(config.log.access_log, config.log.access_format,
+                                     [route for route, _ in route_labels(config)])
                            if config.log.access_log else None)
         self.pools: dict = {}
         self.backends: list = []      # metrics table: config order, then added ones
@@ -210,7 +212,7 @@ class Worker:
             self.state_writer.start()
         self.cache = _open_cache(self.config)
         hooks = Hooks(self.config, self.pools, self.loop)
-        router = build_router(self.config, self.pools, self.cache, hooks)
+        router = build_router(self.config, self.pools, self.cache, hooks, settings=settings)
         for op in self.ops:
             self.apply(op)
         for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks, strict=True)):
@@ -301,7 +303,7 @@ class Worker:
             pc = self.config.pools[op["pool"]]
             b = _ext.Backend(op["host"], op["port"], weight=op.get("weight", 1),
                              idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
-                             t_connect=self.config.timeout.connect)
+                             t_connect=self.config.timeout.connect, path=op.get("path"))
             b.proxy_protocol = {"": 0, "v1": 1, "v2": 2}[pc.proxy_protocol]
             # its health slot: the supervisor gave it one on the shared board
             self.board.place(op["pool"], name, op["slot"])
