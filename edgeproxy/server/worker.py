@@ -110,9 +110,14 @@ class Worker:
         # the listeners' servers, paused when nearly out of descriptors
         self.accept = AcceptGuard(self.loop, config.server.fd_reserve)
         on_accept_exhausted[:] = [self.accept.out_of_descriptors]
-        self.access_log = (AccessLog(config.log.access_log, config.log.access_format,
-                                     [route for route, _ in route_labels(config)])
-                           if config.log.access_log else None)
+        try:
+            self.access_log = (AccessLog(config.log.access_log, config.log.access_format,
+                                         [route for route, _ in route_labels(config)])
+                               if config.log.access_log else None)
+        except OSError as exc:          # one line, not a traceback (a reload to a bad path)
+            log.error("log.access_log: cannot open %s: %s", config.log.access_log,
+                      exc.strerror or exc)
+            raise SystemExit(1) from None
         self.pools: dict = {}
         self.backends: list = []      # metrics table: config order, then added ones
         self.exit_code = 0
@@ -432,7 +437,12 @@ def serve(config: Config, *, supervise: bool = True,
         return Supervisor(config, load or (lambda: config)).run()
     tls = build_tls(config)
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)      # until run() handles them
-    socks = [bind_socket(lc) for lc in config.listen]
+    socks = []
+    for lc in config.listen:
+        try:
+            socks.append(bind_socket(lc))
+        except OSError as exc:
+            raise OSError(exc.errno, f"listen {lc.bind}: {exc.strerror}") from None
     return Worker(config, socks, tls=tls).run()
 
 
