@@ -73,11 +73,11 @@ def test_a_template_prints_the_named_fields(proxy_factory, tmp_path, origin):
         assert r.status == 404
         not_found_body = len(r.body)
     target = "/cache/t?cc=max-age%3D60"
-    for _ in range(2):
+    for _ in range(3):          # a miss, then hits (the Python phase's, the hot index's)
         with Client(proxy.port) as c:
             assert c.request("GET", target, host="cached.test").status == 200
-    lines = lines_of(log_path, 4)
-    ok, nf, miss, hit = lines
+    lines = lines_of(log_path, 5)
+    ok, nf, miss, hit, hit2 = lines
     f = ok.split(" ")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", f[0]), f[0]
     assert f[1:6] == ["127.0.0.1", "example.test", "GET", "/size/7?q=1", "200"]
@@ -92,6 +92,7 @@ def test_a_template_prints_the_named_fields(proxy_factory, tmp_path, origin):
     assert n[9:11] == ["-", "-"]                              # no route, no backend
     assert re.fullmatch(r"fwd=[a-z-]*miss;fwd-status=200;stored", miss.split(" ")[11]), miss
     assert hit.split(" ")[11].startswith("hit;ttl="), hit
+    assert hit2.split(" ")[11].startswith("hit;ttl="), hit2
     assert miss.split(" ")[9] == "cached.test/"
 
 

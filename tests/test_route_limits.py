@@ -6,6 +6,9 @@ chunked bodies alike."""
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 from harness import Client
 
@@ -125,3 +128,60 @@ def test_route_settings_copy_only_what_the_route_sets():
     assert (derived.t_read, derived.t_send, derived.max_body) == (300.0, 7.0, settings.max_body)
     assert (derived.t_connect, derived.t_body) == (settings.t_connect, settings.t_body)
     assert settings.t_read == 60.0
+
+
+@pytest.fixture
+def stuck_backend():
+    """A port whose listen queue is full: connects to it hang (SYNs are dropped)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(0)
+    filler = socket.create_connection(s.getsockname(), timeout=2)
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    filler.close()
+    s.close()
+
+
+def test_route_connect_and_body_timeouts(origin, stuck_backend, proxy_factory):
+    proxy = proxy_factory(f"""
+[[route]]
+pool = "stuck"
+[[route]]
+host = "quick.test"
+pool = "stuck"
+timeout = {{ connect = 0.5 }}
+[[route]]
+host = "web.test"
+pool = "web"
+[[route]]
+host = "upload.test"
+pool = "web"
+timeout = {{ body = 0.5 }}
+[pool.stuck]
+backends = ["{stuck_backend}"]
+[pool.web]
+backends = ["{origin.url}"]
+[timeout]
+connect = 2.0
+body = 30.0
+""")
+    with Client(proxy.port) as c:
+        t = time.monotonic()
+        assert c.request("GET", "/", host="quick.test").status == 504
+        assert time.monotonic() - t < 1.8
+    with Client(proxy.port) as c:
+        t = time.monotonic()
+        assert c.request("GET", "/", host="example.test").status == 504
+        assert time.monotonic() - t >= 1.9
+    log = proxy.log()
+    assert "connect timed out after 0.5s" in log and "connect timed out after 2.0s" in log
+    # a body that stops: 408 after the route's 0.5 s; the global 30 s elsewhere
+    with Client(proxy.port, timeout=5) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: upload.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        t = time.monotonic()
+        assert c.read_response().status == 408
+        assert time.monotonic() - t < 2.5
+    with Client(proxy.port, timeout=1.5) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: web.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        with pytest.raises(TimeoutError):
+            c.read_response()
