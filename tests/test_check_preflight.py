@@ -157,3 +157,19 @@ def test_run_fails_in_one_line(tmp_path, busy_port, mode):
             assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr
             continue
         _one_line_failure(r, words)
+
+
+def test_a_reload_to_an_unwritable_log_is_refused_in_one_message(proxy_factory, tmp_path, origin):
+    from ops_support import start, status
+    proxy, admin_port = start(proxy_factory, tmp_path, origin.url, admin=True)
+    pids = [w["pid"] for w in status(admin_port)["workers"]]
+    proxy.config_path.write_text(proxy.config_path.read_text()
+                                 + f'\n[log]\naccess_log = "{tmp_path}/gone/access.log"\n')
+    r = edgeproxy("reload", "-c", str(proxy.config_path), timeout=60)
+    assert r.returncode == 1
+    assert f"log.access_log: cannot create {tmp_path}/gone/access.log" in r.stderr
+    assert "Traceback" not in proxy.log() and "crashed" not in proxy.log()
+    after = status(admin_port)
+    assert after["generation"] == 1 and [w["pid"] for w in after["workers"]] == pids
+    with Client(proxy.port) as c:
+        assert c.request("GET", "/size/5").status == 200

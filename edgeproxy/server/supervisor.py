@@ -44,6 +44,7 @@ from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import SlotLabels
+from edgeproxy.server.preflight import file_problems
 from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
 from edgeproxy.tls import TLSConfigError
 
@@ -411,6 +412,11 @@ class Supervisor:
             return False, str(exc)
         except Exception as exc:  # an unreadable file, ...
             return False, f"cannot load the configuration: {exc}"
+        # what the new workers would open (log and cache directories): refused
+        # here in one message rather than by workers that fail to start
+        problems = await self.loop.run_in_executor(None, file_problems, config)
+        if problems:
+            return False, "; ".join(problems)
         try:
             # certificates load (and are checked) here, before any worker:
             # a bad one fails the reload and the old workers keep serving
