@@ -62,7 +62,16 @@ class ProxySettings:
                  t_header: float = ..., t_keepalive: float = ..., t_body: float = ...,
                  server_header: str = ...,
                  hide: Iterable[str] = ..., access_log: Any = ...,
-                 normalize_target: bool = ...) -> None: ...
+                 normalize_target: bool = ..., log_fields: int = ...) -> None: ...
+    max_body: int
+    t_connect: float
+    t_read: float
+    t_send: float
+    t_body: float
+    log_fields: int
+    def derive(self, *, max_body: int | None = ..., t_connect: float | None = ...,
+               t_read: float | None = ..., t_send: float | None = ...,
+               t_body: float | None = ...) -> ProxySettings: ...
     addr: ClientAddr | None   # trusted proxies and per-address limits (clientaddr.pyx)
 
 class AddrSet:
@@ -98,6 +107,7 @@ class SharedMemory:
 class Backend:
     host: str
     port: int
+    path: str | None            # unix socket backends
     scheme: str
     name: str
     weight: int
@@ -107,7 +117,8 @@ class Backend:
     proxy_protocol: int          # 1, 2: a PROXY header of that version on each connection
     def __init__(self, host: str, port: int, *, scheme: str = ..., weight: int = ...,
                  idle_max: int = ..., idle_timeout: float = ..., t_connect: float = ...,
-                 ssl: Any = ..., server_hostname: str | None = ..., backup: bool = ...) -> None: ...
+                 ssl: Any = ..., server_hostname: str | None = ..., backup: bool = ...,
+                 path: str | None = ...) -> None: ...
     @property
     def idle_count(self) -> int: ...
     def attach_health(self, mem: SharedMemory, offset: int) -> None: ...
@@ -197,6 +208,7 @@ class Route:
     hot: HotIndex | None
     phases: PhaseChain | None
     phase: Any                  # the compiled phase (CacheRoutePhase on cache routes) or None
+    cfg: ProxySettings | None   # the route's own limits and timeouts
     def __init__(self, host: str | None, path: str, pool: Pool, index: int = ...,
                  cache: Any = ...) -> None: ...
 
@@ -248,7 +260,8 @@ class Listener:
     def __init__(self, cfg: ProxySettings, router: Router, proto: str = ...,
                  resp_extra: bytes = ..., redirect_port: int = ...,
                  subject_header: str | None = ..., subject_of: Any = ...,
-                 tls_context: Any = ...) -> None: ...
+                 tls_context: Any = ..., name: str = ...) -> None: ...
+    name: str
     tls_context: Any        # https: the ssl.SSLContext its TLSServerConn run
     phases: PhaseChain | None   # global hooks with a connect phase
     max_conns: int               # open connections at most (this worker); 0 = no limit
@@ -277,6 +290,8 @@ class UpstreamConn:
     deadline: float
 
 class TLSUpstreamConn(UpstreamConn): ...
+
+ACCESS_LOG_CAPTURE: dict[str, int]
 
 def set_clock(now: float, date_line: bytes | None = ...) -> None: ...
 def set_draining(on: bool) -> None: ...

@@ -7,6 +7,7 @@ cdef class Backend:
     """One backend server of a pool, with its idle keep-alive connections."""
     cdef public str host
     cdef public int port
+    cdef public str path             # a unix socket's path ("unix:/run/app.sock" backends), or None
     cdef public str scheme
     cdef public str name             # "127.0.0.1:5000", for logs
     cdef public bytes hostport       # Host value when the client sent none
@@ -43,12 +44,19 @@ cdef class Backend:
 
     def __init__(self, host, port, *, scheme="http", weight=1, idle_max=1024,
                  idle_timeout=60.0, t_connect=5.0, ssl=None, server_hostname=None,
-                 backup=False):
+                 backup=False, path=None):
         self.host = host
         self.port = port
         self.scheme = scheme
-        self.name = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        self.hostport = self.name.encode("latin-1")
+        self.path = path
+        if path is not None:
+            if ssl is not None:
+                raise ValueError("a unix socket backend does not speak TLS")
+            self.name = "unix:" + path
+            self.hostport = b"localhost"     # the Host for a client that sent none (as nginx)
+        else:
+            self.name = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            self.hostport = self.name.encode("latin-1")
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.weight = weight
@@ -155,19 +163,22 @@ def resource_error(str kind, str what):
 async def _connect(Backend b, ClientConn c):
     cdef bytes pp = _proxy_header_for(b, c) if b.proxy_protocol else None
     loop = asyncio.get_running_loop()
+    limit = c.cfg.t_connect      # the route's timeout.connect, or the global one
     try:
-        if pp is not None and b.ssl is not None:
+        if b.path is not None:
+            coro = loop.create_unix_connection(b._new_conn, b.path)
+        elif pp is not None and b.ssl is not None:
             coro = _connect_after_proxy_header(loop, b, pp)
         elif b.ssl is not None:
             coro = loop.create_connection(b._new_conn, b.host, b.port, ssl=b.ssl,
                                           server_hostname=b.server_hostname or b.host)
         else:
             coro = loop.create_connection(b._new_conn, b.host, b.port)
-        _, up = await asyncio.wait_for(coro, b.t_connect)
+        _, up = await asyncio.wait_for(coro, limit)
         if pp is not None and b.ssl is None and (<UpstreamConn>up).transport is not None:
             (<UpstreamConn>up).transport.write(pp)     # before the request: _upstream_ready
     except asyncio.TimeoutError:
-        _log.warning("backend %s: connect timed out after %.1fs", b.name, b.t_connect)
+        _log.warning("backend %s: connect timed out after %.1fs", b.name, limit)
         _note_failure(b, "connect timeout")
         c._upstream_failed(b, 504)
         return

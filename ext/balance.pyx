@@ -525,7 +525,8 @@ cdef class Pool:
             b = <Backend>x
             b.pool = self
             b.index = i
-            b.seed = _mix64(_hash_bytes(b.hostport, len(b.hostport)) + <unsigned long long>i)
+            ident = b.name.encode("utf-8", "surrogateescape")   # "host:port" or "unix:/path"
+            b.seed = _mix64(_hash_bytes(ident, len(ident)) + <unsigned long long>i)
         primaries = [x for x in self.backends if not (<Backend>x).backup]
         backups = [x for x in self.backends if (<Backend>x).backup]
         self.primary = Group(primaries)

@@ -256,6 +256,8 @@ cdef bint _serve_hot(ClientConn c, HotIndex hot, HeadParser hp) except -1:
     c.resp_started = 1
     c.resp_keep = keep
     c.resp_bytes = e.body_len if send_body else 0
+    if c.cfg.log_fields & LOG_CACHE:
+        c.log_cache = b"Cache-Status: edgeproxy; hit; ttl=%d" % <long long>floor(ttl)
     c._send_parts(o.p, o.n, e.parts if send_body else None)
     hot.hits += 1
     _hot_hits += 1

@@ -123,6 +123,8 @@ cdef class ClientConn(Stream):
         bytes log_req
         bytes log_ref
         bytes log_ua
+        bytes log_host            # LOG_HOST: the Host the client sent, or None
+        bytes log_cache           # LOG_CACHE: the response's Cache-Status line, or None
         bytes req_id
         int resp_status
         long long resp_bytes
@@ -362,12 +364,14 @@ cdef class ClientConn(Stream):
         cdef Backend b
         cdef UpstreamConn u
         cdef bytes head
-        cdef ProxySettings cfg = self.cfg
+        cdef ProxySettings cfg = self.lst.cfg
         cdef Route route
         cdef int r
         _total_requests += 1
         if self.hop_trusted:
             _real_ip(self, hp)
+        if self.cfg is not cfg:         # the last request ran on its route's own settings
+            self.cfg = cfg
         if self.stage is not None:      # (never expected: each request's stage ends with it)
             self._stage_end(0)
         self.xform = None
@@ -395,9 +399,6 @@ cdef class ClientConn(Stream):
             self._log_capture(base + off)
             self.req_id = None
         if hp.body == B_LENGTH:
-            if cfg.max_body and hp.content_length > cfg.max_body:
-                self._reply_error(413, 0)
-                return -1
             self.body_left = hp.content_length
         elif hp.body == B_CHUNKED:
             chunk_init(&self.chunk, CHUNK_LINE_MAX, cfg.max_head)
@@ -415,6 +416,12 @@ cdef class ClientConn(Stream):
             self._reply_error(404, hp.body == B_NONE)
             return -1
         self.route_id = route.index
+        if route.cfg is not None:
+            # the route's own max_body and timeouts, up to the end of this request
+            self.cfg = cfg = route.cfg
+        if hp.body == B_LENGTH and cfg.max_body and hp.content_length > cfg.max_body:
+            self._reply_error(413, 0)
+            return -1
         if route.phases is not None:
             return _start_phased(self, route, hp, base + off)
         pool = route.pool
@@ -566,6 +573,9 @@ cdef class ClientConn(Stream):
         else:
             o.add(b"Connection: close\r\n", 19)
         o.add(b"\r\n", 2)
+        self.resp_head_len = o.n
+        if self.cfg.log_fields & LOG_CACHE:
+            self.log_cache = _cache_status_of(head)
         self._send_parts(o.p, o.n, parts)
         self._response_done()
 
@@ -688,9 +698,10 @@ cdef class ClientConn(Stream):
         loc = b"https://" + hp.host[:hl] + (
             b"" if self.lst.redirect_port == 443 else b":%d" % self.lst.redirect_port) + target
         self.resp_status = 308
-        self.transport.write(
-            b"HTTP/1.1 308 Permanent Redirect\r\n%s%sLocation: %s\r\nContent-Length: 0\r\n%s\r\n"
-            % (self.cfg.server_line, _date_line, loc, b"" if keep else b"Connection: close\r\n"))
+        resp = (b"HTTP/1.1 308 Permanent Redirect\r\n%s%sLocation: %s\r\nContent-Length: 0\r\n%s\r\n"
+                % (self.cfg.server_line, _date_line, loc, b"" if keep else b"Connection: close\r\n"))
+        self.transport.write(resp)
+        self.resp_head_len = len(resp)
         self._request_end(308)
         if keep:
             self.state = C_HEAD
@@ -770,7 +781,7 @@ cdef class ClientConn(Stream):
         resp = _error_response(self.cfg, 503, keep, b"Retry-After: %d\r\n" % retry_after)
         self.transport.write(resp)
         if self.in_req:
-            self.resp_head_len = len(resp)
+            self._own_answer_sent(resp)
             self._request_end(503)
         self.upq = None
         self.queued = 0
@@ -788,18 +799,38 @@ cdef class ClientConn(Stream):
         self.upq = [self.up_head]
         self.backend.connect(self)
 
+    cdef void _own_answer_sent(self, bytes resp):
+        """Count an answer of the proxy's own (head, then body) for the
+        metrics and the access log's bytes."""
+        cdef Py_ssize_t hl = resp.find(b"\r\n\r\n") + 4
+        if hl < 4:
+            hl = len(resp)
+        self.resp_head_len = hl
+        self.resp_bytes = len(resp) - hl
+
     cdef void _log_capture(self, const char *line):
+        """Keep what the access log's format prints of this request (and
+        only that: ProxySettings.log_fields)."""
         cdef HeadParser hp = _parser
         cdef size_t i
-        cdef const char *lf = <const char *>memchr(line, b'\r', hp.head_len)
-        self.log_req = line[:lf - line] if lf != NULL else b""
+        cdef int want = self.cfg.log_fields
+        cdef const char *lf
+        if want & LOG_LINE:
+            lf = <const char *>memchr(line, b'\r', hp.head_len)
+            self.log_req = line[:lf - line] if lf != NULL else b""
+        else:
+            self.log_req = b"-"
         self.log_ref = b"-"
         self.log_ua = b"-"
-        for i in range(hp.nfields):
-            if _ieq(hp.fields[i].name, hp.fields[i].name_len, b"referer", 7):
-                self.log_ref = hp.fields[i].value[:hp.fields[i].value_len]
-            elif _ieq(hp.fields[i].name, hp.fields[i].name_len, b"user-agent", 10):
-                self.log_ua = hp.fields[i].value[:hp.fields[i].value_len]
+        self.log_cache = None
+        if want & LOG_HOST:
+            self.log_host = hp.host[:hp.host_len] if hp.has_host else None
+        if want & (LOG_REFERER | LOG_AGENT):
+            for i in range(hp.nfields):
+                if _ieq(hp.fields[i].name, hp.fields[i].name_len, b"referer", 7):
+                    self.log_ref = hp.fields[i].value[:hp.fields[i].value_len]
+                elif _ieq(hp.fields[i].name, hp.fields[i].name_len, b"user-agent", 10):
+                    self.log_ua = hp.fields[i].value[:hp.fields[i].value_len]
 
     # -- the end of a request --
 
@@ -874,20 +905,18 @@ cdef class ClientConn(Stream):
         self.log_req = b"-"
         self.log_ref = b"-"
         self.log_ua = b"-"
+        self.log_host = None
+        self.log_cache = None
         self.req_id = None
 
     cdef void _log_request(self, int status, double duration):
         try:
-            if self.ctx is not None and self.ctx._log:
-                self.cfg.access_log.log(self.peer, self.log_req, status,
-                                        self.resp_bytes, duration, self.log_ref, self.log_ua,
-                                        self.backend.name if self.backend is not None else "-",
-                                        self.req_id or b"-", extra=self.ctx._log)
-                return
-            self.cfg.access_log.log(self.peer, self.log_req, status,
-                                    self.resp_bytes, duration, self.log_ref, self.log_ua,
-                                    self.backend.name if self.backend is not None else "-",
-                                    self.req_id or b"-")
+            self.cfg.access_log.record(
+                self.peer, self.log_req, status, self.resp_bytes, self.resp_head_len, duration,
+                self.log_ref, self.log_ua,
+                self.backend.name if self.backend is not None else "-",
+                self.req_id or b"-", self.log_cache, self.log_host, self.route_id, self.lst,
+                self.ctx._log if self.ctx is not None and self.ctx._log else None)
         except Exception:
             _log.exception("access log failed")
 
@@ -921,7 +950,7 @@ cdef class ClientConn(Stream):
         if not self.in_req and (status != 408 or self.pending is not None):
             self._begin_unrouted()
         if self.in_req:
-            self.resp_head_len = len(resp)
+            self._own_answer_sent(resp)
             self._request_end(status)
         if self.backend is not None:
             b = self.backend
@@ -1048,3 +1077,14 @@ cdef class ClientConn(Stream):
             b = self.backend
             self.backend = None
             b.release()
+
+
+cdef bytes _cache_status_of(bytes head):
+    """The Cache-Status line of an answer's head (for the access log), or None."""
+    cdef Py_ssize_t i = head.find(b"\r\nCache-Status:")
+    cdef Py_ssize_t j
+    if i < 0:
+        return None
+    i += 2
+    j = head.find(b"\r\n", i)
+    return head[i:j if j >= 0 else len(head)]

@@ -13,11 +13,13 @@ cdef class ProxySettings:
     cdef public object access_log          # object with .log(...) or None
     cdef public bint normalize_target      # forward the routing path, not the path as received
     cdef public ClientAddr addr            # trusted proxies, per-address limits (clientaddr.pyx), or None
+    cdef public int log_fields             # what the access log's format needs captured (LOG_*)
 
     def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
                  max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,
                  t_connect=5.0, t_read=60.0, t_send=60.0, t_header=10.0, t_keepalive=75.0,
-                 t_body=60.0, server_header="", hide=(), access_log=None, normalize_target=False):
+                 t_body=60.0, server_header="", hide=(), access_log=None, normalize_target=False,
+                 log_fields=-1):
         self.max_line = max_line
         self.max_head = max_head
         self.max_fields = max_fields
@@ -36,6 +38,27 @@ cdef class ProxySettings:
         self.hide = tuple(h.lower().encode("latin-1") for h in hide)
         self.access_log = access_log
         self.normalize_target = normalize_target
+        # -1: what the log object asks for (its `fields`), everything without one
+        self.log_fields = log_fields if log_fields >= 0 else (
+            getattr(access_log, "fields", LOG_ALL) if access_log is not None else 0)
+
+    def derive(self, *, max_body=None, t_connect=None, t_read=None, t_send=None, t_body=None):
+        """A copy with a route's own limits (None: keep this one's); a route
+        with one runs on it from routing to the end of its request."""
+        cdef ProxySettings s = ProxySettings.__new__(ProxySettings)
+        s.max_line, s.max_head, s.max_fields = self.max_line, self.max_head, self.max_fields
+        s.resp_max_head, s.resp_max_fields = self.resp_max_head, self.resp_max_fields
+        s.max_body = self.max_body if max_body is None else max_body
+        s.t_connect = self.t_connect if t_connect is None else t_connect
+        s.t_read = self.t_read if t_read is None else t_read
+        s.t_send = self.t_send if t_send is None else t_send
+        s.t_body = self.t_body if t_body is None else t_body
+        s.t_header, s.t_keepalive = self.t_header, self.t_keepalive
+        s.server_line, s.hide = self.server_line, self.hide
+        s.access_log, s.log_fields = self.access_log, self.log_fields
+        s.normalize_target = self.normalize_target
+        s.addr = self.addr
+        return s
 
 
 # The routing path of the request _start_request is on (ext/normalize.pyx),
@@ -125,6 +148,7 @@ cdef class Route:
     cdef public HotIndex hot         # the worker's hot index of cache hits (ext/hotcache.pyx) or None
     cdef public Phase phase          # the compiled phase of the route (the cache's), or None
     cdef public PhaseChain phases    # the route's hooks (ext/phases.pyx), or None: no hook, no cost
+    cdef public ProxySettings cfg    # the route's own limits and timeouts (ProxySettings.derive), or None
 
     def __init__(self, host, path, pool, index=0, cache=None):
         self.index = index if 0 <= index < M_ROUTE_MAX else M_ROUTE_MAX - 1
@@ -230,9 +254,10 @@ cdef class Listener:
     cdef public int nconns           # open connections, counted when max_conns is set
     cdef public bint proxy_protocol  # each connection starts with a PROXY header (proxyproto.pyx)
     cdef public AddrSet pp_from      # the sources that may send it; None = any
+    cdef public str name             # its bind address as configured, for the access log
 
     def __init__(self, cfg, router, proto="http", resp_extra=b"", redirect_port=0,
-                 subject_header=None, subject_of=None, tls_context=None):
+                 subject_header=None, subject_of=None, tls_context=None, name="-"):
         if proto == "https" and tls_context is None:
             raise ValueError("an https listener needs its SSLContext (tls_context)")
         self.tls_context = tls_context
@@ -243,6 +268,7 @@ cdef class Listener:
         self.redirect_port = redirect_port
         self.subject_header = subject_header.encode("latin-1") if subject_header else None
         self.subject_of = subject_of
+        self.name = name
 
     def __call__(self):
         if self.proxy_protocol:

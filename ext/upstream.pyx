@@ -362,6 +362,8 @@ cdef class UpstreamConn(Stream):
             _out.n -= 2
             _out.addb(extra)
             _out.add(b"\r\n", 2)
+            if c.cfg.log_fields & LOG_CACHE:
+                c.log_cache = extra
         if c.xform is not None:  # its framing and fields (Content-Encoding...)
             c.xform.head(c)
         c.resp_head_len = _out.n

@@ -56,6 +56,19 @@ cdef enum:
     P_BACKPRESSURE = 4
     P_HOLD = 8            # an async connect hook runs
 
+# what ClientConn captures of a request for the access log (ProxySettings.log_fields):
+# only what the configured format prints (edgeproxy/server/accesslog.py)
+cdef enum:
+    LOG_LINE = 1          # the request line (method, target, protocol)
+    LOG_REFERER = 2
+    LOG_AGENT = 4
+    LOG_HOST = 8
+    LOG_CACHE = 16        # the response's Cache-Status
+    LOG_ALL = 31
+
+ACCESS_LOG_CAPTURE = {"line": LOG_LINE, "referer": LOG_REFERER, "agent": LOG_AGENT,
+                      "host": LOG_HOST, "cache": LOG_CACHE}
+
 cdef enum CState:
     C_HEAD = 0        # waiting for / reading a request head
     C_BODY            # streaming the request body to the backend

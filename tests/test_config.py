@@ -338,7 +338,8 @@ ERROR_CASES = [
     ('[log]\nlevel = "verbose"',
      'log.level: "verbose" is not one of "debug", "info", "warning", "error"'),
     ('[log]\naccess_format = "common"',
-     'log.access_format: "common" is not one of "combined", "json"'),
+     'log.access_format: "common" is not "combined", "json" or a template of {fields} such as '
+     '"{client_ip} {method} {target} {status}"'),
     # required keys
     ("[cache]\nmax_size = 1", "cache.path: missing (required)"),
     ('[[route]]\npath = "/x"', "route[1].pool: missing (required)"),

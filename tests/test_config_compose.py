@@ -210,7 +210,7 @@ def test_check_locates_certificate_problems_in_included_files(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
-    assert lines[0] == "edgeproxy: main.toml: 1 TLS problem(s):"
+    assert lines[0] == "edgeproxy: main.toml: 1 problem(s):"
     assert lines[1].startswith("  tls.toml:4: listen[1].tls: ") and "does not match" in lines[1]
 
 

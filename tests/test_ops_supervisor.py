@@ -310,14 +310,17 @@ def test_an_admin_port_in_use_fails_the_start(tmp_path, origin):
 
 
 def test_a_worker_that_cannot_start_is_reported_once(tmp_path, origin):
-    (tmp_path / "cache").write_text("not a directory")
+    # a cache the worker cannot open (run's preflight only sees that the directory is
+    # writable: edgeproxy/server/preflight.py)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "data.mdb").write_bytes(b"not an LMDB file" * 4096)
     port = free_port()
     code, log = _run_to_exit(tmp_path, f'\n[[listen]]\nbind = "127.0.0.1:{port}"\n\n'
                              + simple_config(origin.url, f'[[route]]\npath = "/c/"\npool = "web"\n'
                                              f'cache = true\n\n[cache]\npath = "{tmp_path}/cache"\n'
                                              'max_size = "16MiB"\nmax_object = "1MiB"\n'))
     assert code == 1, log
-    assert "exists and is not a directory" in log
+    assert "is not a usable LMDB environment" in log
     # SystemExit(1) from the worker is its chosen exit, not a crash
     assert "crashed" not in log and "Traceback" not in log, log
     assert log.count("exited before it was ready (exit code 1)") == 1, log

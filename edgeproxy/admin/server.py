@@ -113,12 +113,16 @@ class AdminServer:
                 weight = options.get("weight", 1) if isinstance(options, dict) else None
                 if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
                     raise ValueError("weight must be an integer from 1 to 1000")
-                bc = parse_backend(f"http://{name}", "backend", Reader("."))
+                # "host:port", or "unix:/path" (its slashes percent-encoded)
+                unix = name.lower().startswith("unix:")
+                if unix and not name[5:].startswith("/"):
+                    raise ValueError("a unix socket backend needs an absolute path")
+                bc = parse_backend(name if unix else f"http://{name}", "backend", Reader("/"))
             except (ValueError, Invalid) as exc:
                 return 400, {"ok": False, "message": f"{name}: {exc}"}
-            canonical = f"[{bc.host}]:{bc.port}" if ":" in bc.host else f"{bc.host}:{bc.port}"
-            status, message = sup.backend_op({"op": "add", "pool": pool, "backend": canonical,
-                                              "host": bc.host, "port": bc.port, "weight": weight})
+            status, message = sup.backend_op({"op": "add", "pool": pool, "backend": bc.name,
+                                              "host": bc.host, "port": bc.port, "path": bc.path,
+                                              "weight": weight})
             return status, {"ok": status == 200, "message": message}
         return 404, {"error": f"no such endpoint: {path}"}
 

@@ -145,14 +145,21 @@ def run(ctx: click.Context, config_path: str | None, listen: tuple[str, ...],
         fail(error, 2)
     setup_logging(config.log.level)
     from edgeproxy.server import serve  # the server pulls in the event loop and workers
+    from edgeproxy.server.preflight import file_problems
     from edgeproxy.tls import TLSConfigError
+    problems = file_problems(config)     # one line each, not a worker's traceback
+    if problems:
+        for problem in problems:
+            click.echo(f"edgeproxy: {problem}", err=True)
+        sys.exit(2)
     try:
         code = serve(config, supervise=not no_supervisor, load=load)
     except TLSConfigError as error:
         click.echo(f"edgeproxy: {error}", err=True)
         sys.exit(2)
     except OSError as error:
-        click.echo(f"edgeproxy: cannot listen: {error}", err=True)
+        where = f" {error.filename}" if error.filename else ""
+        click.echo(f"edgeproxy: {error.strerror or error}{where}", err=True)
         sys.exit(2)
     sys.exit(code)
 
@@ -224,21 +231,30 @@ def check(config_path: str) -> None:
 
     Prints "OK: ..." with what it defines and exits 0, or prints every
     problem found (one per line, "<key path>: <what is wrong>") and exits 1.
-    Certificate and key files are checked for being readable, not parsed.
+    Beyond the file itself it tries what `run` would open: the
+    certificates and keys, the access log and cache directories, the pid
+    and state files, and the listen and admin addresses (one in use is a
+    problem; not tried while an edgeproxy runs this configuration).
     """
     try:
         config = load_config(config_path)
     except ConfigError as error:
         fail(error, 1)
-    problems = tls_problems(config)
+    from edgeproxy.server.preflight import bind_problems, file_problems, running_pid
+    problems = tls_problems(config) + file_problems(config)
+    pid = running_pid(config)
+    if pid is None:
+        problems += bind_problems(config)
     if problems:
         from edgeproxy.config.compose import locate
         where = locate(config_path)
-        click.echo(f"edgeproxy: {config_path}: {len(problems)} TLS problem(s):", err=True)
+        click.echo(f"edgeproxy: {config_path}: {len(problems)} problem(s):", err=True)
         for problem in problems:
             at = where(problem)
             click.echo(f"  {at}: {problem}" if at else f"  {problem}", err=True)
         sys.exit(1)
+    if pid is not None:
+        click.echo(f"listen addresses not tried: edgeproxy {pid} runs this configuration")
     click.echo(f"OK: {count_summary(config)}")
 
 

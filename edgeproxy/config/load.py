@@ -40,6 +40,7 @@ from edgeproxy.config.model import (
     PoolConfig,
     PoolTLSConfig,
     RouteConfig,
+    RouteTimeoutConfig,
     ServerConfig,
     StaticConfig,
     TimeoutConfig,
@@ -483,14 +484,41 @@ def bind_address(value: Any, path: str, reader: Reader) -> Bind:
     return Bind(text, host.lower(), parse_port(port, text))
 
 
+UNIX_PATH_MAX = 107         # sun_path holds 108 bytes with the final NUL
+
+
+def unix_socket_path(url: str, rest: str, reader: Reader) -> str:
+    """The absolute path of a "unix:PATH" backend (relative to the config's directory)."""
+    if not rest:
+        raise Invalid(f"{show(url)} has no socket path (e.g. \"unix:/run/gunicorn.sock\")")
+    if re.search(r"[\x00-\x1f\x7f\"\\]", rest):
+        raise Invalid(f"{show(url)}: the socket path has a control character, quote or backslash")
+    full = os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(rest)))
+    if len(full.encode("utf-8", "surrogateescape")) > UNIX_PATH_MAX:
+        raise Invalid(f"{show(url)}: the socket path ({full}) is longer than {UNIX_PATH_MAX} "
+                      "bytes, the most a unix socket address holds")
+    return full
+
+
 def backend(value: Any, path: str, reader: Reader) -> BackendConfig:
-    """"http://host:port" optionally followed by " weight=N" and/or " backup"."""
+    """"http://host:port" or "unix:/path" (also written "http://unix:/path",
+    as nginx does), optionally followed by " weight=N" and/or " backup"."""
     text = string(value, path, reader)
     if not text.strip():
         raise Invalid(f"expected a backend URL, got {show(text)}")
     url, *options = text.split()
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
+    unix_path = None
+    if url[:5].lower() == "unix:" or (sep and scheme == "http" and rest[:6].lower() == "unix:/"):
+        unix_path = unix_socket_path(url, (rest if sep else url)[5:].rstrip(":") or "", reader)
+    elif sep and scheme == "https" and rest[:6].lower() == "unix:/":
+        raise Invalid(f"{show(url)}: TLS to a unix socket backend is not supported "
+                      "(write \"unix:/path\": the socket is local)")
+    if unix_path is not None:
+        weight, backup = backend_options(options)
+        return BackendConfig(url="unix:" + unix_path, scheme="http", host="localhost", port=0,
+                             weight=weight, backup=backup, path=unix_path)
     if not sep or scheme not in ("http", "https"):
         raise Invalid(f"{show(url)} is not an http:// or https:// URL")
     hostport, slash, tail = rest.partition("/")
@@ -519,6 +547,13 @@ def backend(value: Any, path: str, reader: Reader) -> BackendConfig:
             raise Invalid(f"{show(url)} port out of range")
     else:
         port = 443 if scheme == "https" else 80
+    weight, backup = backend_options(options)
+    return BackendConfig(url=url, scheme=scheme, host=host.lower(), port=port,
+                         weight=weight, backup=backup)
+
+
+def backend_options(options: list[str]) -> tuple[int, bool]:
+    """The words after a backend's URL: (weight, backup)."""
     weight, backup = 1, False
     for option in options:
         name, eq, number_text = option.partition("=")
@@ -531,8 +566,25 @@ def backend(value: Any, path: str, reader: Reader) -> BackendConfig:
         else:
             raise Invalid(f"unknown backend option {show(option)} "
                           "(use \"weight=N\" and/or \"backup\")")
-    return BackendConfig(url=url, scheme=scheme, host=host.lower(), port=port,
-                         weight=weight, backup=backup)
+    return weight, backup
+
+
+def access_format(value: Any, path: str, reader: Reader) -> str:
+    """"combined", "json", or a template of {fields} (edgeproxy.server.accesslog)."""
+    from edgeproxy.config.logformat import is_template, parse_template
+
+    text = string(value, path, reader)
+    if text.lower() in ("combined", "json"):
+        return text.lower()
+    if "{" not in text:
+        raise Invalid(f"{show(text)} is not \"combined\", \"json\" or a template of "
+                      "{fields} such as \"{client_ip} {method} {target} {status}\"")
+    if is_template(text):
+        try:
+            parse_template(text)
+        except ValueError as exc:
+            raise Invalid(f"{show(text)}: {exc}") from None
+    return text
 
 
 def admin_address(value: Any, path: str, reader: Reader) -> Bind:
@@ -737,7 +789,7 @@ def pool_finish(values: dict, path: str, reader: Reader) -> None:
         if b is BAD:
             continue
         where = key_path(path, "backends") + f"[{i}]"
-        address = (b.scheme, b.host, b.port)
+        address = (b.scheme, b.host, b.port) if b.path is None else ("unix", b.path)
         if address in seen:
             reader.error(where, f"{show(b.url)} is already listed as backends[{seen[address]}]")
         seen.setdefault(address, i)
@@ -875,6 +927,10 @@ STATIC = Table(StaticConfig, (
     Key("precompressed", boolean),
 ))
 
+ROUTE_TIMEOUT = Table(RouteTimeoutConfig, tuple(
+    Key(name, number, above(0)) for name in ("read", "send", "connect", "body")
+))
+
 ROUTE = Table(RouteConfig, (
     Key("host", host_pattern),
     Key("path", route_path),
@@ -885,6 +941,8 @@ ROUTE = Table(RouteConfig, (
     Key("compress", list_of(coding, what="codings (\"zstd\", \"br\", \"gzip\")"), codings_finish),
     Key("compress_types", list_of(media_type, what="media types")),
     Key("compress_min_size", size, at_least(0)),
+    Key("max_body", size, at_least(0)),
+    Key("timeout", ROUTE_TIMEOUT),
 ), finish=route_finish)
 
 POOL_TLS = Table(PoolTLSConfig, (
@@ -963,7 +1021,7 @@ LIMITS = Table(LimitsConfig, (
 LOG = Table(LogConfig, (
     Key("level", one_of("debug", "info", "warning", "error")),
     Key("access_log", log_target),
-    Key("access_format", one_of("combined", "json")),
+    Key("access_format", access_format),
 ))
 
 CACHE = Table(CacheConfig, (

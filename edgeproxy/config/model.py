@@ -77,12 +77,21 @@ class ListenConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    url: str                         # as written, e.g. "http://127.0.0.1:5000"
-    scheme: str                      # "http" (later "https")
-    host: str                        # lower-case, no brackets for IPv6
-    port: int                        # 80 / 443 when the URL has none
+    url: str                         # as written, e.g. "http://127.0.0.1:5000"; "unix:/abs/path"
+    scheme: str                      # "http" or "https"
+    host: str                        # lower-case, no brackets for IPv6; "localhost" for unix
+    port: int                        # 80 / 443 when the URL has none; 0 for unix
     weight: int = 1
     backup: bool = False
+    path: str | None = None          # a unix socket backend's absolute path
+
+    @property
+    def name(self) -> str:
+        """How logs, metrics and the admin API name it: "host:port",
+        "[v6]:port" or "unix:/path" (as edgeproxy._ext.Backend.name)."""
+        if self.path is not None:
+            return "unix:" + self.path
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,17 @@ class RouteConfig:
     compress: tuple[str, ...] = ()   # content codings to compress with, by preference
     compress_types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES  # media types compressed
     compress_min_size: int = 256     # bodies known to be smaller go as they are
+    max_body: int | None = None      # this route's limits.body_size (None: the global one)
+    timeout: RouteTimeoutConfig | None = None  # this route's own timeouts
+
+
+@dataclass(frozen=True)
+class RouteTimeoutConfig:
+    """A route's overrides of [timeout] (None: the global value)."""
+    read: float | None = None
+    send: float | None = None
+    connect: float | None = None
+    body: float | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +207,7 @@ class LimitsConfig:
 class LogConfig:
     level: str = "info"              # debug | info | warning | error
     access_log: str | None = None    # a file path, "-" for stderr, None for off
-    access_format: str = "combined"  # combined | json
+    access_format: str = "combined"  # combined | json | a template of {fields}
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class HealthBoard:
     """The shared region for one configuration and a number of workers."""
 
     def __init__(self, config: Config, workers: int):
-        self.keys = [(name, backend_name(b.host, b.port))
+        self.keys = [(name, b.name)
                      for name, pc in config.pools.items() for b in pc.backends]
         self.index = {key: k for k, key in enumerate(self.keys)}
         self.workers = workers

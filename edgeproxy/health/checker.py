@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from edgeproxy.config.model import BackendConfig, Config, PoolConfig
-from edgeproxy.health.board import CHECK_FAIL, CHECK_PASS, Health, HealthBoard, backend_name
+from edgeproxy.health.board import CHECK_FAIL, CHECK_PASS, Health, HealthBoard
 from edgeproxy.health.probe import ProbeResult, probe
 
 log = logging.getLogger("edgeproxy.health")
@@ -51,7 +51,7 @@ class HealthChecker:
         ctx = self._tls_context(name, pc) if bc.scheme == "https" else None
         if bc.scheme == "https" and ctx is None:
             return
-        key = (name, backend_name(bc.host, bc.port))
+        key = (name, bc.name)
         self.remove(*key)
         self.verdicts[key] = Verdict()
         self._tasks[key] = asyncio.get_running_loop().create_task(self._watch(name, bc, pc, ctx))
@@ -82,22 +82,26 @@ class HealthChecker:
 
     async def _watch(self, name: str, bc: BackendConfig, pc: PoolConfig, ctx) -> None:
         hc = pc.health
-        host_header = pc.tls.server_name if (ctx is not None and pc.tls.server_name) else \
-            backend_name(bc.host, bc.port)
+        if bc.path is not None:
+            host_header = "localhost"       # as the proxy sends for a client without Host
+        elif ctx is not None and pc.tls.server_name:
+            host_header = pc.tls.server_name
+        else:
+            host_header = bc.name
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
             result = await probe(bc.host, bc.port, hc.path, timeout=hc.timeout,
                                  expect=hc.expect, host_header=host_header,
                                  ssl=ctx if bc.scheme == "https" else None,
-                                 server_hostname=pc.tls.server_name)
+                                 server_hostname=pc.tls.server_name, unix_path=bc.path)
             self.record(name, bc, result)
             await asyncio.sleep(max(0.0, hc.interval - (loop.time() - started)))
 
     def record(self, name: str, bc: BackendConfig, result: ProbeResult) -> None:
         """Apply one probe's result to the backend's verdict and the board."""
         hc = self.config.pools[name].health
-        key = (name, backend_name(bc.host, bc.port))
+        key = (name, bc.name)
         v = self.verdicts[key]
         v.last = result
         v.when = time.time()

@@ -1,5 +1,6 @@
 """One active health probe: an HTTP/1.1 GET of the health path on one
-backend, over TLS for https backends, judged by its status line."""
+backend, over TLS for https backends or a unix socket for unix ones,
+judged by its status line."""
 from __future__ import annotations
 
 import asyncio
@@ -18,11 +19,12 @@ class ProbeResult:
 
 async def probe(host: str, port: int, path: str, *, timeout: float, expect: tuple[int, int],
                 host_header: str, ssl: _ssl.SSLContext | None = None,
-                server_hostname: str | None = None) -> ProbeResult:
-    """GET `path` on host:port; passes when the status is within `expect`."""
+                server_hostname: str | None = None, unix_path: str | None = None) -> ProbeResult:
+    """GET `path` on host:port (or on the unix socket `unix_path`); passes
+    when the status is within `expect`."""
     try:
         return await asyncio.wait_for(
-            _get(host, port, path, expect, host_header, ssl, server_hostname), timeout)
+            _get(host, port, path, expect, host_header, ssl, server_hostname, unix_path), timeout)
     except TimeoutError:
         return ProbeResult(False, 0, f"timed out after {timeout:g}s")
     except ConnectionRefusedError:
@@ -32,11 +34,15 @@ async def probe(host: str, port: int, path: str, *, timeout: float, expect: tupl
         return ProbeResult(False, 0, what)
 
 
-async def _get(host, port, path, expect, host_header, ssl, server_hostname) -> ProbeResult:
+async def _get(host, port, path, expect, host_header, ssl, server_hostname,
+               unix_path) -> ProbeResult:
     kw = {}
     if ssl is not None:
         kw = {"ssl": ssl, "server_hostname": server_hostname or host}
-    reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD, **kw)
+    if unix_path is not None:
+        reader, writer = await asyncio.open_unix_connection(unix_path, limit=MAX_HEAD)
+    else:
+        reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD, **kw)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n"
                      "User-Agent: edgeproxy-health\r\nConnection: close\r\n\r\n".encode("latin-1"))

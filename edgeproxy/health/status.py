@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Mapping
 
 from edgeproxy.config.model import Config
 from edgeproxy.config.runtime import runtime_dir
-from edgeproxy.health.board import CHECK_FAIL, CHECK_NONE, HealthBoard, backend_name
+from edgeproxy.health.board import CHECK_FAIL, CHECK_NONE, HealthBoard
 
 log = logging.getLogger("edgeproxy.health")
 
@@ -59,7 +59,7 @@ def snapshot(config: Config, board: HealthBoard, checker=None, pid: int | None =
     for name, pc in config.pools.items():
         backends = []
         for bc in pc.backends:
-            key = (name, backend_name(bc.host, bc.port))
+            key = (name, bc.name)
             k = board.index[key]
             h = board.read_health(*key)
             per = [stats[k] for _, _, stats in rows]

@@ -18,7 +18,7 @@ from edgeproxy._ext import (
     Route,
     Router,
 )
-from edgeproxy.config.model import Config, ListenConfig
+from edgeproxy.config.model import Config, ListenConfig, RouteConfig
 
 
 def build_settings(config: Config, access_log=None) -> ProxySettings:
@@ -71,7 +71,7 @@ def build_pools(config: Config, client_tls=None) -> dict[str, Pool]:
             backends.append(Backend(bc.host, bc.port, scheme=bc.scheme, weight=bc.weight,
                                     idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
                                     t_connect=config.timeout.connect, ssl=ctx,
-                                    server_hostname=sni, backup=bc.backup))
+                                    server_hostname=sni, backup=bc.backup, path=bc.path))
             backends[-1].proxy_protocol = {"": 0, "v1": 1, "v2": 2}[pc.proxy_protocol]
         pools[name] = Pool(name, backends, balance=pc.balance, hash_key=pc.hash_key,
                            retries=pc.retries, max_conns=pc.max_conns,
@@ -111,15 +111,27 @@ class Hooks:
                           s.hooks_timeout, s.hooks_body_limit, self.loop)
 
 
+def route_settings(settings: ProxySettings, rc: RouteConfig) -> ProxySettings | None:
+    """The settings a route with its own max_body or timeouts runs on (a
+    copy of the global ones); None for a route without (it costs nothing)."""
+    t = rc.timeout
+    if rc.max_body is None and t is None:
+        return None
+    return settings.derive(max_body=rc.max_body, t_read=t and t.read, t_send=t and t.send,
+                           t_connect=t and t.connect, t_body=t and t.body)
+
+
 def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hooks | None = None,
-                 shared: dict | None = None) -> Router:
+                 shared: dict | None = None, settings: ProxySettings | None = None) -> Router:
     """The routing table.  Route i of the config gets metrics row i + 1 (row
     0 counts requests no route took; see edgeproxy.metrics.route_labels).
     With `cache` (this worker's EdgeCache), routes with `cache = true` carry
     a cache phase and the others nothing; with `hooks`, routes with hooks
     (their own or global ones) carry their PhaseChain.  The compiled phases
     each route uses come from edgeproxy.proxy.compiled (`shared`: worker-wide
-    objects they share, kept across calls by the caller)."""
+    objects they share, kept across calls by the caller).  `settings`: the
+    listeners' ProxySettings, which routes with their own limits copy
+    (build_settings(config) when not given)."""
     from edgeproxy.proxy.compiled import BuildEnv, route_phase
 
     env = BuildEnv(config, pools, cache, hooks, shared if shared is not None else {})
@@ -137,6 +149,10 @@ def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hook
         route.phase = route_phase(env, r, i, route.phase)
         if hooks is not None:
             route.phases = hooks.chain(r.hooks)
+        if r.max_body is not None or r.timeout is not None:
+            if settings is None:
+                settings = build_settings(config)
+            route.cfg = route_settings(settings, r)
         routes.append(route)
     return Router(routes)
 
@@ -176,8 +192,8 @@ def _listener(settings: ProxySettings, router: Router, listen: ListenConfig,
                 return client_subject(transport.get_extra_info("ssl_object"))
         return Listener(settings, router, "https", extra,
                         subject_header=listen.tls.client_subject_header, subject_of=subject_of,
-                        tls_context=tls_context)
+                        tls_context=tls_context, name=listen.bind)
     redirect_port = 0
     if listen.redirect_http:
         redirect_port = next((lc.port for lc in config.listen if lc.tls is not None), 443)
-    return Listener(settings, router, "http", b"", redirect_port=redirect_port)
+    return Listener(settings, router, "http", b"", redirect_port=redirect_port, name=listen.bind)

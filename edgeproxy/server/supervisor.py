@@ -42,9 +42,9 @@ from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import BackendConfig, Config, ListenConfig
 from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
-from edgeproxy.health.board import backend_name
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import SlotLabels
+from edgeproxy.server.preflight import file_problems
 from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
 from edgeproxy.tls import TLSConfigError
 
@@ -198,7 +198,7 @@ class Supervisor:
                         tls: dict) -> Generation:
         self.gen_count += 1
         labels = SlotLabels(route_labels(config),
-                            [(name, backend_name(b.host, b.port))
+                            [(name, b.name)
                              for name, pc in config.pools.items() for b in pc.backends])
         board = HealthBoard(config, worker_count(config))   # shared memory: before any fork
         if self.gen is not None and self.gen.board is not None:
@@ -412,6 +412,11 @@ class Supervisor:
             return False, str(exc)
         except Exception as exc:  # an unreadable file, ...
             return False, f"cannot load the configuration: {exc}"
+        # what the new workers would open (log and cache directories): refused
+        # here in one message rather than by workers that fail to start
+        problems = await self.loop.run_in_executor(None, file_problems, config)
+        if problems:
+            return False, "; ".join(problems)
         try:
             # certificates load (and are checked) here, before any worker:
             # a bad one fails the reload and the old workers keep serving
@@ -475,8 +480,8 @@ class Supervisor:
                 return 507, "too many backends"
             op = {**op, "slot": slot}
             gen.labels.backends.append((op["pool"], name))
-            bc = BackendConfig(f"http://{name}", "http", op["host"], op["port"],
-                               weight=op.get("weight", 1))
+            bc = BackendConfig(name if op.get("path") else f"http://{name}", "http", op["host"],
+                               op["port"], weight=op.get("weight", 1), path=op.get("path"))
             gen.live = _with_backends(gen.live, op["pool"], gen.live.pools[op["pool"]].backends + (bc,))
             if self.checker is not None:
                 self.checker.add(op["pool"], bc)
@@ -489,7 +494,7 @@ class Supervisor:
                 if key == (op["pool"], name) and j not in gen.labels.removed:
                     gen.labels.removed.add(j)
             gen.live = _with_backends(gen.live, op["pool"], tuple(
-                b for b in gen.live.pools[op["pool"]].backends if backend_name(b.host, b.port) != name))
+                b for b in gen.live.pools[op["pool"]].backends if b.name != name))
             if self.checker is not None:
                 self.checker.remove(op["pool"], name)
         gen.ops.append(op)

@@ -21,6 +21,7 @@ from email.utils import formatdate
 from edgeproxy import _ext
 from edgeproxy.config.model import Config, ListenConfig
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
+from edgeproxy.metrics.region import route_labels
 from edgeproxy.proxy import build_listener_factory, build_pools, build_router, build_settings
 from edgeproxy.proxy.build import Hooks
 from edgeproxy.server.accept import AcceptGuard
@@ -109,8 +110,14 @@ class Worker:
         # the listeners' servers, paused when nearly out of descriptors
         self.accept = AcceptGuard(self.loop, config.server.fd_reserve)
         on_accept_exhausted[:] = [self.accept.out_of_descriptors]
-        self.access_log = (AccessLog(config.log.access_log, config.log.access_format)
-                           if config.log.access_log else None)
+        try:
+            self.access_log = (AccessLog(config.log.access_log, config.log.access_format,
+                                         [route for route, _ in route_labels(config)])
+                               if config.log.access_log else None)
+        except OSError as exc:          # one line, not a traceback (a reload to a bad path)
+            log.error("log.access_log: cannot open %s: %s", config.log.access_log,
+                      exc.strerror or exc)
+            raise SystemExit(1) from None
         self.pools: dict = {}
         self.backends: list = []      # metrics table: config order, then added ones
         self.exit_code = 0
@@ -210,7 +217,7 @@ class Worker:
             self.state_writer.start()
         self.cache = _open_cache(self.config)
         hooks = Hooks(self.config, self.pools, self.loop)
-        router = build_router(self.config, self.pools, self.cache, hooks)
+        router = build_router(self.config, self.pools, self.cache, hooks, settings=settings)
         for op in self.ops:
             self.apply(op)
         for i, (lc, sock) in enumerate(zip(self.config.listen, self.socks, strict=True)):
@@ -301,7 +308,7 @@ class Worker:
             pc = self.config.pools[op["pool"]]
             b = _ext.Backend(op["host"], op["port"], weight=op.get("weight", 1),
                              idle_max=pc.keepalive, idle_timeout=pc.keepalive_timeout,
-                             t_connect=self.config.timeout.connect)
+                             t_connect=self.config.timeout.connect, path=op.get("path"))
             b.proxy_protocol = {"": 0, "v1": 1, "v2": 2}[pc.proxy_protocol]
             # its health slot: the supervisor gave it one on the shared board
             self.board.place(op["pool"], name, op["slot"])
@@ -430,7 +437,12 @@ def serve(config: Config, *, supervise: bool = True,
         return Supervisor(config, load or (lambda: config)).run()
     tls = build_tls(config)
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)      # until run() handles them
-    socks = [bind_socket(lc) for lc in config.listen]
+    socks = []
+    for lc in config.listen:
+        try:
+            socks.append(bind_socket(lc))
+        except OSError as exc:
+            raise OSError(exc.errno, f"listen {lc.bind}: {exc.strerror}") from None
     return Worker(config, socks, tls=tls).run()
 
 
