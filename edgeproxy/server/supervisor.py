@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgeproxy.cache.busproc import BusProcess
 from edgeproxy.config import ConfigError
 from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import BackendConfig, Config, ListenConfig
@@ -44,7 +45,7 @@ from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.health.board import backend_name
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
-from edgeproxy.metrics.exposition import SlotLabels
+from edgeproxy.metrics.exposition import COLLECTORS, SlotLabels
 from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
 from edgeproxy.tls import TLSConfigError
 
@@ -157,6 +158,7 @@ class Supervisor:
         self._reload_lock: asyncio.Lock | None = None
         self._done: asyncio.Future | None = None
         self._kill_handle = None
+        self.bus: BusProcess | None = None      # the purge bus process (cache.purge_bus)
 
     # -- sockets --
 
@@ -284,6 +286,9 @@ class Supervisor:
                 break
             if pid == 0:
                 break
+            if self.bus is not None and pid == self.bus.pid:
+                self.bus.exited(status)
+                continue
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
@@ -439,8 +444,35 @@ class Supervisor:
                 w.retiring = True
                 self._send(w, {"cmd": "retire"})
         self._adopt_sockets(config, socks)
+        self._start_bus(config)
         return True, (f"generation {gen.number} serving with {worker_count(config)} workers; "
                       f"config sha256 {gen.checksum[:12]}")
+
+    # -- the purge bus (edgeproxy/cache/bus.py) --
+
+    def _start_bus(self, config: Config) -> None:
+        """Run the purge bus process when config has cache.purge_bus; on a
+        reload, start it again only when its settings changed."""
+        cache = config.cache
+        want = (cache.path, cache.purge_bus, cache.purge_bus_stream, cache.purge_bus_maxlen) \
+            if cache is not None and cache.purge_bus else None
+        have = getattr(self, "_bus_settings", None)
+        if want == have and (want is None or self.bus is not None):
+            return
+        self._bus_settings = want
+        if self.bus is not None:
+            self.bus.stop()
+            COLLECTORS.remove(self.bus.metrics)
+            self.bus = None
+        if want is None:
+            return
+        if not config.source:
+            log.error("cache.purge_bus needs the configuration in a file: not started")
+            return
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        self.bus = BusProcess(os.path.abspath(config.source), self.loop, log_level=level)
+        COLLECTORS.append(self.bus.metrics)
+        self.bus.start()
 
     def _write_reload_result(self) -> None:
         path = self.pid_file + ".reload"
@@ -565,6 +597,8 @@ class Supervisor:
     def _stop(self, quick: bool) -> None:
         """Stop the workers (at once, or within server.grace) and then exit."""
         self.stopping = True
+        if self.bus is not None:
+            self.bus.stop()
         for sock in self.socks.values():
             sock.close()      # the workers keep their own copies while they drain
         self.socks = {}
@@ -656,6 +690,7 @@ class Supervisor:
             from edgeproxy.admin import start_admin
             self.admin = await start_admin(self, admin_sock)
         self._write_pid_file()
+        self._start_bus(self.config)
         log.info("supervisor %d: %d workers, pid file %s", os.getpid(), n, self.pid_file)
         try:
             await self._done
