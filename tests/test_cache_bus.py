@@ -233,3 +233,77 @@ def test_an_edge_away_longer_than_the_stream_keeps_reports_the_gap(proxy_factory
         assert "purge bus: missed 2 purges from edge" in log     # a's numbers jumped too
     finally:
         origin.close()
+
+
+def test_purge_bus_config_keys_are_checked(tmp_path):
+    from edgeproxy.config import ConfigError, parse_config
+    base = ('[[listen]]\nbind = "127.0.0.1:8080"\n[[route]]\npath = "/"\npool = "w"\n'
+            'cache = true\n[pool.w]\nbackends = ["http://127.0.0.1:9"]\n'
+            f'[cache]\npath = "{tmp_path}/c"\n')
+    cfg = parse_config(base)
+    assert cfg.cache.purge_bus is None and cfg.cache.purge_bus_maxlen == 10000
+    cfg = parse_config(base + 'purge_bus = "redis://10.0.0.5:6380/2"\n'
+                       'purge_bus_stream = "fleet-a"\npurge_bus_maxlen = 500\n')
+    assert (cfg.cache.purge_bus, cfg.cache.purge_bus_stream, cfg.cache.purge_bus_maxlen) == \
+        ("redis://10.0.0.5:6380/2", "fleet-a", 500)
+    assert parse_config(base + 'purge_bus = "unix:///run/redis.sock"\n').cache.purge_bus
+    for bad, msg in (('purge_bus = "http://x"', "is not a redis://"),
+                     ('purge_bus = "redis://:6379"', "has no host"),
+                     ('purge_bus = "redis://h:99999"', "bad port"),
+                     ('purge_bus = "redis://h/x"', "database number"),
+                     ('purge_bus = "unix://"', "no socket path"),
+                     ("purge_bus_maxlen = 10", "cache.purge_bus_maxlen"),
+                     ('purge_bus_stream = "a\\nb"', "cache.purge_bus_stream")):
+        with pytest.raises(ConfigError) as e:
+            parse_config(base + bad + "\n")
+        assert msg in str(e.value), (bad, str(e.value))
+
+
+def test_the_admin_purge_refuses_bad_bodies(fleet):
+    origin, (a, b, c), _ = fleet
+    port = admin_port_of(a)
+    for body in (b"", b"[]", b'{"url": "x", "tags": ["t"]}', b'{"tags": []}',
+                 b'{"url": 5}', b'{"url": "http://h/", "soft": "yes"}', b'{"nope": 1}'):
+        r = admin(port, "POST", "/cache/purge", body)
+        assert r.status == 400 and r.json()["ok"] is False, (body, r.body)
+    r = admin(port, "POST", "/cache/purge", b'{"url": "not a url"}')
+    assert r.status == 422 and "not an absolute" in r.json()["message"]
+    assert admin(port, "GET", "/cache/purge").status == 405
+    r = admin(port, "POST", "/cache/purge", b'{"url": "http://shop.example/a", "soft": true}')
+    assert r.status == 200 and r.json()["purged"] == 0 and r.json()["soft"] is True
+
+
+def test_a_purge_redis_lost_shows_as_a_jump_in_sequence_numbers(proxy_factory, tmp_path,
+                                                                redis_server):
+    origin = ScriptedOrigin(SCRIPT)
+    try:
+        for name in ("a", "c"):
+            (tmp_path / name).mkdir()
+        a = proxy_factory(edge_config(tmp_path, "a", origin.url, redis_server.port))
+        c_config = edge_config(tmp_path, "c", origin.url, redis_server.port)
+        c = proxy_factory(c_config)
+        for e in (a, c):
+            wait_port(admin_port_of(e))
+            assert wait_for(lambda e=e: connected(e), timeout=10.0)
+        cli_purge(a, "--tag", "one")                # c reads it
+        assert wait_for(lambda: "applied tag one" in c.log(), timeout=5.0)
+        c.stop()
+        cli_purge(a, "--tag", "two")                # only Redis has it...
+        assert wait_for(lambda: metrics(admin_port_of(a))["edgeproxy_purge_bus_published_total"]
+                        == 2, timeout=5.0)
+        redis_server.stop()                         # ...and loses it (no persistence)
+        redis_server.start()
+        c2 = proxy_factory(c_config)
+        wait_port(admin_port_of(c2))
+        assert wait_for(lambda: connected(c2), timeout=10.0)
+        assert wait_for(lambda: connected(a), timeout=10.0)
+        cli_purge(a, "--tag", "three")
+        assert wait_for(lambda: "applied tag three" in c2.log(), timeout=10.0), c2.log()[-3000:]
+        m = metrics(admin_port_of(c2))
+        assert m["edgeproxy_purge_bus_gaps_total"] == 1
+        assert m["edgeproxy_purge_bus_missed_total"] == 1
+        log = c2.log()
+        assert "the stream edgeproxy:purges is gone" in log
+        assert "missed 1 purge from edge" in log and "lost: Redis restarted?" in log
+    finally:
+        origin.close()
