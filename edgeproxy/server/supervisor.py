@@ -159,6 +159,7 @@ class Supervisor:
         self._done: asyncio.Future | None = None
         self._kill_handle = None
         self.bus: BusProcess | None = None      # the purge bus process (cache.purge_bus)
+        self._bus_settings: tuple | None = None  # what it was started for
 
     # -- sockets --
 
@@ -456,8 +457,7 @@ class Supervisor:
         cache = config.cache
         want = (cache.path, cache.purge_bus, cache.purge_bus_stream, cache.purge_bus_maxlen) \
             if cache is not None and cache.purge_bus else None
-        have = getattr(self, "_bus_settings", None)
-        if want == have and (want is None or self.bus is not None):
+        if want == self._bus_settings and (want is None or self.bus is not None):
             return
         self._bus_settings = want
         if self.bus is not None:
