@@ -307,3 +307,45 @@ def test_a_purge_redis_lost_shows_as_a_jump_in_sequence_numbers(proxy_factory, t
         assert "missed 1 purge from edge" in log and "lost: Redis restarted?" in log
     finally:
         origin.close()
+
+
+def test_the_supervisor_restarts_the_bus_process_and_reloads_it(proxy_factory, tmp_path,
+                                                                redis_server):
+    import os
+    import signal
+
+    from ops_support import status
+    origin = ScriptedOrigin(SCRIPT)
+    try:
+        (tmp_path / "a").mkdir()
+        a = proxy_factory(edge_config(tmp_path, "a", origin.url, redis_server.port))
+        port = admin_port_of(a)
+        wait_port(port)
+        assert wait_for(lambda: connected(a), timeout=10.0)
+        first = status(port)["purge_bus"]
+        assert first["connected"] is True and first["restarts"] == 0
+        os.kill(first["pid"], signal.SIGKILL)      # the bus process dies...
+        assert wait_for(lambda: (status(port)["purge_bus"]["pid"] not in (None, first["pid"])
+                                 and connected(a)), timeout=10.0), a.log()[-2000:]
+        assert status(port)["purge_bus"]["restarts"] == 1
+        assert "purge bus process exited" in a.log()
+        second = status(port)["purge_bus"]["pid"]
+        # a reload that keeps the bus settings keeps the process
+        assert admin(port, "POST", "/reload").status == 200
+        assert status(port)["purge_bus"]["pid"] == second
+        # one that changes them starts a new one; one without the bus stops it
+        text = a.config_path.read_text()
+        a.config_path.write_text(text.replace("purge_bus_maxlen = 10000",
+                                              "purge_bus_maxlen = 500"))
+        assert admin(port, "POST", "/reload").status == 200
+        third = status(port)["purge_bus"]["pid"]
+        assert third != second
+        assert wait_for(lambda: connected(a), timeout=10.0)
+        a.config_path.write_text(text.replace(
+            f'purge_bus = "redis://127.0.0.1:{redis_server.port}/0"\n', ""))
+        assert admin(port, "POST", "/reload").status == 200
+        assert status(port)["purge_bus"] is None
+        assert wait_for(lambda: not os.path.exists(f"/proc/{third}")
+                        or "Z" in open(f"/proc/{third}/stat").read().split()[2], timeout=5.0)
+    finally:
+        origin.close()

@@ -160,6 +160,7 @@ class Supervisor:
         self._kill_handle = None
         self.bus: BusProcess | None = None      # the purge bus process (cache.purge_bus)
         self._bus_settings: tuple | None = None  # what it was started for
+        self._old_buses: dict[int, BusProcess] = {}   # stopped, not reaped yet
 
     # -- sockets --
 
@@ -287,8 +288,10 @@ class Supervisor:
                 break
             if pid == 0:
                 break
-            if self.bus is not None and pid == self.bus.pid:
-                self.bus.exited(status)
+            bus = self._old_buses.pop(pid, None) or (
+                self.bus if self.bus is not None and pid == self.bus.pid else None)
+            if bus is not None:
+                bus.exited(status)
                 continue
             w = self.workers.pop(pid, None)
             if w is None:
@@ -463,6 +466,8 @@ class Supervisor:
         if self.bus is not None:
             self.bus.stop()
             COLLECTORS.remove(self.bus.metrics)
+            if self.bus.pid is not None:
+                self._old_buses[self.bus.pid] = self.bus
             self.bus = None
         if want is None:
             return
@@ -581,6 +586,8 @@ class Supervisor:
             "connections": snap.gauges,
             "bytes": {"in": c.bytes_in, "out": c.bytes_out},
             "backends": backends,
+            "purge_bus": None if self.bus is None else {
+                "pid": self.bus.pid, "restarts": self.bus.restarts, **self.bus.state},
             "time": time.time(),
         }
 
