@@ -187,8 +187,8 @@ def test_a_purge_made_while_redis_is_down_is_sent_when_it_is_back(fleet):
     time.sleep(0.5)
     assert is_hit(b, "/d") and is_hit(c, "/d")      # nobody could hear it yet
     redis_server.start()
-    assert wait_for(lambda: not is_hit(b, "/d") and not is_hit(c, "/d"), timeout=10.0), \
-        b.log()[-3000:]
+    assert wait_for(lambda: not is_hit(b, "/d") and not is_hit(c, "/d"), timeout=20.0), \
+        [e.log()[-3000:] for e in (a, b, c)]
     assert "purge bus: connected to" in a.log() and "again after" in a.log()
     assert metrics(admin_port_of(b))["edgeproxy_purge_bus_applied_total"] == 1
 
