@@ -55,7 +55,11 @@ cdef class CacheExchange(Stage):
         except Exception:
             _log.exception("cache phase failed on a response; passing it on uncached")
             return None
-        if r is None or c.up is not u:
+        if c.up is not u:
+            return None
+        if self.ex.hidden:
+            _hide_fields(hp, self.ex.hidden)
+        if r is None:
             return None
         if r[1]:
             c.tap |= TAP_STAGE
@@ -91,6 +95,21 @@ cdef list _split_lines(bytes lines):
             name, _, value = line.partition(b":")
             out.append((name.strip(), value.strip()))
     return out
+
+
+cdef void _hide_fields(HeadParser hp, tuple names):
+    """Keep the fields named in names (lower-case) out of the client's head:
+    the targeted cache fields (RFC 9213) this cache consumed. They are
+    marked as a backend-private field, which _response_field_kind drops."""
+    cdef size_t i
+    cdef bytes name
+    for i in range(hp.nfields):
+        if hp.hid[i] != H_OTHER:
+            continue
+        for name in names:
+            if _ieq(hp.fields[i].name, hp.fields[i].name_len, name, len(name)):
+                hp.hid[i] = H_X_RUNTIME
+                break
 
 
 cdef list _field_list(HeadParser hp):

@@ -9,6 +9,8 @@
     POST   /backends/{pool}/{backend}/enable   send them again
     PUT    /pools/{pool}/backends/{backend}    add a backend (body: optional {"weight": N})
     DELETE /pools/{pool}/backends/{backend}    remove a backend
+    POST   /cache/purge                        purge: {"url": U} | {"prefix": P} | {"tags": [T]},
+                                               optional "soft": true (to every edge with purge_bus)
 
 Backend changes last until the next reload of the file.
 """
@@ -18,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -93,6 +98,10 @@ class AdminServer:
                 return 405, {"error": "use POST"}
             ok, message = await sup.reload()
             return (200 if ok else 422), {"ok": ok, "message": message}
+        if path == "/cache/purge":
+            if method != "POST":
+                return 405, {"error": "use POST"}
+            return await purge(sup, body)
         m = BACKEND_STATE.fullmatch(path)
         if m:
             if method != "POST":
@@ -138,6 +147,60 @@ class AdminServer:
             await writer.drain()
         except ConnectionError:
             pass
+
+
+async def purge(sup, body: bytes):
+    """POST /cache/purge: run `edgeproxy cache purge` on the running
+    configuration (a process of its own: the supervisor never opens the
+    cache), which applies it here and, with cache.purge_bus, announces it."""
+    config = sup.config
+    if config.cache is None:
+        return 409, {"ok": False, "message": "no [cache] section"}
+    if not config.source:
+        return 409, {"ok": False, "message": "the configuration is not from a file"}
+    try:
+        spec = json.loads(body) if body.strip() else None
+        if not isinstance(spec, dict):
+            raise ValueError("expected a JSON object")
+        args: list[str] = []
+        given = [k for k in ("url", "prefix", "tags") if k in spec]
+        if len(given) != 1 or set(spec) - {"url", "prefix", "tags", "soft"}:
+            raise ValueError('give exactly one of "url", "prefix" or "tags" (and "soft")')
+        value = spec[given[0]]
+        if given[0] == "tags":
+            if not isinstance(value, list) or not value or \
+                    not all(isinstance(t, str) and t and "\n" not in t for t in value):
+                raise ValueError('"tags" must be a non-empty list of strings')
+            for tag in value:
+                args += ["--tag", tag]
+        elif not isinstance(value, str) or not value:
+            raise ValueError(f'"{given[0]}" must be an absolute http(s) URL')
+        elif given[0] == "prefix":
+            args += ["--prefix", value]
+        soft = spec.get("soft", False)
+        if not isinstance(soft, bool):
+            raise ValueError('"soft" must be true or false')
+        if soft:
+            args.append("--soft")
+        if given[0] == "url":
+            args += ["--", value]
+    except ValueError as exc:
+        return 400, {"ok": False, "message": str(exc)}
+    cmd = [sys.executable, "-m", "edgeproxy", "cache", "purge", "-c",
+           os.path.abspath(config.source), *args]
+    try:
+        done = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: subprocess.run(cmd, capture_output=True, timeout=60,
+                                         stdin=subprocess.DEVNULL))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 500, {"ok": False, "message": f"cache purge: {exc}"}
+    out = done.stdout.decode(errors="replace").strip()
+    m = re.match(r"(purged|marked stale) (\d+) entr", out)
+    if m is None:
+        err = done.stderr.decode(errors="replace").strip().splitlines()
+        return 422, {"ok": False, "message": err[-1] if err else out or "cache purge failed"}
+    return 200, {"ok": True, "purged": int(m.group(2)), "soft": soft,
+                 "bus": bool(config.cache.purge_bus), "message": out}
 
 
 def _only(method: str, allowed: str):

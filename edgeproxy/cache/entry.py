@@ -10,6 +10,7 @@ __all__ = [
     "FLAG_INVALIDATED",
     "FLAG_MUST_REVALIDATE",
     "FLAG_NO_CACHE",
+    "FLAG_TARGETED",
     "CacheEntry",
     "VaryRecord",
     "decode_record",
@@ -21,6 +22,7 @@ FLAG_NO_CACHE = 1         # response `no-cache`: validate before every use
 FLAG_MUST_REVALIDATE = 2  # must-revalidate, proxy-revalidate or s-maxage: never serve stale
 FLAG_INVALIDATED = 4      # soft-purged: treated as stale from then on
 FLAG_HEURISTIC = 8        # the freshness lifetime is a heuristic one
+FLAG_TARGETED = 16        # the directives came from a targeted field (RFC 9213), not Cache-Control
 
 _KIND_ENTRY_V1 = 1     # without checksums (still read: their body is not verified)
 _KIND_VARY = 2

@@ -32,6 +32,7 @@ from edgeproxy.cache.keys import cache_key
 from edgeproxy.cache.policy import Action, cache_status
 from edgeproxy.cache.refresh import fetch, rewrite_head
 from edgeproxy.cache.store import CacheCorrupt, CacheError, CacheStore
+from edgeproxy.cache.targeted import Targeting
 from edgeproxy.config.model import CacheConfig
 from edgeproxy.http import ChunkedDecoder, ParseError
 
@@ -67,6 +68,8 @@ class EdgeCache:
         self.config = config
         self.fetch_timeout = fetch_timeout
         self.hot = hot
+        # RFC 9213: the targeted fields this cache obeys, and those kept from clients
+        self.targeting = Targeting.from_config(config.targeted, config.forward_targeted)
         if hot is not None:
             hot.synced = store.changes_since(-1)[0]
             if store.changes_map is not None:
@@ -311,7 +314,8 @@ class EdgeCache:
             status, reason, rheaders, body = got
             if status == 304:
                 updated = policy.apply_304(entry, rheaders, request_time, now,
-                                           heuristic=self.config.heuristic)
+                                           heuristic=self.config.heuristic,
+                                           targeting=self.targeting)
                 if updated is not None:
                     self.updating[(updated.key, updated.variant)] = updated
                     await self._write_update(updated)
@@ -322,13 +326,14 @@ class EdgeCache:
             why = policy.why_not_storable(b"GET", status, headers, rheaders, now=now,
                                           content_length=len(body),
                                           max_object=self.store.max_object,
-                                          heuristic=self.config.heuristic)
+                                          heuristic=self.config.heuristic,
+                                          targeting=self.targeting)
             if why is not None:
                 await self.store.delete_async(key)
                 self.drop_hot(key)
                 return
             fresh = policy.new_entry(key, headers, status, reason, rheaders, request_time, now,
-                                     heuristic=self.config.heuristic)
+                                     heuristic=self.config.heuristic, targeting=self.targeting)
             writer = self.store.begin(fresh)
             if await writer.write_async(body):
                 await writer.commit_async()
@@ -418,6 +423,14 @@ class CachePhase:
             ex.revalidating = True
         elif entry is None and method == b"GET":
             leader = cache.inflight.get(key)
+            if policy.field_values(headers, b"range"):
+                # A range miss goes on at once with its Range (the client
+                # waits for its bytes, not for the whole object); a 206 then
+                # starts one background fetch of the whole (fill_whole). It
+                # waits only for a full GET already fetching the object.
+                ex.range_miss = True
+                if leader is None or leader.settled or leader.range_fill:
+                    return ex
             if leader is not None and not leader.settled:
                 ex.head = None           # collapse: wait for the leader's entry
                 leader.waiters.append(ex)
@@ -440,6 +453,33 @@ class CachePhase:
                         return None
         return ex
 
+    def fill_whole(self, key: bytes, headers: Headers, head: bytes) -> None:
+        """Fetch the whole object a range miss asked part of and store it,
+        in the background, once per key: a fill in flight is the key's
+        leader in this worker (full GET misses wait for it, later range
+        misses just go on) and holds the store's claim across workers
+        (another worker's fetch of the key, or its fill, means no second
+        one). The fetch is bounded by max_object."""
+        cache = self.cache
+        leader = cache.inflight.get(key)
+        if leader is not None and not leader.settled:
+            return
+        headers = policy.strip_conditionals(headers)
+        ex = Exchange(self, key, b"GET", headers,
+                      rewrite_head(head, _CONDITIONAL + (b"connection",),
+                                   [(b"Connection", b"close")]))
+        ex.head = None
+        ex.leader = True
+        ex.range_fill = True
+        fills = cache.store.fills
+        if fills is not None:
+            claim = fills.claim(key, COLLAPSE_WAIT)
+            if claim is Claim.WAIT:
+                return
+            ex.filling = claim is Claim.OWN
+        cache.inflight[key] = ex
+        cache.spawn(ex.fill())
+
 
 class Exchange:
     """One request on a cached route, from lookup to the end of its response."""
@@ -449,6 +489,8 @@ class Exchange:
         self.phase = phase
         self.key = key
         self.method = method
+        # the targeted fields (RFC 9213) the core keeps out of the client's head
+        self.hidden = phase.cache.targeting.hidden
         self.headers = headers
         self.request_head = head           # as the core built it
         self.head: bytes | None = head     # what the core forwards now; None: held
@@ -474,6 +516,9 @@ class Exchange:
         self.size = 0                      # body bytes fed
         self.ended: str | None = None      # "done", "cut" or "too-large"
         self.wakeup: asyncio.Event | None = None
+        # ranges
+        self.range_miss = False            # a GET with Range, forwarded as it is
+        self.range_fill = False            # the background fetch of the whole object
 
     # --- the backend's answer ---------------------------------------------------
 
@@ -491,7 +536,8 @@ class Exchange:
         stale = self.stale
         if stale is not None and self.revalidating and status == 304:
             updated = policy.apply_304(stale, headers, self.request_time, now,
-                                       heuristic=cache.config.heuristic)
+                                       heuristic=cache.config.heuristic,
+                                       targeting=cache.targeting)
             if updated is not None:
                 cache.update_entry(updated)
                 cache.drop_hot(self.key)
@@ -514,17 +560,21 @@ class Exchange:
         if stale is not None and status in policy.STALE_IF_ERROR_STATUSES and \
                 self._serve_stale(conn, now, status):
             return None
+        if self.range_miss and status == 206:
+            return self._partial(status, headers, now)
         why = policy.why_not_storable(self.method, status, self.headers, headers, now=now,
                                       content_length=content_length,
                                       max_object=cache.store.max_object,
-                                      heuristic=cache.config.heuristic)
+                                      heuristic=cache.config.heuristic,
+                                      targeting=cache.targeting)
         if why is not None:
             self._settle(False)
             if self.refetched:
                 cache.invalidate([self.key])
             return _status_line(cache_status(fwd=self.fwd, fwd_status=status, detail=why)), False
         entry = policy.new_entry(self.key, self.headers, status, reason, headers,
-                                 self.request_time, now, heuristic=cache.config.heuristic)
+                                 self.request_time, now, heuristic=cache.config.heuristic,
+                                 targeting=cache.targeting)
         self.writer = cache.store.begin(entry)
         if framed:
             self.decoder = ChunkedDecoder()
@@ -535,6 +585,66 @@ class Exchange:
         # framed, and then not stored (it may well be stored; the head
         # cannot know)
         return _status_line(cache_status(fwd=self.fwd, fwd_status=status, stored=whole)), True
+
+    def _partial(self, status: int, headers: Headers, now: float) -> tuple[bytes, bool]:
+        """A 206 to a range miss: passed on as it is, and, when the whole
+        response would be storable and within max_object (the total length
+        of a Content-Range tells), fetched whole in the background."""
+        cache = self.phase.cache
+        self._settle(False)
+        total = -1
+        ranges = policy.field_values(headers, b"content-range")
+        if len(ranges) == 1:
+            _, _, size = ranges[0].rpartition(b"/")
+            total = int(size) if size.strip().isdigit() and len(size) <= 18 else -1
+        why = policy.why_not_storable(self.method, 200, self.headers, headers, now=now,
+                                      content_length=total,
+                                      max_object=cache.store.max_object,
+                                      heuristic=cache.config.heuristic,
+                                      targeting=cache.targeting)
+        if why is None:
+            self.phase.fill_whole(self.key, self.headers, self.request_head)
+            why = "range-fill"
+        return _status_line(cache_status(fwd=self.fwd, fwd_status=status, detail=why)), False
+
+    async def fill(self) -> None:
+        """The background fetch of the whole object (CachePhase.fill_whole)."""
+        cache = self.phase.cache
+        store = cache.store
+        stored = False
+        try:
+            backend = self.phase.pool.pick_backend()
+            if backend is None:
+                return
+            self.request_time = time.time()
+            got = await fetch(backend, self.request_head, timeout=cache.fetch_timeout,
+                              max_body=store.max_object)
+            now = time.time()
+            if got is None:
+                return
+            status, reason, rheaders, body = got
+            if policy.why_not_storable(b"GET", status, self.headers, rheaders, now=now,
+                                       content_length=len(body), max_object=store.max_object,
+                                       heuristic=cache.config.heuristic,
+                                       targeting=cache.targeting) is not None:
+                return
+            entry = policy.new_entry(self.key, self.headers, status, reason, rheaders,
+                                     self.request_time, now, heuristic=cache.config.heuristic,
+                                     targeting=cache.targeting)
+            writer = store.begin(entry)
+            if not await writer.write_async(body):
+                await writer.abort_async()
+            elif await writer.commit_async():
+                stored = True
+                store.count("range_fills")
+                cache.checked(writer.entry)
+                cache.drop_hot(self.key)
+                cache.sync_hot()
+        except Exception:
+            log.exception("cache: fetching the whole of %s for a range miss failed",
+                          self.key[:200].decode("latin-1"))
+        finally:
+            self._settle(stored)
 
     def on_backend_error(self, conn: Any, status: int) -> None:
         if self.stale is not None:

@@ -13,8 +13,16 @@ from http import HTTPStatus
 from typing import NamedTuple
 from urllib.parse import urljoin
 
-from edgeproxy.cache.entry import FLAG_HEURISTIC, FLAG_MUST_REVALIDATE, FLAG_NO_CACHE, CacheEntry
+from edgeproxy.cache.entry import (
+    FLAG_HEURISTIC,
+    FLAG_INVALIDATED,
+    FLAG_MUST_REVALIDATE,
+    FLAG_NO_CACHE,
+    FLAG_TARGETED,
+    CacheEntry,
+)
 from edgeproxy.cache.keys import cache_key, key_for_url, origin_of, variant_key, vary_names
+from edgeproxy.cache.targeted import NO_TARGETING, Targeting, targeted_directives
 
 __all__ = [
     "UNSATISFIABLE",
@@ -35,6 +43,7 @@ __all__ = [
     "new_entry",
     "parse_http_date",
     "request_directives",
+    "response_directives",
     "hit_head",
     "respond_from_cache",
     "response_tags",
@@ -154,6 +163,18 @@ def request_directives(headers: Headers) -> dict[bytes, bytes | None]:
     return directives
 
 
+def response_directives(headers: Headers, targeting: Targeting = NO_TARGETING
+                        ) -> tuple[dict[bytes, bytes | None], bool]:
+    """The directives this cache follows for a response, and whether they
+    come from a targeted field (RFC 9213): the first field of the target
+    list with a valid, non-empty Dictionary, and then Cache-Control and
+    Expires are ignored; else Cache-Control."""
+    targeted = targeted_directives(headers, targeting.names)
+    if targeted is not None:
+        return targeted, True
+    return cache_directives(headers), False
+
+
 def delta_seconds(value: bytes | None) -> int | None:
     """A delta-seconds value (RFC 9111 §1.2.2), None when missing or invalid."""
     if not value or not value.isdigit():
@@ -236,7 +257,8 @@ def format_http_date(when: float) -> bytes:
 def why_not_storable(method: bytes, status: int, request_headers: Headers,
                      response_headers: Headers, *, now: float, content_length: int = -1,
                      max_object: int = 0, heuristic: bool = True,
-                     allow_set_cookie: bool = False) -> str | None:
+                     allow_set_cookie: bool = False,
+                     targeting: Targeting = NO_TARGETING) -> str | None:
     """None when the response may be stored, else why not, as the RFC 9211
     detail token used in Cache-Status: "method", "no-store", "status",
     "partial", "private", "vary-star", "authorization", "set-cookie",
@@ -246,7 +268,8 @@ def why_not_storable(method: bytes, status: int, request_headers: Headers,
     response's Content-Length (-1 when unknown,
     e.g. chunked; the store's writer then enforces `max_object` itself).
     With `allow_set_cookie`, a response with Set-Cookie is stored without
-    that field.
+    that field. `targeting`: the RFC 9213 target list; a valid targeted
+    field replaces Cache-Control and Expires in these decisions.
     """
     if method != b"GET":
         return "method"
@@ -256,7 +279,7 @@ def why_not_storable(method: bytes, status: int, request_headers: Headers,
         return "partial"  # only complete responses are stored
     if status < 200 or status == 304 or status > 999:
         return "status"
-    cc = cache_directives(response_headers)
+    cc, targeted = response_directives(response_headers, targeting)
     if b"must-understand" in cc:
         # §5.2.2.3: with must-understand, no-store only binds caches that do
         # not understand the status code.
@@ -276,11 +299,11 @@ def why_not_storable(method: bytes, status: int, request_headers: Headers,
     if max_object and content_length > max_object:
         return "too-large"
     explicit = (b"public" in cc or b"max-age" in cc or b"s-maxage" in cc
-                or bool(field_values(response_headers, b"expires")))
+                or (not targeted and bool(field_values(response_headers, b"expires"))))
     if not explicit and status not in HEURISTIC_STATUSES:
         return "no-freshness"
     lifetime, _ = freshness_lifetime(status, response_headers, now, heuristic=heuristic,
-                                     directives=cc)
+                                     directives=cc, targeted=targeted)
     if lifetime <= 0 and not (field_values(response_headers, b"etag")
                               or field_values(response_headers, b"last-modified")
                               or b"stale-if-error" in cc or b"stale-while-revalidate" in cc):
@@ -308,18 +331,20 @@ def _date_value(headers: Headers, response_time: float) -> float:
 
 def freshness_lifetime(status: int, headers: Headers, response_time: float, *,
                        heuristic: bool = True,
-                       directives: dict[bytes, bytes | None] | None = None
-                       ) -> tuple[float, bool]:
+                       directives: dict[bytes, bytes | None] | None = None,
+                       targeted: bool = False) -> tuple[float, bool]:
     """(freshness lifetime in seconds, whether it is heuristic), RFC 9111 §4.2.1:
     s-maxage, then max-age, then Expires - Date, then (if `heuristic`)
     10% of Date - Last-Modified capped at a day for heuristically cacheable
-    statuses or `public` responses. Invalid values count as already stale."""
+    statuses or `public` responses. Invalid values count as already stale.
+    `targeted`: `directives` come from a targeted field (RFC 9213), and
+    Expires is ignored."""
     cc = cache_directives(headers) if directives is None else directives
     if b"s-maxage" in cc:
         return float(delta_seconds(cc[b"s-maxage"]) or 0), False
     if b"max-age" in cc:
         return float(delta_seconds(cc[b"max-age"]) or 0), False
-    expires = field_values(headers, b"expires")
+    expires = () if targeted else field_values(headers, b"expires")
     if expires:
         when = parse_http_date(expires[0]) if len(expires) == 1 else None
         if when is None:
@@ -353,21 +378,23 @@ def response_tags(headers: Headers) -> tuple[bytes, ...]:
     return tuple(tags)
 
 
-def _stored_head(headers: Headers) -> bytes:
+def _stored_head(headers: Headers, hidden: tuple[bytes, ...] = ()) -> bytes:
     return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers
-                    if n.lower() not in _NOT_STORED)
+                    if n.lower() not in _NOT_STORED and n.lower() not in hidden)
 
 
-def _describe(entry: CacheEntry, headers: Headers, heuristic: bool) -> CacheEntry:
+def _describe(entry: CacheEntry, headers: Headers, heuristic: bool,
+              targeting: Targeting = NO_TARGETING) -> CacheEntry:
     """Fill the fields of `entry` that follow from its header fields."""
-    cc = cache_directives(headers)
-    entry.head = _stored_head(headers)
+    cc, targeted = response_directives(headers, targeting)
+    entry.head = _stored_head(headers, targeting.hidden)
     entry.date_value = _date_value(headers, entry.response_time)
     entry.age_value = age_value(headers)
     entry.lifetime, heuristic_used = freshness_lifetime(entry.status, headers,
                                                         entry.response_time,
-                                                        heuristic=heuristic, directives=cc)
-    flags = 0
+                                                        heuristic=heuristic, directives=cc,
+                                                        targeted=targeted)
+    flags = FLAG_TARGETED if targeted else 0
     if b"no-cache" in cc:
         flags |= FLAG_NO_CACHE  # the qualified form too: stricter, never wrong
     if b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc:
@@ -387,21 +414,23 @@ def _describe(entry: CacheEntry, headers: Headers, heuristic: bool) -> CacheEntr
 
 def new_entry(key: bytes, request_headers: Headers, status: int, reason: bytes,
               response_headers: Headers, request_time: float, response_time: float, *,
-              heuristic: bool = True) -> CacheEntry:
+              heuristic: bool = True, targeting: Targeting = NO_TARGETING) -> CacheEntry:
     """The entry to store for a response that `why_not_storable` accepted.
 
     `key` is the primary key (`keys.cache_key`); the variant key comes from
     the request's values of the fields the response's Vary lists.
     `request_time`/`response_time`: when the request was sent to the
     backend and when the response head arrived. The store sets the body
-    fields when the writer commits.
+    fields when the writer commits. With `targeting`, a valid targeted
+    field decides freshness (and is left out of the stored head unless
+    forwarded).
     """
     vary = vary_names(response_headers)
     entry = CacheEntry(key=key, status=status, reason=reason, head=b"",
                        request_time=request_time, response_time=response_time,
                        date_value=response_time, age_value=0.0, lifetime=0.0,
                        variant=variant_key(vary, request_headers), vary=vary)
-    return _describe(entry, response_headers, heuristic)
+    return _describe(entry, response_headers, heuristic, targeting)
 
 
 # --- age and freshness (RFC 9111 §4.2) -------------------------------------------
@@ -554,13 +583,17 @@ def _304_selects(entry: CacheEntry, headers: Headers) -> bool:
 
 
 def apply_304(entry: CacheEntry, response_headers: Headers, request_time: float,
-              response_time: float, *, heuristic: bool = True) -> CacheEntry | None:
+              response_time: float, *, heuristic: bool = True,
+              targeting: Targeting = NO_TARGETING) -> CacheEntry | None:
     """The entry updated by a 304 answering its revalidation (§4.3.4, §3.2):
     the 304's fields replace the stored ones of the same name (except
     Content-Length and the fields never stored), freshness is recomputed
     from the new exchange and a soft purge is cleared; the body stays.
     None when the 304's validators do not select this entry: then it must
-    not be used, and the request is repeated without conditionals."""
+    not be used, and the request is repeated without conditionals.
+    An entry whose freshness came from a targeted field that is not stored
+    (not forwarded) keeps its directives when the 304 carries none: the
+    304 updates the stored fields, and the targeted one is among them."""
     if not _304_selects(entry, response_headers):
         return None
     replaced = {n.lower() for n, _ in response_headers if n.lower() not in _NOT_UPDATED}
@@ -575,7 +608,16 @@ def apply_304(entry: CacheEntry, response_headers: Headers, request_time: float,
                          body_length=entry.body_length, body_id=entry.body_id,
                          chunk_size=entry.chunk_size, last_access=entry.last_access,
                          body_crc=entry.body_crc)
-    return _describe(updated, merged, heuristic)
+    updated = _describe(updated, merged, heuristic, targeting)
+    if entry.flags & FLAG_TARGETED and not updated.flags & FLAG_TARGETED and \
+            targeting.hidden and targeted_directives(merged, targeting.names) is None:
+        # the stored response's targeted directives still hold: its
+        # lifetime is relative (max-age), so only the times change
+        updated.lifetime = entry.lifetime
+        updated.flags = entry.flags & ~FLAG_INVALIDATED
+        updated.stale_while_revalidate = entry.stale_while_revalidate
+        updated.stale_if_error = entry.stale_if_error
+    return updated
 
 
 def is_not_modified(entry: CacheEntry, request_headers: Headers) -> bool:

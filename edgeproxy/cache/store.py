@@ -78,7 +78,8 @@ MAX_READERS = 1024           # reader slots: threads x processes reading at once
 _MAX_KEY = 400
 _DB_NAMES = (b"meta", b"body", b"lru", b"tags", b"pending", b"info")
 COUNTERS = ("entries", "bytes", "hits", "misses", "stale", "revalidated", "stores",
-            "store_failures", "evictions", "purges", "hot_hits", "corrupt")
+            "store_failures", "evictions", "purges", "hot_hits", "corrupt", "range_fills",
+            "bus_published", "bus_applied", "bus_gaps", "bus_missed")
 
 _BODY_ID = struct.Struct(">Q")
 _CHUNK_KEY = struct.Struct(">QI")
@@ -951,6 +952,28 @@ class CacheStore:
                 if isinstance(record, CacheEntry) and record.key.startswith(prefix):
                     yield record
 
+    # --- records of other modules (the purge bus: b"bus:") ----------------------------
+
+    def info_write(self, fn: Callable[[lmdb.Transaction, Any], T]) -> T:
+        """fn(txn, info_db) in one write transaction, for records another
+        module keeps in the `info` database under a prefix of its own
+        (edgeproxy/cache/bus.py: b"bus:")."""
+        return self._write(lambda txn: fn(txn, self._info))
+
+    def info_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """The `info` records whose key starts with prefix, in key order."""
+        try:
+            with self._environment().begin(db=self._info) as txn, txn.cursor() as cursor:
+                out = []
+                if cursor.set_range(prefix):
+                    for key, value in cursor:
+                        if not key.startswith(prefix):
+                            break
+                        out.append((bytes(key), bytes(value)))
+                return out
+        except lmdb.Error as exc:
+            raise CacheError(f"cache: {self.path}: read failed: {exc}") from None
+
     async def delete_async(self, key: bytes, *, soft: bool = False) -> int:
         return await self._in_thread(lambda: self.delete(key, soft=soft))
 
@@ -1107,6 +1130,11 @@ class CacheStore:
         out["file_bytes"] = (info["last_pgno"] + 1) * self._page
         out["readers"] = info["num_readers"]
         return out
+
+    async def in_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the store's writer thread, for callers outside the
+        store that write to it (the purge bus)."""
+        return await self._in_thread(fn, *args)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn in this store's writer thread: LMDB admits one writer at a

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlsplit
 
 import click
 
-from edgeproxy.cache import policy
+from edgeproxy.cache import bus, policy
 from edgeproxy.cache.keys import cache_key, key_for_url, key_prefix_for_url
 from edgeproxy.cache.store import CacheError, CacheStore
 from edgeproxy.config import Config, ConfigError, ListenConfig, RouteConfig, load_config
@@ -83,7 +83,8 @@ def cache() -> None:
 def purge(config_path: str, url: str | None, prefix: str | None, tags: tuple[str, ...],
           soft: bool) -> None:
     """Remove (or mark stale) cached responses: one URL (all its variants),
-    every URL under a prefix, or every response with a tag."""
+    every URL under a prefix, or every response with a tag. With
+    cache.purge_bus, every edge on the bus does the same."""
     if sum(map(bool, (url, prefix, tags))) != 1:
         raise click.UsageError("give exactly one of URL, --prefix URL-PREFIX or --tag TAG")
     if url:
@@ -96,20 +97,26 @@ def purge(config_path: str, url: str | None, prefix: str | None, tags: tuple[str
         if key is None:
             raise click.BadParameter(f"{prefix!r} is not an http:// or https:// URL prefix",
                                      param_hint="--prefix")
-    store = _open_store(_read_config(config_path))
+    config = _read_config(config_path)
+    store = _open_store(config)
+    if url:
+        purges = [bus.Purge("url", key, soft)]
+    elif prefix:
+        purges = [bus.Purge("prefix", key, soft)]
+    else:
+        purges = [bus.Purge("tag", tag.encode("utf-8"), soft) for tag in tags]
     try:
-        if url:
-            n = store.delete(key, soft=soft)
-        elif prefix:
-            n = store.purge_prefix(key, soft=soft)
-        else:
-            n = sum(store.purge_tag(tag.encode("utf-8"), soft=soft) for tag in tags)
+        n = sum(bus.apply(store, p) for p in purges)
+        if config.cache.purge_bus:
+            # the edge's bus process publishes it to the other edges
+            bus.announce(store, purges)
     except CacheError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         store.close()
     what = "marked stale" if soft else "purged"
-    click.echo(f"{what} {n} {'entry' if n == 1 else 'entries'}")
+    click.echo(f"{what} {n} {'entry' if n == 1 else 'entries'}"
+               + ("; sent to the purge bus" if config.cache.purge_bus else ""))
 
 
 def _size(n: int) -> str:

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, fields
 from decimal import Decimal, InvalidOperation
@@ -805,12 +806,41 @@ def pool_balance_finish(values: dict, path: str, reader: Reader) -> None:
         reader.error(key_path(path, "backends"), f"{len(backends)} backends; at most 64 per pool")
 
 
+def redis_url(value: Any, path: str, reader: Reader) -> str:
+    """A Redis URL: redis://[user:password@]host[:port][/db], rediss://..., unix:///path."""
+    value = text_line(value, path, reader)
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise Invalid(f"{show(value)} is not a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise Invalid(f"{show(value)} has no socket path")
+        return value
+    try:
+        port = parts.port
+    except ValueError:
+        raise Invalid(f"{show(value)} has a bad port") from None
+    if not parts.hostname or (port is not None and not 0 < port < 65536):
+        raise Invalid(f"{show(value)} has no host")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise Invalid(f"{show(value)}: the path must be a database number")
+    return value
+
+
 def cache_finish(values: dict, path: str, reader: Reader) -> None:
     max_size = values.get("max_size", CacheConfig.max_size)
     max_object = values.get("max_object", CacheConfig.max_object)
     if isinstance(max_size, int) and isinstance(max_object, int) and max_object > max_size:
         reader.error(key_path(path, "max_object"),
                      f"{max_object} bytes is larger than cache.max_size ({max_size} bytes)")
+    targeted = values.get("targeted")
+    if isinstance(targeted, tuple):
+        if "cache-control" in targeted:
+            reader.error(key_path(path, "targeted"), "lists Cache-Control, the field targeted "
+                         "fields override; list only targeted fields such as CDN-Cache-Control")
+        elif len(set(targeted)) != len(targeted):
+            reader.error(key_path(path, "targeted"), "lists a field name twice")
 
 
 def config_finish(values: dict, path: str, reader: Reader) -> None:
@@ -1030,6 +1060,11 @@ CACHE = Table(CacheConfig, (
     Key("max_object", size, above(0)),
     Key("heuristic", boolean),
     Key("stale_grace", number, at_least(0)),
+    Key("targeted", list_of(header_name_lower, what="header names")),
+    Key("forward_targeted", boolean),
+    Key("purge_bus", redis_url),
+    Key("purge_bus_stream", text_line),
+    Key("purge_bus_maxlen", integer, at_least(100)),
 ), finish=cache_finish)
 
 CONFIG = Table(Config, (

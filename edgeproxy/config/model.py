@@ -217,6 +217,14 @@ class CacheConfig:
     max_object: int = 64 * MiB       # larger responses stream through uncached
     heuristic: bool = True           # heuristic freshness for Last-Modified responses
     stale_grace: float = 0.0         # seconds stale may be served when the backend fails
+    # RFC 9213: response fields whose directives replace Cache-Control for
+    # this cache (the first present and valid wins), and whether clients get them
+    targeted: tuple[str, ...] = ("edgeproxy-cache-control", "cdn-cache-control")
+    forward_targeted: bool = False
+    # the purge bus: purges made here reach every edge on the same Redis stream
+    purge_bus: str | None = None     # "redis://host:port/db", "rediss://...", "unix:///path"
+    purge_bus_stream: str = "edgeproxy:purges"
+    purge_bus_maxlen: int = 10000    # messages the stream keeps (approximately)
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgeproxy.cache.busproc import BusProcess
 from edgeproxy.config import ConfigError
 from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import BackendConfig, Config, ListenConfig
 from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
-from edgeproxy.metrics.exposition import SlotLabels
+from edgeproxy.metrics.exposition import COLLECTORS, SlotLabels
 from edgeproxy.server.preflight import file_problems
 from edgeproxy.server.worker import Worker, _finish_tasks, bind_socket, build_tls
 from edgeproxy.tls import TLSConfigError
@@ -157,6 +158,9 @@ class Supervisor:
         self._reload_lock: asyncio.Lock | None = None
         self._done: asyncio.Future | None = None
         self._kill_handle = None
+        self.bus: BusProcess | None = None      # the purge bus process (cache.purge_bus)
+        self._bus_settings: tuple | None = None  # what it was started for
+        self._old_buses: dict[int, BusProcess] = {}   # stopped, not reaped yet
 
     # -- sockets --
 
@@ -284,6 +288,11 @@ class Supervisor:
                 break
             if pid == 0:
                 break
+            bus = self._old_buses.pop(pid, None) or (
+                self.bus if self.bus is not None and pid == self.bus.pid else None)
+            if bus is not None:
+                bus.exited(status)
+                continue
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
@@ -444,8 +453,36 @@ class Supervisor:
                 w.retiring = True
                 self._send(w, {"cmd": "retire"})
         self._adopt_sockets(config, socks)
+        self._start_bus(config)
         return True, (f"generation {gen.number} serving with {worker_count(config)} workers; "
                       f"config sha256 {gen.checksum[:12]}")
+
+    # -- the purge bus (edgeproxy/cache/bus.py) --
+
+    def _start_bus(self, config: Config) -> None:
+        """Run the purge bus process when config has cache.purge_bus; on a
+        reload, start it again only when its settings changed."""
+        cache = config.cache
+        want = (cache.path, cache.purge_bus, cache.purge_bus_stream, cache.purge_bus_maxlen) \
+            if cache is not None and cache.purge_bus else None
+        if want == self._bus_settings and (want is None or self.bus is not None):
+            return
+        self._bus_settings = want
+        if self.bus is not None:
+            self.bus.stop()
+            COLLECTORS.remove(self.bus.metrics)
+            if self.bus.pid is not None:
+                self._old_buses[self.bus.pid] = self.bus
+            self.bus = None
+        if want is None:
+            return
+        if not config.source:
+            log.error("cache.purge_bus needs the configuration in a file: not started")
+            return
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        self.bus = BusProcess(os.path.abspath(config.source), self.loop, log_level=level)
+        COLLECTORS.append(self.bus.metrics)
+        self.bus.start()
 
     def _write_reload_result(self) -> None:
         path = self.pid_file + ".reload"
@@ -554,6 +591,8 @@ class Supervisor:
             "connections": snap.gauges,
             "bytes": {"in": c.bytes_in, "out": c.bytes_out},
             "backends": backends,
+            "purge_bus": None if self.bus is None else {
+                "pid": self.bus.pid, "restarts": self.bus.restarts, **self.bus.state},
             "time": time.time(),
         }
 
@@ -570,6 +609,8 @@ class Supervisor:
     def _stop(self, quick: bool) -> None:
         """Stop the workers (at once, or within server.grace) and then exit."""
         self.stopping = True
+        if self.bus is not None:
+            self.bus.stop()
         for sock in self.socks.values():
             sock.close()      # the workers keep their own copies while they drain
         self.socks = {}
@@ -661,6 +702,7 @@ class Supervisor:
             from edgeproxy.admin import start_admin
             self.admin = await start_admin(self, admin_sock)
         self._write_pid_file()
+        self._start_bus(self.config)
         log.info("supervisor %d: %d workers, pid file %s", os.getpid(), n, self.pid_file)
         try:
             await self._done
