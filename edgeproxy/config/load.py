@@ -776,8 +776,14 @@ def limit_key(value: Any, path: str, reader: Reader) -> str:
 
 
 def limit_store(value: Any, path: str, reader: Reader) -> str:
+    import importlib.util
+
     from edgeproxy.limits.rules import parse_store
-    return _limit_text(parse_store)(value, path, reader)
+    store = _limit_text(parse_store)(value, path, reader)
+    if store != "local" and importlib.util.find_spec("redis") is None:
+        raise Invalid("a redis:// store needs the redis package: "
+                      "pip install 'edgeproxy[redis]'")
+    return store
 
 
 # --- checks: run on a converted value ----------------------------------------
