@@ -771,7 +771,8 @@ def limit_key(value: Any, path: str, reader: Reader) -> str:
         try:
             load_key_function(key)
         except ValueError as exc:
-            raise Invalid(str(exc)) from None
+            raise Invalid(f"{show(key)} is not \"ip\", \"route\", \"header:<name>\" or "
+                          f"\"cookie:<name>\"; as a hook \"module:attr\": {exc}") from None
     return key
 
 

@@ -86,6 +86,16 @@ def parse_access_rule(text: str) -> tuple[bool, str | None]:
     allow = parts[0] == "allow"
     if parts[1] == "all":
         return allow, None
+    address, slash, prefix = parts[1].partition("/")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{text!r}: {address!r} is not an IPv4 or IPv6 address") from None
+    if slash:
+        width = 32 if ip.version == 4 else 128
+        if not prefix.isdigit() or int(prefix) > width:
+            raise ValueError(f"{text!r}: the prefix length must be 0 to {width} for "
+                             f"IPv{ip.version}, not {prefix!r}")
     try:
         net = ipaddress.ip_network(parts[1], strict=True)
     except ValueError as exc:
