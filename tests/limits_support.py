@@ -99,3 +99,25 @@ def hammer(ports: list[int], seconds: float, *, per_port: int = 4, target: str =
     for t in threads:
         t.join(seconds + 30)
     return counts, time.monotonic() - t0
+
+def concurrently(port: int, n: int, target: str):
+    """n GET requests at once, each on its own connection: responses and times."""
+    clients = [Client(port) for _ in range(n)]
+    got: list = [None] * n
+    took = [0.0] * n
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        t0 = time.monotonic()
+        got[i] = clients[i].request("GET", target)
+        took[i] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for c in clients:
+        c.close()
+    return got, took

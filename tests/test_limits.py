@@ -14,7 +14,7 @@ import time
 
 import pytest
 from harness import Client
-from limits_support import hammer
+from limits_support import concurrently, hammer
 from ops_support import metrics, start, wait_until
 
 from edgeproxy import _ext
@@ -165,38 +165,18 @@ def test_limits_on_a_route_with_hooks_hold_and_refuse_too(origin, proxy_factory,
                for r in got if r.status == 200)
 
 
-def concurrently(port: int, n: int, target: str):
-    """n requests at once, each on its own connection: responses and times."""
-    clients = [Client(port) for _ in range(n)]
-    got: list = [None] * n
-    took = [0.0] * n
-    barrier = threading.Barrier(n)
-
-    def one(i: int) -> None:
-        barrier.wait()
-        t0 = time.monotonic()
-        got[i] = clients[i].request("GET", target)
-        took[i] = time.monotonic() - t0
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    for c in clients:
-        c.close()
-    return got, took
-
 
 def test_two_workers_share_one_limit_within_ten_percent(origin, proxy_factory, tmp_path):
-    rate = 40
-    limits = f'[[limit]]\nname = "shared"\nrate = "{rate}r/s"\n'
+    # a small burst absorbs the scheduling jitter of a loaded machine (a
+    # request that comes late loses the time it was late by, with burst 0)
+    rate, burst = 40, 5
+    limits = f'[[limit]]\nname = "shared"\nrate = "{rate}r/s"\nburst = {burst}\n'
     p, admin = start(proxy_factory, tmp_path, origin.url, workers=2, admin=True,
                      server_extra='limits = ["shared"]', extra=limits)
     counts, took = hammer([p.port], 3.0, per_port=8)
     assert counts[429] > 0, counts
     accepted = counts[200]
-    expected = rate * took + 1
+    expected = rate * took + burst + 1
     assert abs(accepted - expected) <= 0.1 * expected, (accepted, expected, counts)
     m = metrics(admin)
     assert m['edgeproxy_limit_requests_total{limit="shared",result="passed"}'] == accepted

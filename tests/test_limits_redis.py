@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from harness import ROOT, Client, free_port
-from limits_support import REDIS_SERVER, RedisServer, hammer
+from limits_support import REDIS_SERVER, RedisServer, concurrently, hammer
 from ops_support import metrics, start, wait_until
 
 pytestmark = pytest.mark.skipif(not __import__("os").path.exists(REDIS_SERVER),
@@ -30,15 +30,28 @@ def fleet_body(origin_url: str, limit: str) -> str:
 
 
 def test_three_edges_enforce_one_limit_within_ten_percent(origin, proxy_factory, redis_server):
-    rate = 30
-    body = fleet_body(origin.url, f'rate = "{rate}r/s"\nstore = "{redis_server.url}"\n')
+    rate, burst = 30, 5         # (the burst absorbs a loaded machine's jitter)
+    body = fleet_body(origin.url, f'rate = "{rate}r/s"\nburst = {burst}\n'
+                                  f'store = "{redis_server.url}"\n')
     edges = [proxy_factory(body) for _ in range(3)]
     counts, took = hammer([p.port for p in edges], 3.0, per_port=3)
     assert counts[429] > 0, counts
-    expected = rate * took + 1
+    expected = rate * took + burst + 1
     assert abs(counts[200] - expected) <= 0.1 * expected, (counts, expected)
     for p in edges:
         assert "Redis store" not in p.log()     # no fall back happened
+
+
+def test_a_redis_limit_delays_inside_the_burst_and_refuses_beyond(origin, proxy_factory,
+                                                                  redis_server):
+    # 5r/s, burst 2, delay 1 (in Redis): 2 at once, the third after ~200 ms, the fourth 429
+    p = proxy_factory(fleet_body(origin.url, f'rate = "5r/s"\nburst = 2\ndelay = 1\n'
+                                             f'store = "{redis_server.url}"\n'))
+    got, took = concurrently(p.port, 4, "/size/3")
+    assert sorted(r.status for r in got) == [200, 200, 200, 429], got
+    assert max(t for r, t in zip(got, took, strict=True) if r.status == 200) >= 0.15
+    refused = next(r for r in got if r.status == 429)
+    assert refused.header("ratelimit-policy") == '"fleet";q=3;w=1'
 
 
 def test_unreachable_redis_falls_back_to_the_local_limit_then_reconnects(
