@@ -878,7 +878,7 @@ def _check_limit_names(values: dict, reader: Reader) -> None:
     names: dict[str, int] = {}
     if isinstance(limits, tuple):
         for i, lim in enumerate(limits):
-            name = lim.name
+            name = lim.name if lim is not BAD else None
             if not isinstance(name, str):
                 continue
             if name in names:
@@ -897,12 +897,13 @@ def _check_limit_names(values: dict, reader: Reader) -> None:
                 reader.error(f"{where}[{j}]", f"{show(name)} is listed twice")
 
     server = values.get("server")
-    if server is not None:
+    if server is not None and server is not BAD:
         check("server.limits", server.limits)
     routes = values.get("routes", ())
     if isinstance(routes, tuple):
         for i, route in enumerate(routes):
-            check(f"route[{i}].limits", route.limits)
+            if route is not BAD:
+                check(f"route[{i}].limits", route.limits)
 
 
 def cache_finish(values: dict, path: str, reader: Reader) -> None:
