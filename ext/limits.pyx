@@ -94,7 +94,7 @@ cdef extern from *:
        request changes nothing, as the enforcing limit would not. */
     static int ep_gcra(ep_zone_head *z, ep_bucket *buckets, uint64_t key, int64_t now,
                        int64_t T, int64_t tau, int64_t delay_ns,
-                       int64_t *wait_ns, int64_t *used, int *log_it) {
+                       long long *wait_ns, long long *used, int *log_it) {
         ep_bucket *b = &buckets[(key >> 7) % z->nbuckets];
         ep_slot *s;
         int64_t tat, new_tat;
@@ -458,7 +458,7 @@ cdef class RateLimit:
 
     @property
     def policy_field(self):
-        return self.policy[18:-2].decode()
+        return self.policy[18:len(self.policy) - 2].decode()
 
     cdef bytes key_of(self, ClientConn c, Route route, HeadParser hp):
         """The request's key for this limit, or None when it has none (a
