@@ -9,9 +9,11 @@ from bench.origin import CACHED_PREFIX, STATIC_PREFIX, UPLOAD_PATH, MiB
 PLAIN = "plain"   # plain HTTP listener, no cache
 TLS = "tls"       # HTTPS listener on the run's certificate
 CACHE = "cache"   # plain HTTP listener, responses under CACHED_PREFIX cached
+LIMIT = "limit"   # plain, edgeproxy's "/" route has a local rate limit that never triggers
+ACCESS = "access"  # plain, edgeproxy's "/" route has an allow list the client passes
 
 # --cases also takes these group names; a run without --cases runs "core".
-GROUPS = {"core": PLAIN, "tls": TLS, "cache": CACHE}
+GROUPS = {"core": PLAIN, "tls": TLS, "cache": CACHE, "limit": LIMIT, "access": ACCESS}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class Case:
             return f"{text}, HTTPS"
         if self.cached:
             return f"{text}, cache hits (warmed and checked first)"
+        if self.setup == LIMIT:
+            return f"{text}, edgeproxy: one local rate limit (never reached)"
+        if self.setup == ACCESS:
+            return f"{text}, edgeproxy: an allow list (the client matches its third rule)"
         return text
 
 
@@ -75,4 +81,7 @@ CASES: dict[str, Case] = {case.name: case for case in (
     Case("https-handshake", "/1k.bin", close=True, setup=TLS),
     Case("cache-hit-1k", f"{CACHED_PREFIX}1k.bin", setup=CACHE),
     Case("cache-hit-100k", f"{CACHED_PREFIX}100k.bin", setup=CACHE),
+    # what the abuse controls cost a route that has them: each against get-1k
+    Case("get-1k-limit", "/1k.bin", setup=LIMIT),
+    Case("get-1k-allow", "/1k.bin", setup=ACCESS),
 )}

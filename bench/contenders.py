@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.cases import CACHE, PLAIN, TLS
+from bench.cases import ACCESS, CACHE, LIMIT, PLAIN, TLS
 from bench.certs import RunCert
 from bench.origin import CACHED_PREFIX, STATIC_PREFIX, nginx_binary, nginx_user_line, static_root
 from bench.servers import Pinning, Server
@@ -137,6 +137,7 @@ class EdgeProxy(Contender):
     name = "edgeproxy"
     hooks = True          # the tree knows route.hooks (get-1k-hook)
     static = True         # the tree knows route.static (static-1k, static-100k)
+    limits = True         # the tree knows [[limit]] and route.access (get-1k-limit, -allow)
 
     @property
     def repo(self) -> Path:
@@ -151,7 +152,7 @@ class EdgeProxy(Contender):
         return "working tree (see commit)"
 
     def config_text(self, setup: Setup) -> str:
-        listen_tls = cached_route = cache = ""
+        listen_tls = cached_route = cache = route_extra = limits = ""
         if setup.setup == TLS:
             cert = setup.tls_cert()
             listen_tls = f"tls.certs = [{{ cert = {_toml(cert.cert)}, key = {_toml(cert.key)} }}]"
@@ -166,6 +167,13 @@ class EdgeProxy(Contender):
                 cached_route += (f'\n\n[[route]]\npath = "{STATIC_PREFIX}"\n'
                                  f'static = {{ root = {_toml(root)} }}\n')
 
+        if setup.setup == LIMIT and self.limits:
+            # a limit wrk never reaches: what checking it costs each request
+            route_extra = 'limits = ["bench"]'
+            limits = '[[limit]]\nname = "bench"\nrate = "1000000r/s"\nburst = 100000\n'
+        if setup.setup == ACCESS and self.limits:
+            route_extra = ('access = ["allow 10.0.0.0/8", "allow 192.168.0.0/16", '
+                           '"allow 127.0.0.0/8", "deny all"]')
         if setup.setup == CACHE:
             cached_route = f'\n[[route]]\npath = "{CACHED_PREFIX}"\npool = "origin"\ncache = true'
             cache_dir = setup.workdir / f"edgeproxy-cache-{setup.port}"
@@ -173,7 +181,8 @@ class EdgeProxy(Contender):
                      f"max_object = {CACHE_MAX_OBJECT}")
         return fill("edgeproxy.toml", WORKDIR=setup.workdir, PORT=setup.port,
                     ORIGIN_PORT=setup.origin_port, LISTEN_TLS=listen_tls,
-                    CACHED_ROUTE=cached_route, CACHE=cache)
+                    CACHED_ROUTE=cached_route, CACHE=cache, ROUTE_EXTRA=route_extra,
+                    LIMITS=limits)
 
     def server(self, setup: Setup) -> Server:
         conf = setup.workdir / f"edgeproxy-{setup.setup}-{setup.port}.toml"
@@ -197,10 +206,12 @@ class EdgeProxyBase(EdgeProxy):
     """edgeproxy from another checkout (EDGEPROXY_BENCH_BASE: a clone at an
     earlier commit, its extension built in place), so that a change is
     measured before and after in one run, alternated with the others.  Its
-    get-1k-hook route has no hook (an earlier tree may not know the key)."""
+    get-1k-hook route has no hook and its get-1k-limit/-allow routes have no
+    limit or list (an earlier tree may not know the keys)."""
     name = "edgeproxy-base"
     hooks = False
     static = False
+    limits = False
 
     @property
     def repo(self) -> Path:

@@ -268,6 +268,7 @@ class Listener:
     nconns: int
     proxy_protocol: bool
     pp_from: AddrSet | None
+    access: AccessList | None   # allow/deny, checked before routing (ext/limits.pyx)
     def __call__(self) -> ClientConn | TLSServerConn | ProxyHeaderConn: ...
 
 class ClientConn:
@@ -308,3 +309,49 @@ def pools_tick() -> None: ...
 def retry_budget() -> dict[str, Any]: ...
 def hash_key(value: bytes) -> int: ...
 def clock() -> float: ...
+
+# ---- access lists and rate limits (ext/limits.pyx, docs/limits.md) ----
+LIMIT_COUNTERS: tuple[str, ...]
+ZONE_HEAD_BYTES: int
+ZONE_BUCKET_BYTES: int
+ZONE_WAYS: int
+
+class AccessList:
+    label: str
+    denied_count: int
+    def __init__(self, rules: list[tuple[bool, int, bytes, int]], label: str = ...,
+                 counters: Any = ..., index: int = ...) -> None: ...
+    def allows(self, address: str) -> bool: ...
+
+class AccessPhase(Phase):
+    acl: AccessList
+    def __init__(self, acl: AccessList) -> None: ...
+
+class LimitZone:
+    nbuckets: int
+    def __init__(self, buf: Any) -> None: ...
+    def counters(self) -> dict[str, int]: ...
+    def check(self, key: int, rate: float, burst: int, delay: int = ...) -> tuple[int, float]: ...
+
+class LimitRequest:
+    client_ip: str
+    method: str
+    host: str
+    target: str
+    headers: list[tuple[str, str]]
+    def header(self, name: str, default: Any = ...) -> Any: ...
+
+class RateLimit:
+    name: str
+    zone: LimitZone
+    store: Any
+    policy_field: str
+    def __init__(self, name: str, zone: LimitZone, rate: float, burst: int = ..., delay: int = ...,
+                 key: str = ..., dry_run: bool = ..., hook: Any = ..., store: Any = ...,
+                 deny_on_error: bool = ...) -> None: ...
+
+class LimitPhase(Phase):
+    limits: tuple[RateLimit, ...]
+    def __init__(self, limits: Iterable[RateLimit], loop: Any = ...) -> None: ...
+
+def limit_hash(lim: RateLimit, key: bytes) -> int: ...

@@ -111,6 +111,9 @@ cdef class ClientConn(Stream):
         bint hop_trusted          # hop is a trusted proxy: requests may name the client
         bint in_head              # counted in ipc.heads
         bint lst_counted          # counted in lst.nconns
+        object peer_parsed        # the peer bytes peer_bin was parsed from (ext/limits.pyx)
+        unsigned char peer_bin[16]  # peer as 4 or 16 bytes, for access lists
+        int peer_fam              # 4, 6, or 0: peer is no IP address
         bytes subject             # verified client certificate subject (mTLS), or None
         # access log, filled only when it is on
         # the request in progress, for metrics and the access log
@@ -402,6 +405,8 @@ cdef class ClientConn(Stream):
             self.body_left = hp.content_length
         elif hp.body == B_CHUNKED:
             chunk_init(&self.chunk, CHUNK_LINE_MAX, cfg.max_head)
+        if self.lst.access is not None and _access_refused(self, self.lst.access):
+            return -1
         if self.lst.redirect_port:
             self._redirect_https(hp)
             return -1
@@ -920,8 +925,9 @@ cdef class ClientConn(Stream):
         except Exception:
             _log.exception("access log failed")
 
-    cdef void _reply_error(self, int status, bint keep):
-        """Answer a request ourselves (no response of the backend has started)."""
+    cdef void _reply_error(self, int status, bint keep, bytes extra=b""):
+        """Answer a request ourselves (no response of the backend has started);
+        extra: field lines to add (a 429's Retry-After and RateLimit fields)."""
         cdef Backend b
         if self.transport is None or self.state >= C_LINGER:
             return
@@ -937,7 +943,7 @@ cdef class ClientConn(Stream):
             self.close()
             return
         keep = keep and self.req_keep_alive and not self.eof and not _draining
-        resp = _error_response(self.cfg, status, keep)
+        resp = _error_response(self.cfg, status, keep, extra)
         if self.ctx is not None and not self.ctx.resp_seen \
                 and self.ctx.chain.wants & (1 << PHASE_RESPONSE):
             t = _own_answer_phase(self, resp[:resp.index(b"\r\n\r\n") + 2], None, status)

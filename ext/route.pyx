@@ -255,6 +255,7 @@ cdef class Listener:
     cdef public bint proxy_protocol  # each connection starts with a PROXY header (proxyproto.pyx)
     cdef public AddrSet pp_from      # the sources that may send it; None = any
     cdef public str name             # its bind address as configured, for the access log
+    cdef public AccessList access    # allow/deny by client address (ext/limits.pyx), or None
 
     def __init__(self, cfg, router, proto="http", resp_extra=b"", redirect_port=0,
                  subject_header=None, subject_of=None, tls_context=None, name="-"):

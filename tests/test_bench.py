@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench import procfs
-from bench.cases import CACHE, PLAIN, TLS
+from bench.cases import ACCESS, CACHE, LIMIT, PLAIN, TLS
 from bench.certs import make_run_cert
 from bench.cli import _case_names
 from bench.contenders import CONTENDERS, Setup
@@ -272,6 +272,7 @@ def test_case_groups_expand_in_registry_order() -> None:
     assert _case_names("tls") == ["https-1k", "https-handshake"]
     assert _case_names("cache,get-1k") == ["cache-hit-1k", "cache-hit-100k", "get-1k"]
     assert "idle-10k" in _case_names("core") and "https-1k" not in _case_names("core")
+    assert _case_names("limit,access") == ["get-1k-limit", "get-1k-allow"]
 
 
 def test_configs_render_for_every_setup_with_the_run_certificate(tmp_path: Path) -> None:
@@ -284,7 +285,7 @@ def test_configs_render_for_every_setup_with_the_run_certificate(tmp_path: Path)
     assert loaded.public_key().curve.name == "secp256r1"
     assert cert.key.stat().st_mode & 0o077 == 0 and cert.combined.stat().st_mode & 0o077 == 0
     assert b"PRIVATE KEY" in cert.combined.read_bytes()
-    for setup in (PLAIN, TLS, CACHE):
+    for setup in (PLAIN, TLS, CACHE, LIMIT, ACCESS):
         s = Setup(tmp_path, free_port(), free_port(), 1024, NO_PIN, setup, cert)
         servers = {name: c.server(s) for name, c in CONTENDERS.items()}
         assert (servers["nginx"].client_tls is not None) == (setup == TLS)
@@ -298,6 +299,16 @@ def test_configs_render_for_every_setup_with_the_run_certificate(tmp_path: Path)
         assert ("proxy_cache bench_cache;" in nginx) == (setup == CACHE)
         assert ("cache-use bench_cache" in haproxy) == (setup == CACHE)
         assert any(r.get("cache") for r in edge["route"]) == (setup == CACHE)
+        # (edgeproxy-base writes the same file without them: render this tree's)
+        own = CONTENDERS["edgeproxy"].config_text(s)
+        mine = tomllib.loads(own)
+        assert (mine["route"][0].get("limits") == ["bench"]) == (setup == LIMIT)
+        assert bool(mine.get("limit")) == (setup == LIMIT)
+        assert ("access" in mine["route"][0]) == (setup == ACCESS)
+        if setup in (LIMIT, ACCESS):        # a config the proxy accepts
+            from edgeproxy.config import parse_config
+            cfg = parse_config(own)
+            assert cfg.routes[0].limits or cfg.routes[0].access
         if setup == TLS:
             assert f"ssl_ciphers {cert.ciphers};" in nginx and f"ciphers {cert.ciphers}" in haproxy
             assert edge["listen"][0]["tls"]["certs"] == [{"cert": str(cert.cert),

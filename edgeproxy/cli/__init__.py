@@ -255,6 +255,9 @@ def check(config_path: str) -> None:
         sys.exit(1)
     if pid is not None:
         click.echo(f"listen addresses not tried: edgeproxy {pid} runs this configuration")
+    from edgeproxy.limits.check import store_warnings
+    for warning in store_warnings(config):
+        click.echo(f"edgeproxy: warning: {warning}", err=True)
     click.echo(f"OK: {count_summary(config)}")
 
 

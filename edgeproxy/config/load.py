@@ -28,6 +28,7 @@ from typing import Any
 
 from edgeproxy.config.compose import Composed, compose
 from edgeproxy.config.model import (
+    AccessRule,
     BackendConfig,
     CacheConfig,
     CertConfig,
@@ -40,6 +41,7 @@ from edgeproxy.config.model import (
     PassiveConfig,
     PoolConfig,
     PoolTLSConfig,
+    RateLimitConfig,
     RouteConfig,
     RouteTimeoutConfig,
     ServerConfig,
@@ -738,6 +740,54 @@ def status_range(value: Any, path: str, reader: Reader) -> tuple[int, int]:
     return (low, high)
 
 
+def access_rule(value: Any, path: str, reader: Reader) -> AccessRule:
+    """"allow 10.0.0.0/8", "deny 2001:db8::/32", "deny all" (edgeproxy.limits.rules)."""
+    from edgeproxy.limits.rules import parse_access_rule
+    text = string(value, path, reader)
+    try:
+        allow, network = parse_access_rule(text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    return AccessRule(allow, network, text)
+
+
+def _limit_text(parse: Callable) -> Callable:
+    def read(value: Any, path: str, reader: Reader) -> Any:
+        text = string(value, path, reader)
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+    return read
+
+
+def limit_key(value: Any, path: str, reader: Reader) -> str:
+    """A [[limit]]'s key; a hook "module:attr" is imported now (as hooks are)."""
+    from edgeproxy.limits.rules import parse_limit_key
+    key = _limit_text(parse_limit_key)(value, path, reader)
+    if ":" in key and not key.startswith(("header:", "cookie:")):
+        from edgeproxy.limits.rules import load_key_function
+        if reader.base_dir and reader.base_dir not in sys.path:
+            sys.path.insert(0, reader.base_dir)
+        try:
+            load_key_function(key)
+        except ValueError as exc:
+            raise Invalid(f"{show(key)} is not \"ip\", \"route\", \"header:<name>\" or "
+                          f"\"cookie:<name>\"; as a hook \"module:attr\": {exc}") from None
+    return key
+
+
+def limit_store(value: Any, path: str, reader: Reader) -> str:
+    import importlib.util
+
+    from edgeproxy.limits.rules import parse_store
+    store = _limit_text(parse_store)(value, path, reader)
+    if store != "local" and importlib.util.find_spec("redis") is None:
+        raise Invalid("a redis:// store needs the redis package: "
+                      "pip install 'edgeproxy[redis]'")
+    return store
+
+
 # --- checks: run on a converted value ----------------------------------------
 
 def above(limit: float) -> Callable[[Any], str | None]:
@@ -828,6 +878,57 @@ def redis_url(value: Any, path: str, reader: Reader) -> str:
     return value
 
 
+def limit_finish(values: dict, path: str, reader: Reader) -> None:
+    rate = values.get("rate")
+    if isinstance(rate, str):
+        from edgeproxy.limits.rules import parse_rate
+        try:
+            values.update(rate=parse_rate(rate), rate_text=rate)
+        except ValueError as exc:
+            reader.error(key_path(path, "rate"), str(exc))
+            values["rate"] = BAD
+    burst, delay = values.get("burst", 0), values.get("delay", 0)
+    if isinstance(burst, int) and isinstance(delay, int) and delay > burst:
+        reader.error(key_path(path, "delay"), f"{delay} is more than burst ({burst}): "
+                     "delay counts requests inside the burst")
+    if "on_store_error" in values and values.get("store", "local") == "local":
+        reader.error(key_path(path, "on_store_error"), "only used with a redis:// store")
+
+
+def _check_limit_names(values: dict, reader: Reader) -> None:
+    """[[limit]] names are unique; routes and server.limits name existing ones."""
+    limits = values.get("rate_limits", ())
+    names: dict[str, int] = {}
+    if isinstance(limits, tuple):
+        for i, lim in enumerate(limits):
+            name = lim.name if lim is not BAD else None
+            if not isinstance(name, str):
+                continue
+            if name in names:
+                reader.error(f"limit[{i}].name", f"{show(name)} is already limit[{names[name]}]")
+            names.setdefault(name, i)
+
+    def check(where: str, used: Any) -> None:
+        if not isinstance(used, tuple):
+            return
+        for j, name in enumerate(used):
+            if isinstance(name, str) and name not in names:
+                hint = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+                reader.error(f"{where}[{j}]", f"no [[limit]] named {show(name)}"
+                             + (f" (did you mean {json.dumps(hint[0])}?)" if hint else ""))
+            elif isinstance(name, str) and list(used).index(name) != j:
+                reader.error(f"{where}[{j}]", f"{show(name)} is listed twice")
+
+    server = values.get("server")
+    if server is not None and server is not BAD:
+        check("server.limits", server.limits)
+    routes = values.get("routes", ())
+    if isinstance(routes, tuple):
+        for i, route in enumerate(routes):
+            if route is not BAD:
+                check(f"route[{i}].limits", route.limits)
+
+
 def cache_finish(values: dict, path: str, reader: Reader) -> None:
     max_size = values.get("max_size", CacheConfig.max_size)
     max_object = values.get("max_object", CacheConfig.max_object)
@@ -909,6 +1010,7 @@ def config_finish(values: dict, path: str, reader: Reader) -> None:
                 reader.error(f"route[{i}]", "same host and path as "
                              f"route[{seen_routes[match]}]; it would never be used")
             seen_routes.setdefault(match, i)
+    _check_limit_names(values, reader)
 
 
 def normal_host(host: str) -> str:
@@ -946,6 +1048,7 @@ LISTEN = Table(ListenConfig, (
     Key("max_connections", integer, at_least(0)),
     Key("proxy_protocol", boolean),
     Key("proxy_protocol_from", list_of(cidr, what="CIDR blocks")),
+    Key("access", list_of(access_rule, what="\"allow <CIDR>\" / \"deny <CIDR>\" strings")),
 ), finish=listen_finish)
 
 STATIC = Table(StaticConfig, (
@@ -973,6 +1076,8 @@ ROUTE = Table(RouteConfig, (
     Key("compress_min_size", size, at_least(0)),
     Key("max_body", size, at_least(0)),
     Key("timeout", ROUTE_TIMEOUT),
+    Key("limits", list_of(string, what="[[limit]] names")),
+    Key("access", list_of(access_rule, what="\"allow <CIDR>\" / \"deny <CIDR>\" strings")),
 ), finish=route_finish)
 
 POOL_TLS = Table(PoolTLSConfig, (
@@ -1034,6 +1139,7 @@ SERVER = Table(ServerConfig, (
     Key("max_connections_per_ip", integer, at_least(0)),
     Key("max_pending_heads_per_ip", integer, at_least(0)),
     Key("fd_reserve", integer, at_least(0)),
+    Key("limits", list_of(string, what="[[limit]] names")),
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(
@@ -1067,6 +1173,22 @@ CACHE = Table(CacheConfig, (
     Key("purge_bus_maxlen", integer, at_least(100)),
 ), finish=cache_finish)
 
+def _rate_text(value: Any, path: str, reader: Reader) -> str:
+    return string(value, path, reader)     # parsed in limit_finish (rate_text keeps it)
+
+
+RATE_LIMIT = Table(RateLimitConfig, (
+    Key("name", text_line, required=True),
+    Key("rate", _rate_text, required=True),
+    Key("key", limit_key),
+    Key("burst", integer, lambda v: None if 0 <= v <= 1 << 20 else "must be 0 to 1048576"),
+    Key("delay", integer, at_least(0)),
+    Key("store", limit_store),
+    Key("mode", one_of("enforce", "dry-run")),
+    Key("on_store_error", one_of("local", "deny")),
+    Key("size", integer, lambda v: None if 64 <= v <= 1 << 24 else "must be 64 to 16777216"),
+), finish=limit_finish)
+
 CONFIG = Table(Config, (
     Key("server", SERVER),
     Key("listen", array_of(LISTEN, toml_name="listen")),
@@ -1076,6 +1198,7 @@ CONFIG = Table(Config, (
     Key("limits", LIMITS),
     Key("log", LOG),
     Key("cache", CACHE),
+    Key("limit", array_of(RATE_LIMIT, toml_name="limit"), field="rate_limits"),
 ), finish=config_finish)
 
 # Sections that are single tables: overrides merge into them key by key.

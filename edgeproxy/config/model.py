@@ -39,6 +39,7 @@ class ServerConfig:
     max_connections_per_ip: int = 0  # open connections per client address per worker; 0 = no limit
     max_pending_heads_per_ip: int = 0  # unfinished request heads per address per worker; 0 = no limit
     fd_reserve: int = 16             # descriptors kept free: accepting stops below; 0 = off
+    limits: tuple[str, ...] = ()     # names of [[limit]]s applied to every route, first
 
     @property
     def hidden_headers(self) -> frozenset[str]:
@@ -63,6 +64,14 @@ class ListenTLSConfig:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """One line of an access list: "allow 10.0.0.0/8", "deny 2001:db8::/32", "deny all"."""
+    allow: bool
+    network: str | None              # normal form "10.0.0.0/8"; None = all addresses
+    text: str = ""                   # as written
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     bind: str                        # as written: "127.0.0.1:8080", "[::1]:8080"
     host: str                        # parsed host (no brackets, lower-case); "" = all IPv4 interfaces
@@ -73,6 +82,7 @@ class ListenConfig:
     max_connections: int = 0         # open connections per worker; beyond: 503 and close; 0 = no limit
     proxy_protocol: bool = False     # each connection starts with a PROXY header (v1 or v2)
     proxy_protocol_from: tuple[str, ...] | None = None  # who may send it; None = server.trusted_proxies
+    access: tuple[AccessRule, ...] = ()  # allow/deny by client address; first match wins; 403
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,8 @@ class RouteConfig:
     compress_min_size: int = 256     # bodies known to be smaller go as they are
     max_body: int | None = None      # this route's limits.body_size (None: the global one)
     timeout: RouteTimeoutConfig | None = None  # this route's own timeouts
+    limits: tuple[str, ...] = ()     # names of [[limit]]s, after server.limits
+    access: tuple[AccessRule, ...] = ()  # allow/deny by client address; first match wins; 403
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,21 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class RateLimitConfig:
+    """One [[limit]]: a GCRA rate limit (docs/limits.md)."""
+    name: str
+    rate: float                      # requests per second ("10r/s" = 10.0, "30r/m" = 0.5)
+    rate_text: str = ""              # as written
+    key: str = "ip"                  # ip | header:<name> | cookie:<name> | route | "module:attr"
+    burst: int = 0                   # requests beyond the rate taken at once
+    delay: int = 0                   # > 0: burst requests beyond this many wait; 0: none wait
+    store: str = "local"             # local | redis://host:port/db
+    mode: str = "enforce"            # enforce | dry-run
+    on_store_error: str = "local"    # redis down: local (fail open to this host's limit) | deny
+    size: int = 65536                # keys the local table holds (least recent evicted)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: tuple[ListenConfig, ...]
     routes: tuple[RouteConfig, ...]
@@ -237,5 +264,6 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cache: CacheConfig | None = None  # no [cache] section: no cache
+    rate_limits: tuple[RateLimitConfig, ...] = ()  # [[limit]] tables, in file order
     source: str | None = None        # the file it came from, if any
     files: tuple[str, ...] = field(default=(), compare=False)  # every file read: source first, then its includes

@@ -167,6 +167,9 @@ def build_listener_factory(settings: ProxySettings, router: Router, listen: List
     if listen.proxy_protocol:
         lst.proxy_protocol = True
         lst.pp_from = AddrSet(listen.proxy_protocol_from or config.server.trusted_proxies)
+    if listen.access:
+        from edgeproxy.limits import listener_access
+        lst.access = listener_access(listen)
     if hooks is not None:
         chain = hooks.chain(())
         if chain is not None and chain.wants_phase("connect"):

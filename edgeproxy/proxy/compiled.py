@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgeproxy._ext import PhaseSeq
+from edgeproxy.limits import make_access_phase, make_limit_phase
 
 
 @dataclass
@@ -33,6 +34,8 @@ from edgeproxy.static import make_static_phase  # noqa: E402
 
 # (name, maker): run in this order; add a feature's maker at its place
 MAKERS: list = [
+    ("access", make_access_phase),      # allow/deny by client address: 403 (edgeproxy.limits)
+    ("limits", make_limit_phase),       # rate limits: 429, or a bounded wait
     # compression leaves a stage that runs before the cache's, so the cache
     # stores the compressed variant (a route with a pool only)
     ("compress", make_compress_phase),

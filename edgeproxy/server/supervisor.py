@@ -43,6 +43,7 @@ from edgeproxy.config.load import normal_host
 from edgeproxy.config.model import BackendConfig, Config, ListenConfig
 from edgeproxy.config.runtime import runtime_dir
 from edgeproxy.health import HealthBoard, HealthChecker, StateWriter
+from edgeproxy.limits import prepare_shared
 from edgeproxy.metrics import MetricsRegion, Totals, WorkerSlot, render_prometheus, route_labels
 from edgeproxy.metrics.exposition import COLLECTORS, SlotLabels
 from edgeproxy.server.preflight import file_problems
@@ -205,6 +206,7 @@ class Supervisor:
                             [(name, b.name)
                              for name, pc in config.pools.items() for b in pc.backends])
         board = HealthBoard(config, worker_count(config))   # shared memory: before any fork
+        prepare_shared(config)         # the limits' zones and counters: before any fork too
         if self.gen is not None and self.gen.board is not None:
             board.carry_over(self.gen.board)  # health survives a reload
         return Generation(self.gen_count, config, socks, labels, config_checksum(config),
