@@ -13,6 +13,10 @@ cdef class ProxySettings:
     cdef public object access_log          # object with .log(...) or None
     cdef public bint normalize_target      # forward the routing path, not the path as received
     cdef public ClientAddr addr            # trusted proxies, per-address limits (clientaddr.pyx), or None
+    # what shapes answers no route's phases set (ext/toolkit.pyx): the global
+    # response rules (HeadEdits) and error pages (Answers), or None
+    cdef public HeadEdits resp_edits
+    cdef public Answers answers
 
     def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
                  max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,

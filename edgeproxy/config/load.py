@@ -45,6 +45,7 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.http._path import normalize_path
 from edgeproxy.http._pure import ParseError
+from edgeproxy.toolkit import config as toolkit
 
 __all__ = ["ConfigError", "load_config", "parse_config", "quick_config"]
 
@@ -618,6 +619,18 @@ def status_range(value: Any, path: str, reader: Reader) -> tuple[int, int]:
     return (low, high)
 
 
+def feature(read: Callable) -> Callable:
+    """A kind from a feature's own module: `read(value, path, base_dir,
+    errors)` appends (key path, message) pairs (edgeproxy/toolkit/config.py)."""
+    def kind(value: Any, path: str, reader: Reader) -> Any:
+        errors: list[tuple[str, str]] = []
+        result = read(value, path, reader.base_dir, errors)
+        for where, message in errors:
+            reader.error(where, message)
+        return BAD if errors or result is None else result
+    return kind
+
+
 # --- checks: run on a converted value ----------------------------------------
 
 def above(limit: float) -> Callable[[Any], str | None]:
@@ -746,12 +759,14 @@ def config_finish(values: dict, path: str, reader: Reader) -> None:
         names = set(pools) if isinstance(pools, dict) else None
         seen_routes: dict[tuple, int] = {}
         for i, route in enumerate(routes):
-            if names is not None and isinstance(route.pool, str) and route.pool not in names:
+            if names is not None and isinstance(route.pool, str) and route.pool \
+                    and route.pool not in names:
                 hint = difflib.get_close_matches(route.pool, names, n=1, cutoff=0.6)
                 reader.error(f"route[{i}].pool", f"no pool named {show(route.pool)}"
                              + (f" (did you mean {json.dumps(hint[0])}?)" if hint else ""))
             if route.cache is True and values.get("cache") is None:
                 reader.error(f"route[{i}].cache", "true but there is no [cache] section")
+            toolkit_route_checks(route, f"route[{i}]", reader)
             match = (route.host, route.path)
             if BAD in match:
                 continue
@@ -772,6 +787,25 @@ def normal_host(host: str) -> str:
 
 
 # --- the schema --------------------------------------------------------------
+
+# header rules and error pages: in [server] (every route's default) and in routes
+TOOLKIT_KEYS = (
+    Key("request_headers", feature(toolkit.header_rules("request"))),
+    Key("response_headers", feature(toolkit.header_rules("response"))),
+    Key("error_pages", feature(toolkit.error_pages)),
+    Key("error_pages_backend", boolean),
+)
+
+
+def toolkit_route_checks(route: Any, path: str, reader: Reader) -> None:
+    """A route needs a pool unless it redirects; strip_prefix and rewrite
+    exclude each other."""
+    redirect = route.redirect
+    if route.pool == "" and redirect is None:
+        reader.error(key_path(path, "pool"), "missing (required unless the route has a redirect)")
+    if route.strip_prefix is True and route.rewrite not in (None, BAD):
+        reader.error(key_path(path, "rewrite"), "a route has strip_prefix or rewrite, not both")
+
 
 CERT = Table(CertConfig, (
     Key("cert", readable_file, required=True),
@@ -801,9 +835,14 @@ LISTEN = Table(ListenConfig, (
 ROUTE = Table(RouteConfig, (
     Key("host", host_pattern),
     Key("path", route_path),
-    Key("pool", string, required=True),
+    Key("pool", string),
     Key("cache", boolean),
     Key("hooks", list_of(hook_spec, what="\"module:attr\" strings")),
+    *TOOLKIT_KEYS,
+    Key("strip_prefix", boolean),
+    Key("rewrite", feature(toolkit.rewrite)),
+    Key("redirect", feature(toolkit.redirect)),
+    Key("auth_basic", feature(toolkit.auth_basic)),
 ))
 
 POOL_TLS = Table(PoolTLSConfig, (
@@ -865,6 +904,7 @@ SERVER = Table(ServerConfig, (
     Key("max_connections_per_ip", integer, at_least(0)),
     Key("max_pending_heads_per_ip", integer, at_least(0)),
     Key("fd_reserve", integer, at_least(0)),
+    *TOOLKIT_KEYS,
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgeproxy._ext import PhaseSeq
+from edgeproxy.toolkit import phases as toolkit
 
 
 @dataclass
@@ -29,7 +30,16 @@ class BuildEnv:
 
 
 # (name, maker): run in this order; add a feature's maker at its place
-MAKERS: list = []
+MAKERS: list = [
+    # first: what shapes every answer of the request (response rules, error
+    # pages), so that an answer of any later phase has them
+    ("answers", toolkit.make_answers),
+    # access lists, rate limits and the firewall go here, before the toolkit's
+    ("auth_basic", toolkit.make_auth_basic),
+    ("redirect", toolkit.make_redirect),
+    ("rewrite", toolkit.make_rewrite),               # strip_prefix, rewrite
+    ("request_headers", toolkit.make_request_headers),
+]
 
 
 def route_phase(env: BuildEnv, route_config, index: int, cache_phase):
