@@ -194,7 +194,7 @@ cdef bytes _own_error(ClientConn c, int status, bint keep, bytes extra):
         head = _edited_head(head, c.resp_edits, c)
     return b"%sContent-Length: %d\r\n%s\r\n%s" % (
         head, len(body), b"" if keep else b"Connection: close\r\n",
-        b"" if c.req_is_head else body)
+        b"" if c.req_is_head and c.in_req else body)   # (not in_req: an unparsed request)
 
 
 cdef bytes _own_head(int status, bytes reason, bytes fields, bytes body):
