@@ -869,6 +869,7 @@ cdef class ClientConn(Stream):
             _drop_ctx(self)
         self.req_edits = None
         self.up_target = None
+        self.req_id = None       # (a later answer's {request_id} must not show this one's)
         self.resp_edits = self.cfg.resp_edits
         self.answers = self.cfg.answers
 
