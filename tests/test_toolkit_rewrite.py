@@ -134,7 +134,7 @@ def test_redirect_with_an_unread_body_answers_then_closes(redirecting):
     ('path = "/a/"\nredirect = { to = "https://x{nope}" }', "unknown variable {nope}"),
     ('path = "/a/"\nredirect = { to = "https://x", status = 200 }', "is not one of"),
     ('path = "/a/"\nredirect = { to = "https://x y" }', "without spaces"),
-    ('path = "/a/"', "pool: missing (required unless the route has a redirect)"),
+    ('path = "/a/"', "pool: missing (required), unless the route has a redirect"),
 ])
 def test_bad_rewrites_and_redirects_are_config_errors(route, message):
     text = f'''

@@ -802,7 +802,7 @@ def toolkit_route_checks(route: Any, path: str, reader: Reader) -> None:
     exclude each other."""
     redirect = route.redirect
     if route.pool == "" and redirect is None:
-        reader.error(key_path(path, "pool"), "missing (required unless the route has a redirect)")
+        reader.error(key_path(path, "pool"), "missing (required), unless the route has a redirect")
     if route.strip_prefix is True and route.rewrite not in (None, BAD):
         reader.error(key_path(path, "rewrite"), "a route has strip_prefix or rewrite, not both")
 
