@@ -210,10 +210,14 @@ cdef int _answer(ClientConn c, HeadParser hp, int status, bytes reason, bytes fi
     route's error page for the status if it has one, its response edits
     with `always`.  An unread request body: answer, then close without
     losing the answer (as _phase_answer does)."""
-    cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
+    cdef bint unread
     cdef tuple page = None
     cdef bytes head
     cdef Scratch o
+    if c.state == C_HEAD:        # from _start_request (with hooks, the state is set already)
+        unread = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
+    else:
+        unread = not c.req_done
     if c.answers is not None:
         page = (<Answers>c.answers).pages.get(status)
     if page is not None:
@@ -225,7 +229,7 @@ cdef int _answer(ClientConn c, HeadParser hp, int status, bytes reason, bytes fi
         c.resp_edits = None       # rules without `always` are for the backend's answers
     c.upq = None
     head = _own_head(status, reason, fields, body)
-    if not has_body:
+    if not unread:
         c.req_done = 1
         c.state = C_WAIT
         c.respond(head, b"" if c.req_is_head else body, status)
@@ -486,10 +490,11 @@ cdef class AuthBasicPhase(Phase):
     cdef int _hold(self, ClientConn c, Route route, HeadParser hp, bytes value) except -2:
         cdef bint has_body = not (hp.body == B_NONE or (hp.body == B_LENGTH and hp.content_length == 0))
         cdef bytes head = _rebuilt_head(hp)
-        c.req_done = not has_body
-        c.state = C_BODY if has_body else C_WAIT
-        if has_body:
-            c._body_wait(hp.expect_continue)
+        if c.state == C_HEAD:    # from _start_request (with hooks, the state is set already)
+            c.req_done = not has_body
+            c.state = C_BODY if has_body else C_WAIT
+            if has_body:
+                c._body_wait(hp.expect_continue)
         c.upq = []                 # body bytes wait here until the check ends
         self.inflight += 1
         fut = asyncio.get_event_loop().run_in_executor(None, self.checker.check, value)

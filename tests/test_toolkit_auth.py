@@ -219,3 +219,38 @@ backends = ["http://127.0.0.1:1"]
         parse_config(text, source=str(tmp_path / "edgeproxy.toml"))
     assert any(e.startswith("route[0].auth_basic") and message in e
                for e in exc.value.errors), exc.value.errors
+
+
+def test_toolkit_phases_on_a_route_with_hooks(origin, proxy_factory, users):
+    """Python hooks first (one async), then auth (held for its check), the
+    prefix stripped, the rules applied, the response hooks after."""
+    p = proxy_factory(f'''
+[timeout]
+read = 3.0
+
+[[route]]
+path = "/app/"
+pool = "web"
+hooks = ["tests.phase_hooks:First", "tests.phase_hooks:AsyncThenSync"]
+auth_basic = {{ realm = "staff", users = "htpasswd" }}
+strip_prefix = true
+request_headers = {{ set = {{ "X-Rule" = "{{route}}" }} }}
+response_headers = {{ set = {{ "X-Frame-Options" = "DENY" }}, always = true }}
+
+[pool.web]
+backends = ["{origin.url}"]
+''')
+    with Client(p.port) as c:
+        r = c.request("GET", "/app/echo/x")
+        assert r.status == 401 and r.header("x-frame-options") == "DENY"
+        for _ in range(2):          # a check, then a remembered success
+            r = c.request("POST", "/app/echo/x", {"Authorization": basic("bob", "bob-pw")},
+                          body=b"hello")
+            assert r.status == 200 and r.json()["body_len"] == 5
+            assert r.header("x-frame-options") == "DENY"
+            assert r.header("x-resp-order") == "first"
+            seen = origin.requests[-1]
+            assert seen.target == "/echo/x"
+            assert seen.header("x-order") == "first" and seen.header("x-async") == "done"
+            assert seen.header("x-rule") == "/app/"
+            assert seen.header("authorization") is None
