@@ -5,7 +5,8 @@
 # only the parser's results and the connection's settings.
 
 cdef dict _REASONS = {
-    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 429: b"Too Many Requests",
     408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
     417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",

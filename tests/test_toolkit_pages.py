@@ -130,3 +130,34 @@ backends = ["http://127.0.0.1:1"]
         parse_config(text, source=str(tmp_path / "edgeproxy.toml"))
     assert any(e.startswith("route[0].error_pages") and message in e
                for e in exc.value.errors), exc.value.errors
+
+
+def test_pages_for_413_before_routing_and_for_a_401(origin, proxy_factory, pages, tmp_path):
+    (pages / "413.html").write_bytes(b"<p>too big</p>")
+    (pages / "401.html").write_bytes(b"<p>who are you?</p>")
+    (tmp_path / "htpasswd").write_text("alice:$2y$04$" + "b" * 53 + "\n")
+    p = proxy_factory(f'''
+[server]
+error_pages = {{ 413 = "pages/413.html" }}
+
+[limits]
+body_size = 1000
+
+[[route]]
+path = "/"
+pool = "web"
+auth_basic = {{ realm = "staff", users = "htpasswd" }}
+error_pages = {{ 401 = "pages/401.html" }}
+
+[pool.web]
+backends = ["{origin.url}"]
+''')
+    with Client(p.port) as c:
+        r = c.request("POST", "/echo/", body=b"x" * 2000)
+        assert r.status == 413 and r.body == b"<p>too big</p>"
+    with Client(p.port) as c:
+        r = c.request("GET", "/echo/")
+        assert r.status == 401 and r.body == b"<p>who are you?</p>"
+        assert r.header("content-type") == "text/html; charset=utf-8"
+        assert r.header("www-authenticate").startswith('Basic realm="staff"')
+        assert c.request("GET", "/echo/").status == 401     # kept alive
