@@ -165,6 +165,54 @@ class CompressPhase(Phase):
     min_size: int
     def __init__(self, offer: tuple[str, ...], types: Any, min_size: int) -> None: ...
 
+# the operator's toolkit (ext/toolkit.pyx; built by edgeproxy/toolkit/phases.py)
+class HeadEdits:
+    """Field edits of one head: names dropped, lines added (docs/architecture.md)."""
+    drop: tuple[bytes, ...]
+    add: bytes
+    tmpl: tuple | None
+    always: bool
+    wants_host: bool
+    host: bytes | None
+    def __init__(self, drop: Any = (), add: bytes = b"", tmpl: Any = None,
+                 always: bool = False) -> None: ...
+    def merged(self, other: HeadEdits) -> HeadEdits: ...
+
+class Answers:
+    """Error pages: status -> (content type, body)."""
+    pages: dict[int, tuple[bytes, bytes]]
+    backend: bool
+    def __init__(self, pages: dict, backend: bool = False) -> None: ...
+
+class AnswersPhase(Phase):
+    resp: HeadEdits | None
+    answers: Answers | None
+    def __init__(self, resp: HeadEdits | None = None, answers: Answers | None = None) -> None: ...
+
+class HeaderRulesPhase(Phase):
+    req: HeadEdits
+    def __init__(self, req: HeadEdits) -> None: ...
+
+class RewritePhase(Phase):
+    prefix: bytes | None
+    rx: Any
+    to: tuple
+    def __init__(self, prefix: bytes | None = None, rx: Any = None, to: Any = ()) -> None: ...
+
+class RedirectPhase(Phase):
+    status: int
+    reason: bytes
+    to: tuple
+    def __init__(self, status: int, to: tuple) -> None: ...
+
+class AuthBasicPhase(Phase):
+    checker: Any
+    challenge: bytes
+    forward: bool
+    max_inflight: int
+    def __init__(self, checker: Any, realm: str, forward: bool = False,
+                 max_inflight: int = 32) -> None: ...
+
 class PhaseChain:
     """A route's (or the listeners' connect phase's) hooks, by phase (docs/hooks.md)."""
     wants: int

@@ -187,6 +187,8 @@ cdef bint _serve_hot(ClientConn c, HotIndex hot, HeadParser hp) except -1:
     cdef bytes conn_line
     if hp.body != B_NONE or hp.upgrade or hp.expect_continue or c.stage is not None:
         return 0             # (an earlier compiled phase's stage wants this response)
+    if c.resp_edits is not None and c.resp_edits.drop:
+        return 0             # response rules remove fields: the phase's respond() edits the head
     if hot.gen != NULL and hot.gen[0] != hot.synced:
         return 0             # another process changed the store: the phase syncs first
     if not ((hp.method_len == 3 and memcmp(hp.method, b"GET", 3) == 0)
@@ -266,6 +268,8 @@ cdef bint _serve_hot(ClientConn c, HotIndex hot, HeadParser hp) except -1:
     o.add(b"\r\n", 2)
     if not e.has_date:
         o.addb(_date_line)
+    if c.resp_edits is not None:
+        o.addb(c.resp_edits.lines(c))    # response rules that only add (ext/toolkit.pyx)
     o.addb(c.cfg.server_line)
     o.addb(c.lst.resp_extra)
     o.addb(conn_line)

@@ -146,6 +146,12 @@ cdef class ClientConn(Stream):
         # the response's body filter (compression, ext/compress.pyx), or None
         BodyFilter xform
         bytes added_fields  # field lines the request's stages added to the client's head
+        # head edits of compiled phases (ext/toolkit.pyx), reset when a request ends
+        HeadEdits req_edits   # toward the backend (_request_head), or None
+        HeadEdits resp_edits  # toward the client (a backend's answer, a cache hit;
+                              # with .always the proxy's own answers too), or None
+        bytes up_target       # the target to forward instead of the client's, or None
+        Answers answers       # error pages for the proxy's own answers, or None
 
     def __init__(self, Listener lst):
         self.lst = lst
@@ -154,6 +160,8 @@ cdef class ClientConn(Stream):
         self.fd = -1 if lst.proto == b"https" else -2
         self.peer = b"-"
         self.fwd_for = b"for=unknown"
+        self.resp_edits = lst.cfg.resp_edits
+        self.answers = lst.cfg.answers
 
     # -- asyncio protocol interface --
 
@@ -550,6 +558,8 @@ cdef class ClientConn(Stream):
             u.client = None
             self.up = None
         self.upq = None
+        if self.resp_edits is not None:     # response rules (ext/toolkit.pyx)
+            head = _edited_head(head, self.resp_edits, self)
         if self.ctx is not None and not self.ctx.resp_seen \
                 and self.ctx.chain.wants & (1 << PHASE_RESPONSE):
             t = _own_answer_phase(self, head, body, status)
@@ -783,7 +793,10 @@ cdef class ClientConn(Stream):
                 return
         keep = keep and self.req_keep_alive and not self.eof and not _draining
         self.resp_status = 503
-        resp = _error_response(self.cfg, 503, keep, b"Retry-After: %d\r\n" % retry_after)
+        if self.answers is None and self.resp_edits is None:
+            resp = _error_response(self.cfg, 503, keep, b"Retry-After: %d\r\n" % retry_after)
+        else:
+            resp = _own_error(self, 503, keep, b"Retry-After: %d\r\n" % retry_after)
         self.transport.write(resp)
         if self.in_req:
             self._own_answer_sent(resp)
@@ -899,6 +912,11 @@ cdef class ClientConn(Stream):
             self._log_request(status, d)
         if self.ctx is not None:
             _drop_ctx(self)
+        self.req_edits = None
+        self.up_target = None
+        self.req_id = None       # (a later answer's {request_id} must not show this one's)
+        self.resp_edits = self.cfg.resp_edits
+        self.answers = self.cfg.answers
 
     cdef void _begin_unrouted(self):
         """A request that failed before it was parsed (400, 408, 431...)."""
@@ -943,7 +961,10 @@ cdef class ClientConn(Stream):
             self.close()
             return
         keep = keep and self.req_keep_alive and not self.eof and not _draining
-        resp = _error_response(self.cfg, status, keep, extra)
+        if self.answers is None and self.resp_edits is None:
+            resp = _error_response(self.cfg, status, keep, extra)
+        else:
+            resp = _own_error(self, status, keep, extra)     # error pages, `always` rules
         if self.ctx is not None and not self.ctx.resp_seen \
                 and self.ctx.chain.wants & (1 << PHASE_RESPONSE):
             t = _own_answer_phase(self, resp[:resp.index(b"\r\n\r\n") + 2], None, status)

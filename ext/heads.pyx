@@ -5,7 +5,8 @@
 # only the parser's results and the connection's settings.
 
 cdef dict _REASONS = {
-    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 429: b"Too Many Requests",
     408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
     417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
@@ -64,15 +65,21 @@ cdef bytes _request_head(ClientConn c, HeadParser hp, Backend b):
     cdef const char *nm
     cdef size_t nl
     cdef size_t rid_at = 0, rid_len = 0
+    cdef HeadEdits ed = c.req_edits       # compiled phases' edits (ext/toolkit.pyx), or None
     o.n = 0
     o.add(hp.method, hp.method_len)
     o.add(b" ", 1)
-    _add_target(o, c.cfg, hp)
+    if c.up_target is not None:
+        o.addb(c.up_target)
+    else:
+        _add_target(o, c.cfg, hp)
     o.add(b" HTTP/1.1\r\n", 11)
     for i in range(hp.nfields):
         h = hp.hid[i]
         nm = hp.fields[i].name
         nl = hp.fields[i].name_len
+        if ed is not None and ed.drops(nm, nl):
+            continue
         if h == H_OTHER or h == H_EXPECT or h == H_DATE or h == H_SERVER:
             if hp.ntokens and hp.is_conn_token(nm, nl):
                 continue
@@ -97,7 +104,9 @@ cdef bytes _request_head(ClientConn c, HeadParser hp, Backend b):
             # hop-by-hop, framing and the forwarding fields we rewrite
             continue
         o.field(nm, nl, hp.fields[i].value, hp.fields[i].value_len)
-    if hp.host_from_uri:
+    if ed is not None and ed.drops(b"host", 4):
+        pass                  # a rule sets it
+    elif hp.host_from_uri:
         o.field(b"Host", 4, hp.host, hp.host_len)
     elif not hp.has_host:
         o.field(b"Host", 4, b.hostport, len(b.hostport))
@@ -121,7 +130,8 @@ cdef bytes _request_head(ClientConn c, HeadParser hp, Backend b):
         o.add_hex(_rid_seq)
         rid_len = o.n - rid_at
         o.add(b"\r\n", 2)
-    if c.cfg.access_log is not None or c.ctx is not None:
+    if c.cfg.access_log is not None or c.ctx is not None or ed is not None \
+            or c.resp_edits is not None:
         c.req_id = PyBytes_FromStringAndSize(o.p + rid_at, rid_len)
     # X-Forwarded-For: what came in, then this client
     o.add(b"X-Forwarded-For: ", 17)
@@ -148,7 +158,10 @@ cdef bytes _request_head(ClientConn c, HeadParser hp, Backend b):
         o.add(b"\"", 1)
     o.add(b";proto=", 7)
     o.addb(c.lst.proto)
-    o.add(b"\r\n\r\n", 4)
+    o.add(b"\r\n", 2)
+    if ed is not None:
+        o.addb(ed.lines(c))
+    o.add(b"\r\n", 2)
     return o.take()
 
 
@@ -163,7 +176,7 @@ cdef void _response_head_into(UpstreamConn u, ClientConn c, HeadParser hp, bint 
     cdef ProxySettings cfg = c.cfg
     o.n = 0
     if final and c.ctx is not None and c.ctx.resp_changed:
-        has_date = _ctx_response_into(o, c.ctx, hp)
+        has_date = _ctx_response_into(o, c.ctx, hp, c.resp_edits)
     else:
         has_date = _response_fields_into(u, o, c, hp, final)
     if not final:
@@ -171,6 +184,8 @@ cdef void _response_head_into(UpstreamConn u, ClientConn c, HeadParser hp, bint 
             o.add(b"Connection: upgrade\r\n", 21)
         o.add(b"\r\n", 2)
         return
+    if c.resp_edits is not None:      # response rules (ext/toolkit.pyx)
+        o.addb(c.resp_edits.lines(c))
     o.addb(cfg.server_line)
     if not has_date:
         o.addb(_date_line)
@@ -196,6 +211,7 @@ cdef inline int _response_fields_into(UpstreamConn u, Scratch o, ClientConn c, H
     cdef int kind
     cdef int has_date = 0
     cdef ProxySettings cfg = c.cfg
+    cdef HeadEdits ed = c.resp_edits if final else None
     o.add(b"HTTP/1.1 ", 9)
     o.add_int(hp.status)
     o.add(b" ", 1)
@@ -207,6 +223,8 @@ cdef inline int _response_fields_into(UpstreamConn u, Scratch o, ClientConn c, H
     for i in range(hp.nfields):
         kind = _response_field_kind(hp, i, cfg)
         if kind == RF_DROP:
+            continue
+        if ed is not None and ed.drops(hp.fields[i].name, hp.fields[i].name_len):
             continue
         h = hp.hid[i]
         if kind == RF_FRAMING:

@@ -543,7 +543,7 @@ cdef bytes _ctx_request_head(RequestCtx ctx, int minor, int body_kind, long long
     return b"".join(out)
 
 
-cdef int _ctx_response_into(Scratch o, RequestCtx ctx, HeadParser hp) except -1:
+cdef int _ctx_response_into(Scratch o, RequestCtx ctx, HeadParser hp, HeadEdits ed) except -1:
     """The status line and fields of a response as the response hooks left
     them; 1 when they have a Date.  A bodiless response (HEAD, 304) keeps
     the Content-Length the backend announced."""
@@ -561,7 +561,10 @@ cdef int _ctx_response_into(Scratch o, RequestCtx ctx, HeadParser hp) except -1:
     for name, value in ctx.response_headers:
         if name.lower() == "date":
             has_date = 1
-        b = b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+        b = name.encode("latin-1")
+        if ed is not None and ed.drops(b, len(b)):
+            continue           # a response rule's (ext/toolkit.pyx)
+        b = b"%s: %s\r\n" % (b, value.encode("latin-1"))
         o.addb(b)
     if hp.body == B_NONE:
         for i in range(hp.nfields):

@@ -14,6 +14,10 @@ cdef class ProxySettings:
     cdef public bint normalize_target      # forward the routing path, not the path as received
     cdef public ClientAddr addr            # trusted proxies, per-address limits (clientaddr.pyx), or None
     cdef public int log_fields             # what the access log's format needs captured (LOG_*)
+    # what shapes answers no route's phases set (ext/toolkit.pyx): the global
+    # response rules (HeadEdits) and error pages (Answers), or None
+    cdef public HeadEdits resp_edits
+    cdef public Answers answers
 
     def __init__(self, *, max_line=8192, max_head=32768, max_fields=100,
                  max_body=100 * 1024 * 1024, resp_max_head=65536, resp_max_fields=256,
@@ -58,6 +62,7 @@ cdef class ProxySettings:
         s.access_log, s.log_fields = self.access_log, self.log_fields
         s.normalize_target = self.normalize_target
         s.addr = self.addr
+        s.resp_edits, s.answers = self.resp_edits, self.answers
         return s
 
 

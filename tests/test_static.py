@@ -348,7 +348,7 @@ def test_precompressed_siblings(site, proxy_factory):
     ('path = "/"\nstatic = { root = "ROOT", index = "a/b" }', "must be a file name"),
     ('path = "/"\nstatic = { root = "ROOT", cache_control = "a\\nb" }', "control character"),
     ('path = "/"\nstatic = { root = "ROOT" }\ncache = true', "served from disk"),
-    ('path = "/"', "missing (required): name a pool, or serve files with static"),
+    ('path = "/"', "missing (required): name a pool, serve files with static, or redirect"),
 ])
 def test_config_errors(tmp_path, route, message):
     root = tmp_path / "r"

@@ -50,6 +50,7 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.http._path import normalize_path
 from edgeproxy.http._pure import ParseError
+from edgeproxy.toolkit import config as toolkit
 
 __all__ = ["ConfigError", "load_config", "parse_config", "quick_config"]
 
@@ -680,11 +681,12 @@ def codings_finish(value: tuple) -> str | None:
 
 
 def route_finish(values: dict, path: str, reader: Reader) -> None:
-    """A route goes to a pool or serves files (static), not both."""
+    """A route goes to a pool, serves files (static) or redirects."""
     static, pool = values.get("static"), values.get("pool")
     if static is None:
-        if pool is None:
-            reader.error(key_path(path, "pool"), "missing (required): name a pool, or serve files with static")
+        if pool is None and values.get("redirect") is None:
+            reader.error(key_path(path, "pool"), "missing (required): name a pool, "
+                         "serve files with static, or redirect")
             values["pool"] = BAD
         return
     if pool is not None:
@@ -786,6 +788,18 @@ def limit_store(value: Any, path: str, reader: Reader) -> str:
         raise Invalid("a redis:// store needs the redis package: "
                       "pip install 'edgeproxy[redis]'")
     return store
+
+
+def feature(read: Callable) -> Callable:
+    """A kind from a feature's own module: `read(value, path, base_dir,
+    errors)` appends (key path, message) pairs (edgeproxy/toolkit/config.py)."""
+    def kind(value: Any, path: str, reader: Reader) -> Any:
+        errors: list[tuple[str, str]] = []
+        result = read(value, path, reader.base_dir, errors)
+        for where, message in errors:
+            reader.error(where, message)
+        return BAD if errors or result is None else result
+    return kind
 
 
 # --- checks: run on a converted value ----------------------------------------
@@ -1003,6 +1017,7 @@ def config_finish(values: dict, path: str, reader: Reader) -> None:
                              + (f" (did you mean {json.dumps(hint[0])}?)" if hint else ""))
             if route.cache is True and values.get("cache") is None:
                 reader.error(f"route[{i}].cache", "true but there is no [cache] section")
+            toolkit_route_checks(route, f"route[{i}]", reader)
             match = (route.host, route.path)
             if BAD in match:
                 continue
@@ -1024,6 +1039,21 @@ def normal_host(host: str) -> str:
 
 
 # --- the schema --------------------------------------------------------------
+
+# header rules and error pages: in [server] (every route's default) and in routes
+TOOLKIT_KEYS = (
+    Key("request_headers", feature(toolkit.header_rules("request"))),
+    Key("response_headers", feature(toolkit.header_rules("response"))),
+    Key("error_pages", feature(toolkit.error_pages)),
+    Key("error_pages_backend", boolean),
+)
+
+
+def toolkit_route_checks(route: Any, path: str, reader: Reader) -> None:
+    """strip_prefix and rewrite exclude each other (route_finish checks the pool)."""
+    if route.strip_prefix is True and route.rewrite not in (None, BAD):
+        reader.error(key_path(path, "rewrite"), "a route has strip_prefix or rewrite, not both")
+
 
 CERT = Table(CertConfig, (
     Key("cert", readable_file, required=True),
@@ -1078,6 +1108,12 @@ ROUTE = Table(RouteConfig, (
     Key("timeout", ROUTE_TIMEOUT),
     Key("limits", list_of(string, what="[[limit]] names")),
     Key("access", list_of(access_rule, what="\"allow <CIDR>\" / \"deny <CIDR>\" strings")),
+
+    *TOOLKIT_KEYS,
+    Key("strip_prefix", boolean),
+    Key("rewrite", feature(toolkit.rewrite)),
+    Key("redirect", feature(toolkit.redirect)),
+    Key("auth_basic", feature(toolkit.auth_basic)),
 ), finish=route_finish)
 
 POOL_TLS = Table(PoolTLSConfig, (
@@ -1140,6 +1176,7 @@ SERVER = Table(ServerConfig, (
     Key("max_pending_heads_per_ip", integer, at_least(0)),
     Key("fd_reserve", integer, at_least(0)),
     Key("limits", list_of(string, what="[[limit]] names")),
+    *TOOLKIT_KEYS,
 ), finish=server_finish)
 
 TIMEOUT = Table(TimeoutConfig, tuple(

@@ -17,6 +17,45 @@ BUILTIN_HIDDEN_HEADERS = ("server", "x-powered-by", "x-aspnet-version",
                           "x-aspnetmvc-version", "x-runtime")
 
 
+# --- the operator's toolkit (checked by edgeproxy/toolkit/config.py) ---------
+
+@dataclass(frozen=True)
+class HeaderRules:
+    """Field rules of one direction: `set` replaces, `add` appends, `remove`
+    drops; values may hold {client_ip} {host} {scheme} {request_id} {route}."""
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()     # lower-case
+    always: bool = False             # response rules: the proxy's own answers too
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    pattern: str                     # re2, on the routing path (`from` in the file)
+    to: str                          # with $1..$9
+
+
+@dataclass(frozen=True)
+class RedirectConfig:
+    to: str                          # with {path} {query} {request_uri} {host} {scheme}
+    status: int = 302
+
+
+@dataclass(frozen=True)
+class ErrorPage:
+    path: str
+    content_type: str
+    body: bytes                      # read at load
+
+
+@dataclass(frozen=True)
+class AuthBasicConfig:
+    realm: str
+    users: str                       # the htpasswd file (absolute)
+    entries: tuple[tuple[str, str], ...]  # (user, hash), read at load
+    forward: bool = False            # send the Authorization field on to the backend
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     workers: int = 1                 # 0 = one per CPU
@@ -40,6 +79,11 @@ class ServerConfig:
     max_pending_heads_per_ip: int = 0  # unfinished request heads per address per worker; 0 = no limit
     fd_reserve: int = 16             # descriptors kept free: accepting stops below; 0 = off
     limits: tuple[str, ...] = ()     # names of [[limit]]s applied to every route, first
+    # defaults every route inherits (edgeproxy/toolkit/)
+    request_headers: HeaderRules | None = None
+    response_headers: HeaderRules | None = None
+    error_pages: tuple[tuple[int, ErrorPage], ...] = ()
+    error_pages_backend: bool = False
 
     @property
     def hidden_headers(self) -> frozenset[str]:
@@ -172,7 +216,7 @@ DEFAULT_COMPRESS_TYPES = (
 
 @dataclass(frozen=True)
 class RouteConfig:
-    pool: str = ""                   # "" only for a static route (no backend)
+    pool: str = ""                   # "" only for a static or a redirect route (no backend)
     path: str = "/"                  # prefix; the longest match wins
     host: str | None = None          # exact "a.example.com" or wildcard "*.example.com"
     cache: bool = False              # responses on this route may be cached
@@ -184,7 +228,15 @@ class RouteConfig:
     max_body: int | None = None      # this route's limits.body_size (None: the global one)
     timeout: RouteTimeoutConfig | None = None  # this route's own timeouts
     limits: tuple[str, ...] = ()     # names of [[limit]]s, after server.limits
-    access: tuple[AccessRule, ...] = ()  # allow/deny by client address; first match wins; 403
+    access: tuple[AccessRule, ...] = ()  # allow/deny by client address; first match wins; 403    # the operator's toolkit (edgeproxy/toolkit/)
+    request_headers: HeaderRules | None = None
+    response_headers: HeaderRules | None = None
+    strip_prefix: bool = False
+    rewrite: RewriteConfig | None = None
+    redirect: RedirectConfig | None = None
+    error_pages: tuple[tuple[int, ErrorPage], ...] = ()
+    error_pages_backend: bool = False
+    auth_basic: AuthBasicConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from edgeproxy.config.model import Config, ListenConfig, RouteConfig
 
 
 def build_settings(config: Config, access_log=None) -> ProxySettings:
+    from edgeproxy.toolkit.phases import defaults
+
     lim, t = config.limits, config.timeout
     settings = ProxySettings(
         max_line=lim.request_line,
@@ -41,6 +43,8 @@ def build_settings(config: Config, access_log=None) -> ProxySettings:
         normalize_target=config.server.normalize_target,
     )
     settings.addr = _client_addr(config)
+    # the global response rules (`always`) and error pages, for answers no route shapes
+    settings.resp_edits, settings.answers = defaults(config)
     return settings
 
 
@@ -136,13 +140,16 @@ def build_router(config: Config, pools: dict[str, Pool], cache=None, hooks: Hook
 
     env = BuildEnv(config, pools, cache, hooks, shared if shared is not None else {})
     routes = []
+    no_pool = None
     for i, r in enumerate(config.routes):
         phase = None
+        pool = pools.get(r.pool)
+        if pool is None:         # a redirect route: its phase answers every request
+            no_pool = no_pool or Pool("-", [])
+            pool = no_pool
         if r.cache and cache is not None:
             from edgeproxy.cache.phase import CachePhase
-            phase = CachePhase(cache, pools[r.pool])
-        # a static route has no pool; the core's Route still needs one (it is never used)
-        pool = pools[r.pool] if r.pool else Pool(f"static:{i}", [])
+            phase = CachePhase(cache, pool)
         route = Route(r.host, r.path, pool, i + 1, phase)
         if phase is not None:
             route.hot = cache.hot

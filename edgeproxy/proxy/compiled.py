@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from edgeproxy._ext import PhaseSeq
 from edgeproxy.limits import make_access_phase, make_limit_phase
+from edgeproxy.toolkit import phases as toolkit
 
 
 @dataclass
@@ -34,8 +35,16 @@ from edgeproxy.static import make_static_phase  # noqa: E402
 
 # (name, maker): run in this order; add a feature's maker at its place
 MAKERS: list = [
+    # first: what shapes every answer of the request (response rules, error
+    # pages), so that an answer of any later phase has them
+    ("answers", toolkit.make_answers),
     ("access", make_access_phase),      # allow/deny by client address: 403 (edgeproxy.limits)
     ("limits", make_limit_phase),       # rate limits: 429, or a bounded wait
+    # the firewall goes here, before the toolkit's
+    ("auth_basic", toolkit.make_auth_basic),
+    ("redirect", toolkit.make_redirect),
+    ("rewrite", toolkit.make_rewrite),               # strip_prefix, rewrite
+    ("request_headers", toolkit.make_request_headers),
     # compression leaves a stage that runs before the cache's, so the cache
     # stores the compressed variant (a route with a pool only)
     ("compress", make_compress_phase),
